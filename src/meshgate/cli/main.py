@@ -1,0 +1,148 @@
+"""``meshgate`` commands. Each is a thin layer over the library; errors in user
+input are printed as the library words them, never as a traceback."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from meshgate import __version__
+from meshgate.config.loader import load
+from meshgate.errors import ConfigError, SupervisorError
+
+app = typer.Typer(
+    name="meshgate",
+    help="meshgate: API gateway, registry and service platform.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+err = Console(stderr=True, soft_wrap=True)
+out = Console(soft_wrap=True)
+
+ConfigFile = Annotated[
+    Path, typer.Argument(help="The configuration file (YAML).", show_default=False)
+]
+
+
+def _run(coro: object) -> None:
+    try:
+        import uvloop  # noqa: PLC0415 - optional speed-up
+
+        uvloop.run(coro)  # type: ignore[arg-type]
+    except ImportError:  # pragma: no cover
+        asyncio.run(coro)  # type: ignore[arg-type]
+
+
+@app.command()
+def version() -> None:
+    """Print the meshgate version."""
+    out.print(__version__)
+
+
+@app.command()
+def check(file: ConfigFile) -> None:
+    """Validate a configuration file; exit 1 and list every problem if it is invalid."""
+    try:
+        config = load(file)
+    except ConfigError as exc:
+        err.print(str(exc), markup=False, highlight=False)
+        raise typer.Exit(1) from None
+    out.print(
+        f"{file}: ok ({len(config.routes)} routes, {len(config.upstreams)} upstreams)",
+        highlight=False,
+    )
+
+
+@app.command()
+def gateway(
+    file: ConfigFile,
+    workers: Annotated[
+        int | None,
+        typer.Option("--workers", "-w", help="Worker processes (default: one per CPU).", min=1),
+    ] = None,
+    log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
+) -> None:
+    """Run the API gateway described by FILE until SIGTERM or Ctrl-C (then drain)."""
+    from meshgate.gateway.supervisor import Supervisor  # noqa: PLC0415 - keep `check` fast
+
+    level = getattr(logging, log_level.upper(), None)
+    if not isinstance(level, int):
+        err.print(f"--log-level {log_level!r} is not one of debug, info, warning, error")
+        raise typer.Exit(2)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        text = file.read_text(encoding="utf-8")
+        supervisor = Supervisor(text, str(file), workers=workers, log_level=level)
+    except OSError as exc:
+        err.print(f"{file}: cannot read the file: {exc.strerror}", highlight=False)
+        raise typer.Exit(1) from None
+    except ConfigError as exc:
+        err.print(str(exc), markup=False, highlight=False)
+        raise typer.Exit(1) from None
+
+    async def run() -> None:
+        await supervisor.start()
+        try:
+            await serve()
+        finally:
+            await supervisor.stop()
+
+    async def serve() -> None:
+        gw = supervisor.config.gateway
+        token = supervisor.token
+        err.print(
+            f"meshgate {__version__}: gateway on http://{gw.listen.host}:{supervisor.port} "
+            f"({supervisor.worker_count} workers); admin on "
+            f"http://{gw.admin.listen.host}:{supervisor.admin_port}",
+            highlight=False,
+        )
+        if token is not None and token.path is not None:
+            err.print(f"admin token in {token.path}", highlight=False)
+        await supervisor.serve()
+
+    try:
+        _run(run())
+    except SupervisorError as exc:
+        err.print(f"error: {exc}", highlight=False)
+        raise typer.Exit(1) from None
+
+
+@app.command("demo-upstream")
+def demo_upstream(
+    listen: Annotated[str, typer.Option(help="host:port to listen on.")] = "127.0.0.1:9001",
+    name: Annotated[str, typer.Option(help="The instance name it answers with.")] = "demo",
+) -> None:
+    """Run a demo upstream that answers with what it received (for trying the gateway)."""
+    from meshgate.config.model import Address  # noqa: PLC0415
+    from meshgate.demo import serve_demo  # noqa: PLC0415
+
+    try:
+        address = Address.model_validate(listen)
+    except ValueError as exc:
+        err.print(f"--listen: {exc}", highlight=False)
+        raise typer.Exit(2) from None
+
+    async def run() -> None:
+        server = await serve_demo(address.host, address.port, name)
+        err.print(f"demo upstream {name!r} on http://{address}", highlight=False)
+        async with server:
+            await server.serve_forever()
+
+    try:
+        _run(run())
+    except OSError as exc:
+        err.print(f"cannot listen on {address}: {exc.strerror}", highlight=False)
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        pass
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()

@@ -1,0 +1,252 @@
+"""Loading a configuration: YAML text -> validated :class:`Config`, or a :class:`ConfigError`.
+
+Every problem is reported at once, each with the path of the field
+(``routes[2].upstream``), its line in the file, and the fix. Nothing here ever
+lets a traceback reach the user for bad input.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from meshgate.config.model import Config
+from meshgate.errors import ConfigError, ConfigIssue
+from meshgate.gateway.router import covers, precedence_key
+
+__all__ = ["check", "format_path", "load", "loads"]
+
+
+def load(path: str | Path) -> Config:
+    """Read and validate a configuration file.
+
+    Raises:
+        ConfigError: the file is missing, not YAML, or not a valid configuration.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(
+            [ConfigIssue("", f"no such file {str(path)!r}; check the path")], str(path)
+        ) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError([ConfigIssue("", f"cannot read the file: {exc}")], str(path)) from None
+    return loads(text, source=str(path))
+
+
+def loads(text: str, source: str | None = None) -> Config:
+    """Validate a configuration given as YAML text; ``source`` names it in errors."""
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        line = None
+        mark = getattr(exc, "problem_mark", None)
+        if mark is not None:
+            line = mark.line + 1
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(
+            [ConfigIssue("", f"not valid YAML: {problem}; fix the syntax", line)], source
+        ) from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(
+            [ConfigIssue("", "the document must be a mapping with gateway, upstreams, routes")],
+            source,
+        )
+    try:
+        config = Config.from_dict(data)
+    except ValidationError as exc:
+        issues = [_translate(err, node) for err in exc.errors(include_url=False)]
+        raise ConfigError(_sorted(_dedupe(issues)), source) from None
+    issues = list(check(config))
+    if issues:
+        raise ConfigError(_sorted([_locate(i, node) for i in issues]), source)
+    return config
+
+
+def check(config: Config) -> Iterable[ConfigIssue]:
+    """Cross-field problems: dangling references, duplicate names, unreachable routes."""
+    upstreams = sorted(config.upstreams)
+    seen: dict[str, int] = {}
+    for i, route in enumerate(config.routes):
+        if route.name in seen:
+            yield ConfigIssue(
+                f"routes[{i}].name",
+                f"route name {route.name!r} is already used by routes[{seen[route.name]}]; "
+                "give each route a unique name",
+            )
+        else:
+            seen[route.name] = i
+        if route.upstream not in config.upstreams:
+            yield ConfigIssue(
+                f"routes[{i}].upstream",
+                f"no upstream named {route.upstream!r}{_suggest(route.upstream, upstreams)}; "
+                f"known: {', '.join(upstreams) or '(none: add one under upstreams)'}",
+            )
+    for name, upstream in config.upstreams.items():
+        addresses: dict[str, int] = {}
+        for j, endpoint in enumerate(upstream.endpoints):
+            key = str(endpoint.address)
+            if key in addresses:
+                yield ConfigIssue(
+                    f"upstreams.{name}.endpoints[{j}]",
+                    f"endpoint {key} is listed twice (also endpoints[{addresses[key]}]); "
+                    "use weight to give it more traffic",
+                )
+            addresses[key] = j
+    yield from _unreachable(config)
+    if config.gateway.admin.listen == config.gateway.listen and config.gateway.listen.port:
+        yield ConfigIssue(
+            "gateway.admin.listen",
+            f"the admin listener {config.gateway.admin.listen} is the same as gateway.listen; "
+            "give it its own port",
+        )
+
+
+def _unreachable(config: Config) -> Iterable[ConfigIssue]:
+    order = sorted(
+        range(len(config.routes)), key=lambda i: precedence_key(config.routes[i], i)
+    )
+    for pos, j in enumerate(order):
+        later = config.routes[j]
+        for i in order[:pos]:
+            earlier = config.routes[i]
+            if covers(earlier.match, later.match):
+                yield ConfigIssue(
+                    f"routes[{j}]",
+                    f"route {later.name!r} can never match: route {earlier.name!r} "
+                    f"(routes[{i}]) is tried first and takes every request it would; "
+                    "narrow the earlier route's match, or give this one a higher priority",
+                )
+                break
+
+
+def _suggest(word: str, known: Sequence[str]) -> str:
+    close = difflib.get_close_matches(word, known, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def format_path(loc: Sequence[int | str]) -> str:
+    """``("routes", 2, "upstream")`` -> ``routes[2].upstream``."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def _model_for(loc: Sequence[int | str]) -> type[BaseModel] | None:
+    """The model class that holds the last field of ``loc``, to list its allowed keys."""
+    model: Any = Config
+    for part in loc[:-1]:
+        if isinstance(part, int) or model is None:
+            continue
+        field = model.model_fields.get(part)
+        if field is None:
+            # A dict of models: the key is a user-chosen name; stay on the value type.
+            continue
+        model = _inner_model(field.annotation)
+    return model if isinstance(model, type) and issubclass(model, BaseModel) else None
+
+
+def _inner_model(annotation: Any) -> Any:
+    args = getattr(annotation, "__args__", None)
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in args or ():
+        inner = _inner_model(arg)
+        if inner is not None:
+            return inner
+    return None
+
+
+def _translate(err: Any, node: yaml.Node | None) -> ConfigIssue:
+    # pydantic adds "function-after[...]" or type names to the location of
+    # validators; they mean nothing to the user.
+    loc = [p for p in err["loc"] if isinstance(p, int) or ("[" not in p and "-" not in p)]
+    path = format_path(loc)
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        model = _model_for(loc)
+        allowed = sorted(model.model_fields) if model is not None else []
+        key = str(loc[-1])
+        message = (
+            f"unknown key {key!r}{_suggest(key, allowed)}; allowed keys: {', '.join(allowed)}"
+        )
+    elif kind == "missing":
+        message = "this field is required; add it"
+    else:
+        message = str(err["msg"])
+        message = message.removeprefix("Value error, ").removeprefix("Assertion failed, ")
+        if "input" in err and kind not in ("value_error",) and not isinstance(
+            err["input"], dict | list
+        ):
+            message = f"{message} (got {err['input']!r})"
+    return _locate(ConfigIssue(path, message), node, loc)
+
+
+def _locate(
+    issue: ConfigIssue, node: yaml.Node | None, loc: Sequence[int | str] | None = None
+) -> ConfigIssue:
+    if loc is None:
+        loc = _parse_path(issue.path)
+    line = _line_of(node, loc)
+    return ConfigIssue(issue.path, issue.message, line)
+
+
+def _parse_path(path: str) -> list[int | str]:
+    out: list[int | str] = []
+    for part in path.replace("[", ".[").split("."):
+        if not part:
+            continue
+        if part.startswith("[") and part.endswith("]") and part[1:-1].isdigit():
+            out.append(int(part[1:-1]))
+        else:
+            out.append(part)
+    return out
+
+
+def _line_of(node: yaml.Node | None, loc: Sequence[int | str]) -> int | None:
+    best = node
+    for part in loc:
+        if node is None:
+            break
+        nxt: yaml.Node | None = None
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                if isinstance(key, yaml.ScalarNode) and key.value == str(part):
+                    # An unknown key is best pointed at by the key itself.
+                    nxt = value if part != loc[-1] else key
+                    break
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int):
+            if 0 <= part < len(node.value):
+                nxt = node.value[part]
+        node = nxt
+        if node is not None:
+            best = node
+    return best.start_mark.line + 1 if best is not None else None
+
+
+def _dedupe(issues: Sequence[ConfigIssue]) -> list[ConfigIssue]:
+    seen: set[tuple[str, str]] = set()
+    out = []
+    for issue in issues:
+        key = (issue.path, issue.message)
+        if key not in seen:
+            seen.add(key)
+            out.append(issue)
+    return out
+
+
+def _sorted(issues: Sequence[ConfigIssue]) -> list[ConfigIssue]:
+    return sorted(issues, key=lambda i: (i.line is None, i.line or 0))

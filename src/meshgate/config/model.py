@@ -1,0 +1,527 @@
+"""The declarative configuration model: YAML in, frozen typed models out.
+
+Every model forbids unknown keys and is immutable once built. Values users write
+as text (addresses, durations, sizes) are parsed here, once, so that nothing
+downstream parses them again. Cross-field checks that need the whole document
+(dangling references, duplicates, unreachable routes) live in
+:mod:`meshgate.config.checks`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    field_validator,
+    model_validator,
+)
+
+__all__ = [
+    "AccessLogSettings",
+    "Address",
+    "AdminSettings",
+    "Config",
+    "EndpointSettings",
+    "GatewaySettings",
+    "HeaderMatch",
+    "LimitsSettings",
+    "MatchSettings",
+    "RouteSettings",
+    "TimeoutSettings",
+    "UpstreamSettings",
+    "parse_duration",
+    "parse_size",
+]
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+_HEADER_NAME_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+_HOST_RE = re.compile(r"^(\*\.)?([A-Za-z0-9-]+\.)*[A-Za-z0-9-]+\.?$")
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*(?:([KMG])(i)?)?B?\s*$", re.IGNORECASE)
+_METHODS = frozenset(
+    {"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT"}
+)
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, validate_default=True, use_attribute_docstrings=True
+    )
+
+
+# ---------------------------------------------------------------------------- scalars
+
+
+def parse_duration(value: object) -> float:
+    """Seconds from ``1.5``, ``"250ms"``, ``"5s"``, ``"2m"`` or ``"1h"``."""
+    if isinstance(value, bool):
+        raise ValueError("a duration is a number of seconds or text like '250ms', '5s', '2m'")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str) and (m := _DURATION_RE.match(value)):
+        scale = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}[m.group(2) or "s"]
+        seconds = float(m.group(1)) * scale
+    else:
+        raise ValueError(
+            f"{value!r} is not a duration; write seconds as a number or text like "
+            "'250ms', '5s', '2m' or '1h'"
+        )
+    if seconds < 0:
+        raise ValueError(f"a duration cannot be negative, got {value!r}")
+    return seconds
+
+
+def parse_size(value: object) -> int:
+    """Bytes from ``1024``, ``"64KiB"``, ``"10MB"`` (KB = 1000 bytes, KiB = 1024)."""
+    if isinstance(value, bool):
+        raise ValueError("a size is a number of bytes or text like '64KiB' or '10MB'")
+    if isinstance(value, int):
+        size = value
+    elif isinstance(value, str) and (m := _SIZE_RE.match(value)):
+        power = " KMG".index(m.group(2).upper()) if m.group(2) else 0
+        size = int(m.group(1)) * (1024 if m.group(3) else 1000) ** power
+    else:
+        raise ValueError(
+            f"{value!r} is not a size; write bytes as a number or text like '64KiB' or '10MB'"
+        )
+    if size < 0:
+        raise ValueError(f"a size cannot be negative, got {value!r}")
+    return size
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+Size = Annotated[int, BeforeValidator(parse_size)]
+
+
+class Address(_Model):
+    """A host and a port, written ``"host:port"``, ``"[::1]:port"`` or ``":port"``."""
+
+    host: str
+    port: int = Field(ge=0, le=65535)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_text(cls, value: object) -> object:
+        if not isinstance(value, str):
+            return value
+        text = value.strip()
+        host, sep, port = text.rpartition(":")
+        if not sep or not port.isdigit():
+            raise ValueError(
+                f"{value!r} is not an address; write 'host:port' such as '127.0.0.1:8080'"
+            )
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
+        if not host:
+            host = "0.0.0.0"
+        return {"host": host, "port": int(port)}
+
+    @field_validator("host")
+    @classmethod
+    def _check_host(cls, host: str) -> str:
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            if not _HOST_RE.match(host) or host.startswith("*"):
+                raise ValueError(f"{host!r} is not an IP address or host name") from None
+        return host
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    @property
+    def is_loopback(self) -> bool:
+        """Whether the address only accepts connections from this machine."""
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+
+def _check_name(value: str) -> str:
+    if not _NAME_RE.match(value):
+        raise ValueError(
+            f"{value!r} is not a valid name; use letters, digits, '_', '.', '-' "
+            "(up to 63, starting with a letter or digit)"
+        )
+    return value
+
+
+Name = Annotated[str, AfterValidator(_check_name)]
+
+
+# ---------------------------------------------------------------------------- gateway
+
+
+class AdminSettings(_Model):
+    """The admin listener: metrics, status and control. Loopback and a token by default."""
+
+    listen: Address = Field(default_factory=lambda: Address(host="127.0.0.1", port=9901))
+    """Where the admin API listens. Keep it on loopback unless it is behind TLS."""
+    token: SecretStr | None = None
+    """The bearer token the admin API requires. When unset, the token is read from
+    ``token_file``, or generated and written there (mode 0600)."""
+    token_file: str | None = None
+    """Where the token is kept; default ``~/.meshgate/admin-<admin port>.token``."""
+    allow_insecure_remote: bool = False
+    """Allow a non-loopback admin listener without TLS (the token then crosses the
+    network in clear text)."""
+
+    @model_validator(mode="after")
+    def _loopback_unless_allowed(self) -> AdminSettings:
+        if not self.listen.is_loopback and not self.allow_insecure_remote:
+            raise ValueError(
+                f"the admin API on {self.listen} would be reachable from other machines "
+                "without TLS; bind it to 127.0.0.1, or set allow_insecure_remote: true"
+            )
+        if self.token is not None and len(self.token.get_secret_value()) < 16:
+            raise ValueError("the admin token is too short; use at least 16 characters")
+        return self
+
+
+class AccessLogSettings(_Model):
+    """The access log: one JSON object per request, written off the request path."""
+
+    enabled: bool = True
+    """Set false to write no access log at all."""
+    path: str = "-"
+    """A file to append to, or ``-`` for standard output."""
+
+
+class LimitsSettings(_Model):
+    """Limits on what a client may send; requests past them are refused."""
+
+    max_header_bytes: Size = 32 * 1024
+    """Request line plus all header bytes; larger requests get 431."""
+    max_headers: int = Field(default=100, ge=1, le=10_000)
+    """Number of header fields; more get 431."""
+    max_url_bytes: Size = 8 * 1024
+    """Length of the request target; longer get 414."""
+    max_body_bytes: Size | None = None
+    """Largest request body accepted (413 past it); unlimited when unset."""
+
+
+class GatewaySettings(_Model):
+    """The gateway process: listener, workers, admin and client-facing behaviour."""
+
+    listen: Address = Field(default_factory=lambda: Address(host="127.0.0.1", port=8080))
+    """Where clients connect."""
+    workers: int = Field(default=0, ge=0, le=1024)
+    """Worker processes sharing the listener; 0 or ``auto`` means one per CPU."""
+    admin: AdminSettings = Field(default_factory=AdminSettings)
+    """The admin listener."""
+    access_log: AccessLogSettings = Field(default_factory=AccessLogSettings)
+    """The access log."""
+    limits: LimitsSettings = Field(default_factory=LimitsSettings)
+    """Limits on client requests."""
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    """Peers (CIDR ranges) whose X-Forwarded-* and Forwarded headers are believed and kept.
+    From any other peer those headers are replaced with what the gateway sees."""
+    request_id_header: str = "X-Request-ID"
+    """The request id header: passed through when the client sends a valid one,
+    otherwise generated; echoed to the client in the response."""
+    via: str | None = "meshgate"
+    """The pseudonym added to the Via header in both directions; null adds none."""
+    keepalive_timeout: Duration = 75.0
+    """How long an idle client keep-alive connection is kept open."""
+    header_timeout: Duration = 30.0
+    """How long a client may take to send a complete request head."""
+    drain_timeout: Duration = 30.0
+    """On SIGTERM, how long in-flight requests may take before connections are closed."""
+
+    @field_validator("workers", mode="before")
+    @classmethod
+    def _auto_workers(cls, value: object) -> object:
+        if value == "auto":
+            return 0
+        return value
+
+    @field_validator("trusted_proxies", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: object) -> object:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("request_id_header")
+    @classmethod
+    def _header_name(cls, value: str) -> str:
+        if not _HEADER_NAME_RE.match(value):
+            raise ValueError(f"{value!r} is not a valid HTTP header name")
+        return value
+
+    @property
+    def worker_count(self) -> int:
+        """The number of worker processes to run."""
+        return self.workers or os.cpu_count() or 1
+
+
+# ---------------------------------------------------------------------------- upstreams
+
+
+class TimeoutSettings(_Model):
+    """Timeouts of one exchange with an upstream."""
+
+    connect: Duration = 5.0
+    """Opening a connection to an endpoint (also the longest wait for a free
+    connection when the upstream is at its connection limit)."""
+    read: Duration = 60.0
+    """The longest silence from the upstream while a response is awaited or streamed."""
+    total: Duration | None = None
+    """The longest a whole exchange may take, from sending the request to the
+    last response byte; unset for no limit (streaming responses)."""
+
+
+class EndpointSettings(_Model):
+    """One endpoint of an upstream: ``"host:port"`` or ``{address: ..., weight: ...}``."""
+
+    address: Address
+    """Where the endpoint listens."""
+    weight: int = Field(default=1, ge=1, le=1000)
+    """The endpoint's share of traffic under weighted_round_robin."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_text(cls, value: object) -> object:
+        return {"address": value} if isinstance(value, str) else value
+
+
+class UpstreamSettings(_Model):
+    """A named group of endpoints that serve the same thing."""
+
+    endpoints: tuple[EndpointSettings, ...] = Field(min_length=1)
+    """The endpoints, as ``"host:port"`` or ``{address: "host:port", weight: 2}``."""
+    balancer: Literal["round_robin", "weighted_round_robin"] = "round_robin"
+    """How requests are spread over the endpoints."""
+    max_connections: int = Field(default=1024, ge=1, le=1_000_000)
+    """Connections open to this upstream at once, per worker; requests past it wait
+    up to the connect timeout for one to free up, then get 503."""
+    idle_timeout: Duration = 60.0
+    """How long an idle pooled connection is kept; keep it below the upstream's own."""
+    timeouts: TimeoutSettings = Field(default_factory=TimeoutSettings)
+    """Connect, read and total timeouts; a route may override them."""
+
+    @model_validator(mode="after")
+    def _weights_need_weighted(self) -> UpstreamSettings:
+        if self.balancer == "round_robin" and any(e.weight != 1 for e in self.endpoints):
+            raise ValueError(
+                "endpoint weights are set but balancer is round_robin, which ignores them; "
+                "set balancer: weighted_round_robin"
+            )
+        return self
+
+
+# ---------------------------------------------------------------------------- routes
+
+
+class HeaderMatch(_Model):
+    """A condition on one request header: an exact value, a regex, or presence."""
+
+    exact: str | None = None
+    """The header's value must equal this."""
+    regex: str | None = None
+    """The header's value must match this regular expression (anchored at both ends)."""
+    present: bool | None = None
+    """The header must be present (true) or absent (false)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_text(cls, value: object) -> object:
+        return {"exact": value} if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> HeaderMatch:
+        given = [k for k in ("exact", "regex", "present") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of exact, regex or present")
+        if self.regex is not None:
+            _compile(self.regex)
+        return self
+
+
+def _compile(pattern: str) -> re.Pattern[str]:
+    try:
+        return re.compile(pattern)
+    except re.error as exc:
+        raise ValueError(f"{pattern!r} is not a valid regular expression: {exc}") from None
+
+
+class MatchSettings(_Model):
+    """What a request must look like for a route to take it.
+
+    At most one of ``path``, ``path_prefix`` and ``path_regex``; with none, every
+    path matches (as ``path_prefix: /``).
+    """
+
+    host: tuple[str, ...] = ()
+    """Host names (exact, or ``*.example.com`` for any subdomain); any host when empty."""
+    path: str | None = None
+    """The exact path."""
+    path_prefix: str | None = None
+    """A path prefix, matched on whole segments: ``/api`` matches ``/api`` and
+    ``/api/x`` but not ``/apix``."""
+    path_regex: str | None = None
+    """A regular expression the whole path must match; named groups can be used in
+    the route's ``rewrite``."""
+    methods: tuple[str, ...] = ()
+    """HTTP methods; any method when empty."""
+    headers: dict[str, HeaderMatch] = Field(default_factory=dict)
+    """Header conditions, all of which must hold: ``{X-Version: "2"}``,
+    ``{X-Canary: {regex: "yes|true"}}``, ``{X-Debug: {present: true}}``."""
+
+    @field_validator("host", "methods", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: object) -> object:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("host")
+    @classmethod
+    def _hosts(cls, hosts: tuple[str, ...]) -> tuple[str, ...]:
+        out = []
+        for host in hosts:
+            if not _HOST_RE.match(host):
+                raise ValueError(
+                    f"{host!r} is not a host name; write 'api.example.com' or '*.example.com'"
+                )
+            out.append(host.lower().rstrip("."))
+        return tuple(out)
+
+    @field_validator("methods")
+    @classmethod
+    def _methods(cls, methods: tuple[str, ...]) -> tuple[str, ...]:
+        out = []
+        for method in methods:
+            upper = method.upper()
+            if upper not in _METHODS:
+                raise ValueError(
+                    f"{method!r} is not an HTTP method; use one of {', '.join(sorted(_METHODS))}"
+                )
+            out.append(upper)
+        return tuple(dict.fromkeys(out))
+
+    @field_validator("path", "path_prefix")
+    @classmethod
+    def _paths(cls, path: str | None) -> str | None:
+        if path is not None and not path.startswith("/"):
+            raise ValueError(f"{path!r} must start with '/'")
+        return path
+
+    @field_validator("path_regex")
+    @classmethod
+    def _regex(cls, pattern: str | None) -> str | None:
+        if pattern is not None:
+            _compile(pattern)
+        return pattern
+
+    @field_validator("headers")
+    @classmethod
+    def _header_names(cls, headers: dict[str, HeaderMatch]) -> dict[str, HeaderMatch]:
+        for name in headers:
+            if not _HEADER_NAME_RE.match(name):
+                raise ValueError(f"{name!r} is not a valid HTTP header name")
+        return headers
+
+    @model_validator(mode="after")
+    def _one_path_kind(self) -> MatchSettings:
+        given = [k for k in ("path", "path_prefix", "path_regex") if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give at most one of path, path_prefix, path_regex (got {given})")
+        return self
+
+    @property
+    def path_kind(self) -> Literal["exact", "prefix", "regex"]:
+        """Which kind of path condition the route has."""
+        if self.path is not None:
+            return "exact"
+        if self.path_regex is not None:
+            return "regex"
+        return "prefix"
+
+    @property
+    def prefix(self) -> str:
+        """The prefix of a prefix match, normalized without a trailing slash (``/`` stays)."""
+        prefix = self.path_prefix or "/"
+        return prefix.rstrip("/") or "/"
+
+
+_PLACEHOLDER_RE = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+class RouteSettings(_Model):
+    """A route: which requests (``match``) go to which upstream, and how."""
+
+    name: Name
+    """A unique name, used in metrics, logs and error bodies."""
+    match: MatchSettings = Field(default_factory=MatchSettings)
+    """What a request must look like for this route to take it."""
+    upstream: Name
+    """The name of the upstream that serves this route."""
+    strip_prefix: bool = False
+    """Remove the matched ``path_prefix`` before forwarding (``/api/users/1`` -> ``/1``)."""
+    rewrite: str | None = None
+    """The path to forward instead, a template: ``{name}`` is a named group of
+    ``path_regex``; ``{rest}`` is what follows a ``path_prefix``. The query is kept."""
+    host_rewrite: str | None = None
+    """Send this Host header to the upstream instead of the client's."""
+    preserve_host: bool = True
+    """Send the client's Host header (true) or the endpoint's address (false)."""
+    priority: int = 0
+    """Routes with a higher priority are tried first; see the routing docs for the
+    order among routes of equal priority."""
+    timeouts: TimeoutSettings | None = None
+    """Overrides the upstream's timeouts for this route."""
+
+    @model_validator(mode="after")
+    def _rewrites(self) -> RouteSettings:
+        kind = self.match.path_kind
+        if self.strip_prefix and kind != "prefix":
+            raise ValueError("strip_prefix needs match.path_prefix; use rewrite for other matches")
+        if self.strip_prefix and self.rewrite is not None:
+            raise ValueError("give strip_prefix or rewrite, not both ({rest} strips in rewrite)")
+        if self.rewrite is not None:
+            if not self.rewrite.startswith("/"):
+                raise ValueError(f"rewrite {self.rewrite!r} must start with '/'")
+            names = set(_PLACEHOLDER_RE.findall(self.rewrite))
+            if kind == "regex":
+                known = set(re.compile(self.match.path_regex or "").groupindex)
+            elif kind == "prefix":
+                known = {"rest"}
+            else:
+                known = set()
+            unknown = sorted(names - known)
+            if unknown:
+                hint = (
+                    f"known placeholders: {', '.join(sorted(known))}"
+                    if known
+                    else "an exact path match has no placeholders"
+                )
+                raise ValueError(f"rewrite uses unknown placeholder {{{unknown[0]}}}; {hint}")
+        return self
+
+
+# ---------------------------------------------------------------------------- document
+
+
+class Config(_Model):
+    """A whole gateway configuration file."""
+
+    gateway: GatewaySettings = Field(default_factory=GatewaySettings)
+    """The gateway process."""
+    upstreams: dict[Name, UpstreamSettings] = Field(default_factory=dict)
+    """Upstreams by name."""
+    routes: tuple[RouteSettings, ...] = ()
+    """Routes; see the routing docs for the order in which they are tried."""
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Config:
+        """Validate a parsed document; see :func:`meshgate.config.load` for errors."""
+        return cls.model_validate(data)

@@ -1,0 +1,101 @@
+"""Every error meshgate raises, as one tree rooted at :class:`MeshgateError`.
+
+Catch :class:`MeshgateError` to handle anything meshgate raises on purpose; catch a
+subclass to handle one kind. Messages name the bad value, where it was, and the fix.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+__all__ = [
+    "ConfigError",
+    "ConfigIssue",
+    "GatewayError",
+    "MeshgateError",
+    "SupervisorError",
+    "UpstreamConnectError",
+    "UpstreamError",
+    "UpstreamTimeoutError",
+    "UpstreamUnavailableError",
+]
+
+
+class MeshgateError(Exception):
+    """The root of every error meshgate raises on purpose."""
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigIssue:
+    """One problem found in a configuration: where it is, what is wrong, and the fix."""
+
+    path: str
+    """The field's path, such as ``routes[2].upstream``; empty for the whole document."""
+    message: str
+    """What is wrong and how to fix it."""
+    line: int | None = None
+    """The 1-based line in the source file, when the problem could be located."""
+
+    def __str__(self) -> str:
+        where = self.path or "(document)"
+        if self.line is not None:
+            where = f"{where} (line {self.line})"
+        return f"{where}: {self.message}"
+
+
+class ConfigError(MeshgateError):
+    """A configuration is invalid; :attr:`issues` lists every problem found."""
+
+    def __init__(self, issues: Sequence[ConfigIssue], source: str | None = None) -> None:
+        self.issues = tuple(issues)
+        self.source = source
+        super().__init__(self.render())
+
+    def render(self) -> str:
+        """The error as text: a heading, then one line per issue."""
+        count = len(self.issues)
+        head = f"{self.source}: " if self.source else ""
+        noun = "problem" if count == 1 else "problems"
+        lines = [f"{head}{count} {noun} in the configuration"]
+        lines.extend(f"  {issue}" for issue in self.issues)
+        return "\n".join(lines)
+
+
+class GatewayError(MeshgateError):
+    """A request failed inside the gateway; carries the HTTP answer the client gets."""
+
+    status: int = 502
+    """The HTTP status sent to the client."""
+
+    def __init__(self, detail: str, *, headers: Sequence[tuple[str, str]] = ()) -> None:
+        self.detail = detail
+        self.headers = tuple(headers)
+        super().__init__(detail)
+
+
+class UpstreamError(GatewayError):
+    """An upstream could not produce a valid response (502)."""
+
+    status = 502
+
+
+class UpstreamConnectError(UpstreamError):
+    """No connection could be opened to an upstream endpoint (502)."""
+
+
+class UpstreamUnavailableError(GatewayError):
+    """No endpoint of an upstream could take the request right now (503)."""
+
+    status = 503
+
+
+class UpstreamTimeoutError(GatewayError):
+    """An upstream did not answer within the configured timeout (504)."""
+
+    status = 504
+
+
+class SupervisorError(MeshgateError):
+    """The gateway supervisor could not start or keep its workers running."""
+

@@ -1,0 +1,130 @@
+"""The admin API, served by the supervisor on its own (loopback) listener.
+
+Every endpoint requires ``Authorization: Bearer <token>``. When no token is
+configured one is generated and written to a file only its owner can read.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.responses import JSONResponse, PlainTextResponse
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from meshgate.config.loader import loads
+from meshgate.config.model import AdminSettings
+from meshgate.errors import ConfigError
+from meshgate.gateway.metrics import GatewayCollector
+
+if TYPE_CHECKING:
+    from meshgate.gateway.supervisor import Supervisor
+
+__all__ = ["AdminToken", "create_admin_app"]
+
+
+@dataclass(frozen=True)
+class AdminToken:
+    """The admin bearer token, and the file it was read from or written to."""
+
+    value: str
+    path: Path | None
+    generated: bool
+
+    @classmethod
+    def resolve(cls, admin: AdminSettings, admin_port: int) -> AdminToken:
+        """The configured token, else the one in the token file, else a new one saved there."""
+        if admin.token is not None:
+            return cls(admin.token.get_secret_value(), None, generated=False)
+        path = Path(
+            admin.token_file or Path.home() / ".meshgate" / f"admin-{admin_port}.token"
+        ).expanduser()
+        try:
+            existing = path.read_text(encoding="utf-8").strip()
+        except FileNotFoundError:
+            existing = ""
+        if existing:
+            return cls(existing, path, generated=False)
+        value = secrets.token_urlsafe(32)
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(value + "\n")
+        os.chmod(path, 0o600)
+        return cls(value, path, generated=True)
+
+
+def create_admin_app(supervisor: Supervisor, token: AdminToken) -> FastAPI:
+    """The admin API for ``supervisor``, requiring ``token``."""
+    expected = token.value.encode()
+
+    def authorized(request: Request) -> None:
+        header = request.headers.get("authorization", "")
+        scheme, _, given = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), expected):
+            raise HTTPException(
+                status_code=401,
+                detail="missing or wrong admin token; send 'Authorization: Bearer <token>' "
+                "with the token from the admin token file",
+                headers={"WWW-Authenticate": 'Bearer realm="meshgate-admin"'},
+            )
+
+    app = FastAPI(
+        title="meshgate admin",
+        version="1",
+        dependencies=[Depends(authorized)],
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+    )
+
+    @app.get("/status")
+    async def status() -> dict[str, Any]:
+        return supervisor.status()
+
+    @app.get("/metrics")
+    async def metrics() -> PlainTextResponse:
+        data = await supervisor.metrics()
+        registry = CollectorRegistry(auto_describe=False)
+        registry.register(GatewayCollector(lambda: data))
+        return PlainTextResponse(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/config")
+    async def config() -> dict[str, Any]:
+        return supervisor.config.model_dump(mode="json")
+
+    async def _text(request: Request) -> str:
+        body = await request.body()
+        try:
+            return body.decode("utf-8")
+        except UnicodeDecodeError:
+            raise HTTPException(400, "the configuration must be UTF-8 YAML or JSON") from None
+
+    @app.post("/config/validate")
+    async def validate(text: Annotated[str, Depends(_text)]) -> JSONResponse:
+        try:
+            loads(text, "request body")
+        except ConfigError as exc:
+            return JSONResponse(
+                {"ok": False, "error": str(exc), "issues": [str(i) for i in exc.issues]},
+                status_code=400,
+            )
+        return JSONResponse({"ok": True})
+
+    @app.post("/config")
+    async def apply(text: Annotated[str, Depends(_text)]) -> JSONResponse:
+        result = await supervisor.apply(text)
+        return JSONResponse(result, status_code=200 if result["ok"] else 400)
+
+    @app.post("/reload")
+    async def reload() -> JSONResponse:
+        result = await supervisor.reload_file()
+        return JSONResponse(result, status_code=200 if result["ok"] else 400)
+
+    return app

@@ -1,0 +1,189 @@
+"""Gateway metrics: cheap counters in each worker, merged and rendered by the supervisor.
+
+The hot path only increments plain integers in :class:`RouteStats` (no locks, no
+label lookups); the admin listener asks every worker for a :meth:`snapshot`
+when scraped and merges them, so that the numbers are exact across workers.
+Counters live per worker for its whole life: a reload keeps them.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+__all__ = ["BUCKETS", "GatewayCollector", "RouteStats", "WorkerMetrics", "merge_snapshots"]
+
+BUCKETS: tuple[float, ...] = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+)  # fmt: skip
+"""Latency histogram bounds, in seconds."""
+
+_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
+
+
+class RouteStats:
+    """Requests and latencies of one route and upstream, in one worker."""
+
+    __slots__ = ("by_class", "gateway_buckets", "gateway_sum", "upstream_buckets", "upstream_sum")
+
+    def __init__(self) -> None:
+        self.by_class = [0, 0, 0, 0, 0, 0]
+        self.gateway_buckets = [0] * (len(BUCKETS) + 1)
+        self.gateway_sum = 0.0
+        self.upstream_buckets = [0] * (len(BUCKETS) + 1)
+        self.upstream_sum = 0.0
+
+    def observe(self, status: int, total: float, upstream: float) -> None:
+        """Count one finished exchange: its status and where its time went."""
+        self.by_class[status // 100 if 100 <= status < 600 else 5] += 1
+        gateway = total - upstream
+        if gateway < 0.0:
+            gateway = 0.0
+        self.gateway_buckets[bisect_left(BUCKETS, gateway)] += 1
+        self.gateway_sum += gateway
+        if upstream:
+            self.upstream_buckets[bisect_left(BUCKETS, upstream)] += 1
+            self.upstream_sum += upstream
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "by_class": list(self.by_class),
+            "gateway_buckets": list(self.gateway_buckets),
+            "gateway_sum": self.gateway_sum,
+            "upstream_buckets": list(self.upstream_buckets),
+            "upstream_sum": self.upstream_sum,
+        }
+
+
+class WorkerMetrics:
+    """All of one worker's metrics; route stats survive config reloads."""
+
+    def __init__(self) -> None:
+        self._routes: dict[tuple[str, str], RouteStats] = {}
+
+    def route(self, route: str, upstream: str) -> RouteStats:
+        """The stats object for ``route`` served by ``upstream`` (created on first use)."""
+        key = (route, upstream)
+        stats = self._routes.get(key)
+        if stats is None:
+            stats = self._routes[key] = RouteStats()
+        return stats
+
+    def snapshot(self, gauges: Mapping[str, Any]) -> dict[str, Any]:
+        """Plain data that crosses the process boundary to the supervisor."""
+        return {
+            "routes": [
+                {"route": r, "upstream": u, **s.snapshot()} for (r, u), s in self._routes.items()
+            ],
+            **gauges,
+        }
+
+
+def _add(into: list[Any], values: Iterable[Any]) -> None:
+    for i, v in enumerate(values):
+        into[i] += v
+
+
+def merge_snapshots(snapshots: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+    """One snapshot summing every worker's."""
+    routes: dict[tuple[str, str], dict[str, Any]] = {}
+    connections = 0
+    upstreams: dict[tuple[str, str], dict[str, int]] = {}
+    for snap in snapshots:
+        connections += snap.get("connections", 0)
+        for entry in snap.get("routes", ()):
+            key = (entry["route"], entry["upstream"])
+            merged = routes.get(key)
+            if merged is None:
+                routes[key] = {k: (list(v) if isinstance(v, list) else v) for k, v in entry.items()}
+                continue
+            for field in ("by_class", "gateway_buckets", "upstream_buckets"):
+                _add(merged[field], entry[field])
+            merged["gateway_sum"] += entry["gateway_sum"]
+            merged["upstream_sum"] += entry["upstream_sum"]
+        for name, up in snap.get("upstreams", {}).items():
+            for label, ep in up["endpoints"].items():
+                slot = upstreams.setdefault((name, label), {"open": 0, "idle": 0})
+                slot["open"] += ep["open"]
+                slot["idle"] += ep["idle"]
+    return {
+        "routes": list(routes.values()),
+        "connections": connections,
+        "upstream_connections": upstreams,
+    }
+
+
+def _histogram(
+    name: str, doc: str, entries: list[dict[str, Any]], field: str
+) -> HistogramMetricFamily:
+    family = HistogramMetricFamily(name, doc, labels=["route", "upstream"])
+    for entry in entries:
+        counts = entry[f"{field}_buckets"]
+        cumulative = 0
+        buckets = []
+        for bound, count in zip((*BUCKETS, float("inf")), counts, strict=True):
+            cumulative += count
+            buckets.append(("+Inf" if bound == float("inf") else repr(bound), cumulative))
+        family.add_metric(
+            [entry["route"], entry["upstream"]], buckets, sum_value=entry[f"{field}_sum"]
+        )
+    return family
+
+
+class GatewayCollector(Collector):
+    """Renders a merged snapshot (from a callable) as Prometheus metric families."""
+
+    def __init__(self, snapshot: Any) -> None:
+        self._snapshot = snapshot
+
+    def collect(self) -> Iterator[Metric]:
+        data = self._snapshot()
+        routes = data["routes"]
+        requests = CounterMetricFamily(
+            "meshgate_gateway_requests",
+            "Requests answered, by route, upstream and status class.",
+            labels=["route", "upstream", "code"],
+        )
+        for entry in routes:
+            for i, cls in enumerate(_CLASSES, start=1):
+                count = entry["by_class"][i]
+                if count:
+                    requests.add_metric([entry["route"], entry["upstream"], cls], count)
+        yield requests
+        yield _histogram(
+            "meshgate_gateway_gateway_seconds",
+            "Time spent in the gateway per request (total minus upstream time).",
+            routes,
+            "gateway",
+        )
+        yield _histogram(
+            "meshgate_gateway_upstream_seconds",
+            "Time from sending a request upstream to its response's last byte.",
+            [e for e in routes if e["upstream"]],
+            "upstream",
+        )
+        conns = GaugeMetricFamily(
+            "meshgate_gateway_client_connections", "Open client connections."
+        )
+        conns.add_metric([], data["connections"])
+        yield conns
+        up = GaugeMetricFamily(
+            "meshgate_gateway_upstream_connections",
+            "Open connections to upstream endpoints, by state.",
+            labels=["upstream", "endpoint", "state"],
+        )
+        for (name, label), counts in sorted(data["upstream_connections"].items()):
+            up.add_metric([name, label, "active"], counts["open"] - counts["idle"])
+            up.add_metric([name, label, "idle"], counts["idle"])
+        yield up
+        for family in data.get("extra", ()):
+            yield family

@@ -1,0 +1,147 @@
+"""The compiled runtime snapshot: a :class:`~meshgate.config.Config` turned into the
+immutable tables and pre-encoded bytes the hot path reads.
+
+A worker holds one :class:`Runtime` at a time and swaps it whole; each request
+keeps the runtime it started with.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from functools import lru_cache
+
+from meshgate.config.model import Config, RouteSettings, TimeoutSettings
+from meshgate.gateway import http
+from meshgate.gateway.metrics import RouteStats, WorkerMetrics
+from meshgate.gateway.router import RouteMatch, Router
+from meshgate.gateway.upstream.pool import Upstream
+
+__all__ = ["CompiledRoute", "Runtime"]
+
+
+class CompiledRoute:
+    """What the data plane needs of a matched route."""
+
+    __slots__ = (
+        "connect_timeout",
+        "host_line",
+        "name",
+        "preserve_host",
+        "read_timeout",
+        "rewrites",
+        "settings",
+        "stats",
+        "total_timeout",
+        "upstream",
+    )
+
+    def __init__(
+        self,
+        settings: RouteSettings,
+        upstream: Upstream,
+        timeouts: TimeoutSettings,
+        stats: RouteStats,
+    ) -> None:
+        self.settings = settings
+        self.name = settings.name
+        self.upstream = upstream
+        self.stats = stats
+        self.preserve_host = settings.preserve_host
+        self.host_line = (
+            b"Host: " + settings.host_rewrite.encode("idna") + b"\r\n"
+            if settings.host_rewrite
+            else None
+        )
+        self.rewrites = settings.strip_prefix or settings.rewrite is not None
+        self.connect_timeout = timeouts.connect
+        self.read_timeout = timeouts.read
+        self.total_timeout = timeouts.total
+
+
+class Runtime:
+    """One compiled configuration, ready for the hot path."""
+
+    def __init__(self, config: Config, metrics: WorkerMetrics, scheme: str = "http") -> None:
+        gw = config.gateway
+        self.config = config
+        self.scheme = scheme.encode()
+        self.upstreams: dict[str, Upstream] = {
+            name: Upstream(name, settings) for name, settings in config.upstreams.items()
+        }
+        matches = []
+        for index, route in enumerate(config.routes):
+            upstream = self.upstreams[route.upstream]
+            timeouts = route.timeouts or upstream.settings.timeouts
+            compiled = CompiledRoute(
+                route, upstream, timeouts, metrics.route(route.name, route.upstream)
+            )
+            matches.append(RouteMatch(route, index, compiled))
+        self.router = Router(matches)
+        self.unrouted = metrics.route("", "")
+
+        rid = gw.request_id_header
+        self.rid_name = rid.encode()
+        self.rid_prefix = self.rid_name + b": "
+        self.req_kinds = dict(http.REQ_HEADER_KINDS)
+        self.req_kinds[rid.lower().encode()] = http.REQUEST_ID
+        via = gw.via
+        self.via_req_10 = b"Via: 1.0 " + via.encode() + b"\r\n" if via else b""
+        self.via_req_11 = b"Via: 1.1 " + via.encode() + b"\r\n" if via else b""
+        self.via_resp = self.via_req_11
+
+        limits = gw.limits
+        self.max_headers = limits.max_headers
+        self.max_url = limits.max_url_bytes
+        self.max_head = limits.max_header_bytes
+        self.max_body = limits.max_body_bytes
+        self.decode_slashes = False
+        self.header_timeout = gw.header_timeout
+        self.keepalive_timeout = gw.keepalive_timeout
+        self._trusted = gw.trusted_proxies
+        self.is_trusted = lru_cache(maxsize=4096)(self._is_trusted)
+
+    def _is_trusted(self, ip: str) -> bool:
+        if not self._trusted:
+            return False
+        try:
+            addr = ipaddress.ip_address(ip)
+        except ValueError:
+            return False
+        return any(addr in net for net in self._trusted)
+
+    def forwarded_lines(self, ip: str) -> tuple[bytes, bytes, bytes]:
+        """Per-connection pieces of X-Forwarded-* and Forwarded for an untrusted peer.
+
+        Returns the text before the host in X-Forwarded-Host, the text between it
+        and the host in Forwarded, and the whole block for a request without Host.
+        """
+        addr = ip.encode()
+        node = b'"[' + addr + b']"' if b":" in addr else addr
+        scheme = self.scheme
+        xff = b"X-Forwarded-For: " + addr + b"\r\nX-Forwarded-Proto: " + scheme + b"\r\n"
+        return (
+            xff + b"X-Forwarded-Host: ",
+            b"\r\nForwarded: for=" + node + b";proto=" + scheme + b';host="',
+            xff + b"Forwarded: for=" + node + b";proto=" + scheme + b"\r\n",
+        )
+
+    def forwarded_trusted(
+        self, ip: str, xff: bytes, xfp: bytes, xfh: bytes, forwarded: bytes, host: bytes
+    ) -> bytes:
+        """X-Forwarded-* and Forwarded extended with this hop, for a trusted peer."""
+        addr = ip.encode()
+        node = b'"[' + addr + b']"' if b":" in addr else addr
+        out = [b"X-Forwarded-For: ", xff + b", " + addr if xff else addr, b"\r\n"]
+        out += [b"X-Forwarded-Proto: ", xfp or self.scheme, b"\r\n"]
+        if xfh or host:
+            out += [b"X-Forwarded-Host: ", xfh or host, b"\r\n"]
+        element = b"for=" + node + b";proto=" + self.scheme
+        if host:
+            element += b';host="' + host + b'"'
+        out += [b"Forwarded: ", forwarded + b", " + element if forwarded else element, b"\r\n"]
+        return b"".join(out)
+
+    def close(self) -> None:
+        """Close every idle upstream connection of this runtime."""
+        for upstream in self.upstreams.values():
+            upstream.close()

@@ -1,0 +1,929 @@
+"""The gateway's data plane: a raw asyncio protocol per client connection.
+
+A :class:`ClientConnection` parses requests with httptools; each request becomes
+an :class:`Exchange` that is routed, given an upstream connection from the pool,
+and streamed both ways with backpressure. Requests pipelined on one connection
+are answered strictly in order: later ones are parsed and queued (reading paused)
+until the earlier response is complete.
+
+Everything that can be computed when the configuration is compiled lives on the
+:class:`~meshgate.gateway.runtime.Runtime`; the code here joins pre-encoded bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from time import monotonic, perf_counter
+from typing import TYPE_CHECKING
+
+from httptools import HttpParserCallbackError, HttpParserError, HttpParserUpgrade, HttpRequestParser
+
+from meshgate.gateway import http
+from meshgate.gateway.http import IDEMPOTENT_METHODS, error_response, status_line
+from meshgate.gateway.paths import PathError, normalize_path
+
+if TYPE_CHECKING:
+    from meshgate.gateway.runtime import CompiledRoute, Runtime
+    from meshgate.gateway.upstream.pool import UpstreamConnection
+    from meshgate.gateway.worker import Worker
+
+__all__ = ["ClientConnection", "Exchange"]
+
+log = logging.getLogger("meshgate.gateway")
+
+# Reasons the client's reading is paused (a bit each).
+_PIPELINE = 1
+_UPSTREAM_FULL = 2  # used by UpstreamConnection.pause_writing
+_BODY_BUFFER = 4
+_REFUSED = 8
+
+_BODY_BUFFER_LIMIT = 256 * 1024
+_HOST_CHARS = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-:[]_"
+_RID_CHARS = bytes(range(0x21, 0x7F))
+_CHUNK_END = b"\r\n"
+_LAST_CHUNK = b"0\r\n\r\n"
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+class _Reject(Exception):  # noqa: N818 - internal control flow, never escapes
+    """Refuse the request being parsed with ``status`` (raised inside parser callbacks)."""
+
+    def __init__(self, status: int, error: str, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.error = error
+        self.detail = detail
+
+
+class Exchange:
+    """One request and its response.
+
+    States: parsed -> dispatched (routed; waiting for a connection) -> attached
+    (request head sent) -> response head sent -> done. ``done`` is set exactly once,
+    by :meth:`finish`.
+    """
+
+    __slots__ = (
+        "body_buf",
+        "body_size",
+        "chunk_out",
+        "chunked_in",
+        "client",
+        "conn",
+        "connect_timeout",
+        "deadline",
+        "done",
+        "error_bytes",
+        "expect_continue",
+        "head",
+        "host_line",
+        "http10",
+        "interim",
+        "keep_alive",
+        "last_io",
+        "method",
+        "no_body",
+        "queued_at",
+        "read_timeout",
+        "req_done",
+        "request_id",
+        "resp_bytes",
+        "resp_started",
+        "retried",
+        "reused",
+        "route",
+        "rt",
+        "status",
+        "t_start",
+        "t_up",
+        "t_up_end",
+        "until_close",
+        "upgrade",
+        "url",
+    )
+
+    def __init__(self, client: ClientConnection, rt: Runtime) -> None:
+        self.client = client
+        self.rt = rt
+        self.url = b""
+        self.method = b""
+        self.route: CompiledRoute | None = None
+        self.conn: UpstreamConnection | None = None
+        self.head: tuple[bytes, bytes] = (b"", b"")
+        self.host_line = b""
+        self.body_buf: list[bytes] | None = None
+        self.body_size = 0
+        self.chunked_in = False
+        self.chunk_out = False
+        self.req_done = False
+        self.resp_started = False
+        self.done = False
+        self.interim = False
+        self.no_body = False
+        self.until_close = False
+        self.http10 = False
+        self.keep_alive = True
+        self.upgrade = False
+        self.expect_continue = False
+        self.reused = False
+        self.retried = False
+        self.error_bytes: bytes | None = None
+        self.request_id = b""
+        self.status = 0
+        self.resp_bytes = 0
+        self.t_start = 0.0
+        self.t_up = 0.0
+        self.t_up_end = 0.0
+        self.last_io = 0.0
+        self.queued_at = 0.0
+        self.deadline = 0.0
+        self.connect_timeout = 5.0
+        self.read_timeout = 60.0
+
+    # -- request side ---------------------------------------------------------
+
+    def dispatch(self) -> None:
+        """Start the exchange: answer a prepared error, or ask the upstream for a connection."""
+        error = self.error_bytes
+        if error is not None:
+            self.client.transport.write(error)
+            self.finish()
+            return
+        if self.expect_continue:
+            self.client.transport.write(_CONTINUE)
+        route = self.route
+        assert route is not None  # noqa: S101 - set whenever error_bytes is not
+        route.upstream.acquire(self)
+
+    def attach(self, conn: UpstreamConnection, reused: bool) -> None:
+        """Send the request on ``conn``: its head, then whatever body has arrived."""
+        self.conn = conn
+        self.reused = reused
+        conn.exchange = self
+        conn.requests += 1
+        transport = conn.transport
+        host_line = self.host_line or conn.endpoint.host_line
+        head = self.head
+        transport.write(head[0] + host_line + head[1])
+        buffered = self.body_buf
+        if buffered:
+            self.body_buf = None
+            if self.chunked_in:
+                for chunk in buffered:
+                    transport.writelines((b"%x\r\n" % len(chunk), chunk, _CHUNK_END))
+            else:
+                transport.writelines(buffered)
+        if self.req_done and self.chunked_in:
+            transport.write(_LAST_CHUNK)
+        self.client.resume_reading_for(_BODY_BUFFER)
+        now = monotonic()
+        self.last_io = now
+        self.t_up = perf_counter()
+        total = self.route.total_timeout  # type: ignore[union-attr]
+        self.deadline = now + total if total else 0.0
+        self.client.worker.inflight.add(self)
+
+    def on_request_body(self, body: bytes) -> None:
+        size = self.body_size + len(body)
+        self.body_size = size
+        limit = self.rt.max_body
+        if limit is not None and size > limit:
+            raise _Reject(
+                413, "body_too_large", f"the request body is larger than {limit} bytes"
+            )
+        if self.done:
+            return
+        conn = self.conn
+        if conn is not None:
+            if self.chunked_in:
+                conn.transport.writelines((b"%x\r\n" % len(body), body, _CHUNK_END))
+            else:
+                conn.transport.write(body)
+            return
+        buffered = self.body_buf
+        if buffered is None:
+            buffered = self.body_buf = []
+        buffered.append(body)
+        if size > _BODY_BUFFER_LIMIT:
+            self.client.pause_reading_for(_BODY_BUFFER)
+
+    def on_request_end(self) -> None:
+        self.req_done = True
+        conn = self.conn
+        if conn is not None and self.chunked_in and not self.done:
+            conn.transport.write(_LAST_CHUNK)
+
+    # -- response side --------------------------------------------------------
+
+    def on_upstream_head(
+        self, conn: UpstreamConnection, status: int, headers: list[tuple[bytes, bytes]]
+    ) -> None:
+        client = self.client
+        if status < 200 and status != 101:
+            # Interim responses (102, 103) go to HTTP/1.1 clients as they are;
+            # the parser reports their end, which must not end the exchange.
+            self.interim = True
+            if not self.http10:
+                client.transport.write(self._interim_head(status, headers))
+            return
+        self.status = status
+        self.resp_started = True
+        rt = self.rt
+        kinds = http.RESP_HEADER_KINDS
+        out = [status_line(status)]
+        append = out.append
+        clen = None
+        chunked = False
+        extra_drop = None
+        for name, value in headers:
+            kind = kinds.get(name.lower())
+            if kind is None:
+                append(name + b": " + value + b"\r\n")
+            elif kind == http.CONTENT_LENGTH:
+                clen = value
+                append(b"Content-Length: " + value + b"\r\n")
+            elif kind == http.TRANSFER_ENCODING:
+                chunked = True
+            elif kind == http.CONNECTION:
+                extra_drop = _connection_tokens(value, extra_drop)
+            elif kind == http.UPGRADE and status == 101:
+                append(b"Upgrade: " + value + b"\r\n")
+        if extra_drop:
+            out = [line for line in out if line.split(b":", 1)[0].lower() not in extra_drop]
+        append(rt.via_resp)
+        append(rt.rid_prefix + self.request_id + b"\r\n")
+        if status == 101:
+            append(b"Connection: Upgrade\r\n\r\n")
+            client.transport.write(b"".join(out))
+            return
+        keep = self.keep_alive and not client.closing
+        if self.method == b"HEAD" or status == 204 or status == 304:
+            self.no_body = True
+        elif clen is None:
+            # Without a length the upstream's body ends with chunking or, failing
+            # that, with its connection.
+            self.until_close = not chunked
+            if self.http10:
+                keep = False  # the body ends when the connection does
+            else:
+                self.chunk_out = True
+                append(b"Transfer-Encoding: chunked\r\n")
+        if not self.req_done:
+            # The upstream answered before the request body was read; the rest of
+            # it cannot be told apart from a next request, so the connection ends.
+            keep = False
+        if not keep:
+            append(b"Connection: close\r\n")
+            self.keep_alive = False
+        elif self.http10:
+            append(b"Connection: keep-alive\r\n")
+        append(b"\r\n")
+        client.transport.write(b"".join(out))
+        if self.method == b"HEAD":
+            # The parser would wait for a body that a HEAD response never has.
+            upstream_keep = conn.parser.should_keep_alive()
+            conn.reset_parser()
+            self._upstream_done(conn, upstream_keep)
+
+    def _interim_head(self, status: int, headers: list[tuple[bytes, bytes]]) -> bytes:
+        out = [status_line(status)]
+        for name, value in headers:
+            if http.RESP_HEADER_KINDS.get(name.lower()) is None:
+                out.append(name + b": " + value + b"\r\n")
+        out.append(b"\r\n")
+        return b"".join(out)
+
+    def on_upstream_body(self, body: bytes) -> None:
+        if self.done:
+            return
+        self.resp_bytes += len(body)
+        if self.chunk_out:
+            self.client.transport.writelines((b"%x\r\n" % len(body), body, _CHUNK_END))
+        else:
+            self.client.transport.write(body)
+
+    def on_upstream_end(self, conn: UpstreamConnection) -> None:
+        if self.interim:
+            self.interim = False
+            return
+        if self.done:
+            return
+        if self.chunk_out:
+            self.client.transport.write(_LAST_CHUNK)
+        self._upstream_done(conn, conn.parser.should_keep_alive())
+
+    def _upstream_done(self, conn: UpstreamConnection, upstream_keep: bool) -> None:
+        self.t_up_end = perf_counter()
+        self.conn = None
+        conn.upstream.release(conn, upstream_keep and self.req_done)
+        self.finish()
+
+    def on_upstream_upgrade(self, conn: UpstreamConnection, rest: bytes) -> None:
+        """The upstream switched protocols (101): both sides become a byte tunnel."""
+        client = self.client
+        if self.status != 101:
+            self.on_upstream_error(conn, "upstream switched protocols without 101")
+            conn.transport.abort()
+            return
+        self.t_up_end = perf_counter()
+        self.conn = None
+        conn.exchange = None
+        conn.tunnel = client.transport
+        client.tunnel = conn
+        self.client.worker.inflight.discard(self)
+        if rest:
+            client.transport.write(rest)
+        pending = client.tunnel_pending
+        client.tunnel_pending = None
+        if pending:
+            conn.transport.write(pending)
+        self.keep_alive = False
+        self.finish()
+
+    def on_upstream_lost(self, conn: UpstreamConnection, exc: Exception | None) -> None:
+        self.conn = None
+        if self.done:
+            return
+        if not self.resp_started:
+            if self._retry_stale(conn):
+                return
+            self.fail(
+                502,
+                "upstream_closed",
+                f"{conn.endpoint.label} closed the connection before responding",
+            )
+            return
+        if self.until_close:
+            # A response without length or chunking ends with the connection.
+            if self.chunk_out:
+                self.client.transport.write(_LAST_CHUNK)
+            self.t_up_end = perf_counter()
+            self.finish()
+            return
+        self._abort_client("the upstream closed the connection mid-response")
+
+    def on_upstream_error(self, conn: UpstreamConnection, detail: str) -> None:
+        self.conn = None
+        if self.done:
+            return
+        if self.resp_started:
+            self._abort_client(detail)
+        else:
+            self.fail(502, "upstream_invalid_response", detail)
+
+    def _retry_stale(self, conn: UpstreamConnection) -> bool:
+        """Resend once on a new connection when a reused one closed before answering.
+
+        An idle keep-alive connection can be closed by the upstream just as a request
+        is sent on it; the upstream never saw the request. Only requests that are
+        safe to resend qualify: idempotent and without a body.
+        """
+        if not self.reused or self.retried or self.method not in IDEMPOTENT_METHODS:
+            return False
+        if self.body_size or self.chunked_in:
+            return False
+        self.retried = True
+        self.client.worker.inflight.discard(self)
+        self.route.upstream.acquire(self)  # type: ignore[union-attr]
+        return True
+
+    def _abort_client(self, detail: str) -> None:
+        log.debug("aborting client connection: %s", detail)
+        self.keep_alive = False
+        self.status = self.status or 502
+        self.client.transport.abort()
+        self.finish()
+
+    # -- errors and timeouts ----------------------------------------------------
+
+    def fail(self, status: int, error: str, detail: str, *, retry_safe: bool = False) -> None:
+        """End the exchange with an error response (or by closing, if one already started)."""
+        if self.done:
+            return
+        conn = self.conn
+        if conn is not None:
+            self.conn = None
+            conn.exchange = None
+            conn.transport.abort()
+        if self.resp_started:
+            self._abort_client(detail)
+            return
+        route = self.route
+        self.status = status
+        self.keep_alive = self.keep_alive and self.req_done
+        self.client.transport.write(
+            error_response(
+                status,
+                error,
+                detail,
+                request_id=self.request_id,
+                request_id_header=self.rt.rid_name,
+                route=route.name if route is not None else None,
+                upstream=route.upstream.name if route is not None else None,
+                close=not self.keep_alive,
+            )
+        )
+        self.finish()
+
+    def timed_out(self, which: str) -> None:
+        seconds = self.read_timeout if which == "read" else self.route.total_timeout  # type: ignore[union-attr]
+        self.fail(
+            504,
+            "upstream_timeout",
+            f"the upstream sent nothing for {seconds:g}s"
+            if which == "read"
+            else f"the exchange took longer than {seconds:g}s",
+        )
+
+    # -- the end ------------------------------------------------------------------
+
+    def finish(self) -> None:
+        """Record the exchange and let the connection go on to its next request."""
+        if self.done:
+            return
+        self.done = True
+        client = self.client
+        worker = client.worker
+        worker.inflight.discard(self)
+        route = self.route
+        end = perf_counter()
+        upstream_time = self.t_up_end - self.t_up if self.t_up_end else 0.0
+        status = self.status
+        if route is not None:
+            route.stats.observe(status, end - self.t_start, upstream_time)
+        else:
+            self.rt.unrouted.observe(status, end - self.t_start, 0.0)
+        access = worker.access_log
+        if access is not None:
+            access.records.append(
+                (
+                    client.peer_ip,
+                    self.method,
+                    self.url,
+                    status,
+                    route.name if route is not None else "",
+                    self.request_id,
+                    self.resp_bytes,
+                    end - self.t_start,
+                    upstream_time,
+                )
+            )
+        client.exchange_done(self)
+
+
+def _connection_tokens(value: bytes, extra: set[bytes] | None) -> set[bytes] | None:
+    """Header names listed in Connection (other than close/keep-alive/upgrade) to drop."""
+    for token in value.lower().split(b","):
+        token = token.strip()
+        if token and token not in (b"close", b"keep-alive", b"upgrade"):
+            if extra is None:
+                extra = set()
+            extra.add(token)
+    return extra
+
+
+class ClientConnection(asyncio.Protocol):
+    """One client connection: parses requests and runs their exchanges in order."""
+
+    __slots__ = (
+        "closing",
+        "current",
+        "fwd",
+        "head_size",
+        "head_started",
+        "headers",
+        "idle_since",
+        "parser",
+        "parsing",
+        "paused",
+        "peer_ip",
+        "peer_trusted",
+        "pending",
+        "transport",
+        "tunnel",
+        "tunnel_pending",
+        "worker",
+    )
+
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+        self.transport: asyncio.Transport = None  # type: ignore[assignment]
+        self.parser = HttpRequestParser(self)
+        self.current: Exchange | None = None
+        self.parsing: Exchange | None = None
+        self.pending: deque[Exchange] | None = None
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.head_size = 0
+        self.head_started = 0.0
+        self.idle_since = 0.0
+        self.paused = 0
+        self.closing = False
+        self.peer_ip = ""
+        self.peer_trusted = False
+        self.fwd: tuple[bytes, bytes, bytes] = (b"", b"", b"")
+        self.tunnel: UpstreamConnection | None = None
+        self.tunnel_pending: bytes | None = None
+
+    # -- asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        worker = self.worker
+        worker.connections.add(self)
+        peer = transport.get_extra_info("peername")
+        ip = peer[0] if isinstance(peer, tuple) else "unix"
+        self.peer_ip = ip
+        self.peer_trusted = worker.runtime.is_trusted(ip)
+        self.idle_since = monotonic()
+        self.fwd = worker.runtime.forwarded_lines(ip)
+
+    def data_received(self, data: bytes) -> None:
+        tunnel = self.tunnel
+        if tunnel is not None:
+            tunnel.transport.write(data)
+            return
+        if self.tunnel_pending is not None:
+            # Bytes after an Upgrade request wait for the upstream's answer.
+            self.tunnel_pending += data
+            return
+        if self.head_size >= 0:
+            self.head_size += len(data)
+        try:
+            self.parser.feed_data(data)
+        except HttpParserUpgrade as exc:
+            # The request asked to switch protocols; what follows its head is
+            # held until the upstream agrees (101) or refuses (connection closes).
+            self.tunnel_pending = data[exc.args[0] :]
+            return
+        except HttpParserCallbackError as exc:
+            reject = exc.__context__
+            if isinstance(reject, _Reject):
+                self._refuse(reject.status, reject.error, reject.detail)
+                return
+            log.error("internal error while parsing a request", exc_info=reject or exc)
+            self._refuse(500, "internal_error", "the gateway failed to handle the request")
+            return
+        except HttpParserError as exc:
+            self._refuse(400, "bad_request", f"malformed HTTP request: {exc}")
+            return
+        if self.head_size > self.worker.runtime.max_head:
+            self._refuse(
+                431,
+                "headers_too_large",
+                f"the request head is larger than {self.worker.runtime.max_head} bytes",
+            )
+
+    def eof_received(self) -> bool | None:
+        tunnel = self.tunnel
+        if tunnel is not None and tunnel.alive:
+            if tunnel.transport.can_write_eof():
+                tunnel.transport.write_eof()
+                return True
+        # A half-closed client still gets the response to a request it finished.
+        self.closing = True
+        return self.current is not None and self.parsing is None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        worker = self.worker
+        worker.connections.discard(self)
+        tunnel = self.tunnel
+        if tunnel is not None:
+            self.tunnel = None
+            if tunnel.alive:
+                tunnel.transport.close()
+            return
+        ex = self.current
+        if ex is not None and not ex.done:
+            conn = ex.conn
+            if conn is not None:
+                ex.conn = None
+                conn.exchange = None
+                conn.transport.abort()
+            ex.status = ex.status or 499  # the client closed the request
+            ex.finish()
+        self.current = None
+        self.pending = None
+        worker.connection_closed(self)
+
+    def pause_writing(self) -> None:
+        ex = self.current
+        if ex is not None and ex.conn is not None:
+            ex.conn.pause_reading()
+        elif self.tunnel is not None:
+            self.tunnel.pause_reading()
+
+    def resume_writing(self) -> None:
+        ex = self.current
+        if ex is not None and ex.conn is not None:
+            ex.conn.resume_reading()
+        elif self.tunnel is not None:
+            self.tunnel.resume_reading()
+
+    # -- reading flow control
+
+    def pause_reading_for(self, reason: int) -> None:
+        if not self.paused:
+            self.transport.pause_reading()
+        self.paused |= reason
+
+    def resume_reading_for(self, reason: int) -> None:
+        if self.paused & reason:
+            self.paused &= ~reason
+            if not self.paused and not self.transport.is_closing():
+                self.transport.resume_reading()
+
+    # -- httptools callbacks
+
+    def on_message_begin(self) -> None:
+        worker = self.worker
+        self.parsing = Exchange(self, worker.runtime)
+        self.headers = []
+        self.head_started = monotonic()
+
+    def on_url(self, url: bytes) -> None:
+        self.parsing.url += url  # type: ignore[union-attr]
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        ex = self.parsing
+        self.head_size = -1
+        if ex is None or self.closing:
+            # After a request that ends the connection, later pipelined ones are
+            # not answered (RFC 9112 section 9.6).
+            self.parsing = None
+            self.pause_reading_for(_REFUSED)
+            return
+        ex.t_start = perf_counter()
+        self._prepare(ex)
+        if self.current is None:
+            self.current = ex
+            ex.dispatch()
+        else:
+            pending = self.pending
+            if pending is None:
+                pending = self.pending = deque()
+            pending.append(ex)
+            self.pause_reading_for(_PIPELINE)
+
+    def on_body(self, body: bytes) -> None:
+        ex = self.parsing
+        if ex is not None:
+            ex.on_request_body(body)
+
+    def on_message_complete(self) -> None:
+        ex = self.parsing
+        self.parsing = None
+        self.head_size = 0
+        if ex is not None:
+            ex.on_request_end()
+
+    # -- request preparation: everything between the parsed head and dispatch
+
+    def _prepare(self, ex: Exchange) -> None:
+        """Route the request and pre-build its upstream head, or prepare an error."""
+        rt = ex.rt
+        parser = self.parser
+        method = parser.get_method()
+        ex.method = method
+        ex.http10 = parser.get_http_version() != "1.1"
+        ex.keep_alive = parser.should_keep_alive()
+        ex.upgrade = upgrade = parser.should_upgrade()
+        if upgrade or not ex.keep_alive:
+            # An upgrade either becomes a tunnel or ends the connection.
+            ex.keep_alive = False
+            self.closing = True
+        headers = self.headers
+        url = ex.url
+        if len(headers) > rt.max_headers:
+            self._prepare_error(ex, 431, "too_many_headers", f"more than {rt.max_headers} headers")
+            return
+        if len(url) > rt.max_url:
+            self._prepare_error(
+                ex, 414, "uri_too_long", f"the request target is longer than {rt.max_url} bytes"
+            )
+            return
+
+        kinds = rt.req_kinds
+        fwd: list[bytes] = []
+        append = fwd.append
+        host = b""
+        request_id = b""
+        chunked = False
+        content_length: bytes | None = None
+        extra_drop: set[bytes] | None = None
+        upgrade_value = b""
+        trusted = self.peer_trusted
+        xff = xfp = xfh = forwarded = b""
+        expect = b""
+        for name, value in headers:
+            lname = name.lower()
+            kind = kinds.get(lname)
+            if kind is None:
+                if lname.startswith(b"proxy-"):
+                    continue
+                append(name + b": " + value + b"\r\n")
+            elif kind == http.HOST:
+                host = value
+            elif kind == http.REQUEST_ID:
+                request_id = value
+            elif kind == http.CONTENT_LENGTH:
+                content_length = value
+            elif kind == http.TRANSFER_ENCODING:
+                chunked = True
+            elif kind == http.CONNECTION:
+                extra_drop = _connection_tokens(value, extra_drop)
+            elif kind == http.UPGRADE:
+                upgrade_value = value
+            elif kind == http.EXPECT:
+                expect = value
+            elif trusted:
+                if kind == http.X_FORWARDED_FOR:
+                    xff = xff + b", " + value if xff else value
+                elif kind == http.X_FORWARDED_PROTO:
+                    xfp = value
+                elif kind == http.X_FORWARDED_HOST:
+                    xfh = value
+                elif kind == http.FORWARDED:
+                    forwarded = forwarded + b", " + value if forwarded else value
+            # everything else is hop-by-hop, or a forwarding header from an
+            # untrusted peer: dropped.
+
+        if host and host.translate(None, _HOST_CHARS):
+            self._prepare_error(ex, 400, "bad_host", "the Host header is not a valid host")
+            return
+        if not host and not ex.http10:
+            self._prepare_error(ex, 400, "missing_host", "an HTTP/1.1 request needs a Host header")
+            return
+        if request_id and (len(request_id) > 200 or request_id.translate(None, _RID_CHARS)):
+            request_id = b""
+        if not request_id:
+            request_id = self.worker.next_request_id()
+        ex.request_id = request_id
+        if expect:
+            if expect.lower() != b"100-continue":
+                self._prepare_error(
+                    ex, 417, "expectation_failed", "only 'Expect: 100-continue' is supported"
+                )
+                return
+            ex.expect_continue = not ex.http10
+        if content_length is not None and rt.max_body is not None:
+            if int(content_length) > rt.max_body:
+                self._prepare_error(
+                    ex, 413, "body_too_large", f"the request body is larger than {rt.max_body} bytes"
+                )
+                return
+
+        # Route on the normalized path.
+        q = url.find(b"?")
+        if q >= 0:
+            path, query = url[:q], url[q:]
+        else:
+            path, query = url, b""
+        if not path.startswith(b"/"):
+            if url == b"*" and method == b"OPTIONS":
+                path = b"*"
+            else:
+                self._prepare_error(
+                    ex, 400, "bad_target", "the request target must be an absolute path"
+                )
+                return
+        elif b"%" in path or b"/." in path or b"//" in path:
+            try:
+                path = normalize_path(path, rt.decode_slashes)
+            except PathError as exc:
+                self._prepare_error(ex, 400, "bad_path", str(exc))
+                return
+        router = rt.router
+        route_host = b""
+        if router.needs_host and host:
+            route_host = host.lower()
+            colon = route_host.rfind(b":")
+            if colon >= 0 and b"]" not in route_host[colon:]:
+                route_host = route_host[:colon]
+        found = router.match(method, path, route_host, headers)
+        if found is None:
+            self._prepare_error(
+                ex,
+                404,
+                "no_route",
+                f"no route matches {method.decode()} {path.decode('latin-1')}",
+            )
+            return
+        matched, groups = found
+        route: CompiledRoute = matched.target  # type: ignore[assignment]
+        ex.route = route
+        ex.connect_timeout = route.connect_timeout
+        ex.read_timeout = route.read_timeout
+        upath = matched.upstream_path(path, groups) if route.rewrites else path
+
+        if extra_drop:
+            fwd = [line for line in fwd if line.split(b":", 1)[0].lower() not in extra_drop]
+        if ex.upgrade and upgrade_value:
+            fwd.append(b"Connection: Upgrade\r\nUpgrade: " + upgrade_value + b"\r\n")
+        if content_length is not None:
+            fwd.append(b"Content-Length: " + content_length + b"\r\n")
+        elif chunked:
+            fwd.append(b"Transfer-Encoding: chunked\r\n")
+        ex.chunked_in = chunked
+
+        # X-Forwarded-* and Forwarded: kept and extended from a trusted peer,
+        # replaced from anyone else.
+        if trusted and (xff or forwarded or xfp or xfh):
+            fwd.append(rt.forwarded_trusted(self.peer_ip, xff, xfp, xfh, forwarded, host))
+        elif host:
+            xf_start, fwd_start, _ = self.fwd
+            fwd.append(xf_start + host + fwd_start + host + b'"\r\n')
+        else:
+            fwd.append(self.fwd[2])
+        fwd.append(rt.via_req_10 if ex.http10 else rt.via_req_11)
+        fwd.append(rt.rid_prefix + request_id + b"\r\n\r\n")
+
+        ex.head = (method + b" " + upath + query + b" HTTP/1.1\r\n", b"".join(fwd))
+        if route.host_line is not None:
+            ex.host_line = route.host_line
+        elif route.preserve_host and host:
+            ex.host_line = b"Host: " + host + b"\r\n"
+
+    def _prepare_error(self, ex: Exchange, status: int, error: str, detail: str) -> None:
+        if not ex.request_id:
+            ex.request_id = self.worker.next_request_id()
+        ex.status = status
+        # A refused request may still have a body on the wire; only a request
+        # without one leaves the connection in a known state.
+        close = status in (400, 413, 414, 431) or not ex.keep_alive
+        if close:
+            ex.keep_alive = False
+            self.closing = True
+        ex.error_bytes = error_response(
+            status,
+            error,
+            detail,
+            request_id=ex.request_id,
+            request_id_header=ex.rt.rid_name,
+            close=close,
+        )
+
+    def _refuse(self, status: int, error: str, detail: str) -> None:
+        """Refuse the request being read: answer in turn, then close the connection."""
+        self.closing = True
+        self.pause_reading_for(_REFUSED)
+        ex = self.parsing
+        self.parsing = None
+        if ex is not None and ex.t_start and not ex.done:
+            if ex is self.current:
+                # Its head was fine and it was dispatched; its body was not.
+                ex.keep_alive = False
+                ex.fail(status, error, detail)
+                return
+            # Queued behind another response: answer with the error in its turn.
+            ex.route = None
+            self._prepare_error(ex, status, error, detail)
+            return
+        ex = Exchange(self, self.worker.runtime)
+        ex.t_start = perf_counter()
+        self._prepare_error(ex, status, error, detail)
+        if self.current is None:
+            self.current = ex
+            ex.dispatch()
+        else:
+            if self.pending is None:
+                self.pending = deque()
+            self.pending.append(ex)
+
+    # -- between exchanges
+
+    def exchange_done(self, ex: Exchange) -> None:
+        if ex is not self.current:
+            return
+        self.current = None
+        transport = self.transport
+        if self.tunnel is not None:
+            return
+        if not ex.keep_alive or (self.closing and not self.pending):
+            transport.close()
+            return
+        pending = self.pending
+        if pending:
+            nxt = pending.popleft()
+            self.current = nxt
+            if not pending:
+                self.resume_reading_for(_PIPELINE)
+            nxt.dispatch()
+            return
+        self.idle_since = monotonic()
+        if self.worker.draining:
+            transport.close()
+
+    def expire(self, now: float, rt: Runtime) -> None:
+        """Close the connection if it idled or sent its head too slowly (sweep)."""
+        if self.current is not None or self.tunnel is not None:
+            return
+        if self.parsing is not None:
+            if self.head_size >= 0 and now - self.head_started > rt.header_timeout:
+                self._refuse(408, "request_timeout", "the request head took too long to arrive")
+        elif now - self.idle_since > rt.keepalive_timeout:
+            self.transport.close()

@@ -1,0 +1,368 @@
+"""The gateway's control plane: supervises worker processes and serves the admin API.
+
+The supervisor reserves the listen port (a bound, non-listening SO_REUSEPORT
+socket, so that ``port: 0`` resolves once and the kernel never queues a
+connection on it), starts one worker process per CPU (or as configured), each
+with its own SO_REUSEPORT listener on that port, restarts a worker that dies with
+exponential backoff, merges the workers' metrics for the admin listener, and on
+SIGTERM or SIGINT tells every worker to drain before it exits itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import multiprocessing
+import signal
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
+from typing import Any
+
+import uvicorn
+
+from meshgate.config.loader import loads
+from meshgate.config.model import Config
+from meshgate.errors import ConfigError, SupervisorError
+from meshgate.gateway.admin import AdminToken, create_admin_app
+from meshgate.gateway.metrics import merge_snapshots
+from meshgate.gateway.worker import listen_socket, worker_main
+
+__all__ = ["Supervisor"]
+
+log = logging.getLogger("meshgate.gateway")
+
+_READY_TIMEOUT = 30.0
+_MAX_BACKOFF = 30.0
+_STABLE_AFTER = 10.0  # a worker up this long resets its crash backoff
+
+
+@dataclass
+class _WorkerSlot:
+    index: int
+    process: BaseProcess | None = None
+    control: Connection | None = None
+    pid: int = 0
+    started: float = 0.0
+    ready: asyncio.Future[None] | None = None
+    restarts: int = 0
+    crashes_in_row: int = 0
+    exits: list[int] = field(default_factory=list)
+
+
+class _EmbeddedServer(uvicorn.Server):
+    """uvicorn without its own signal handling: the supervisor owns the signals."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+class Supervisor:
+    """Runs a gateway: worker processes, restarts, admin API, graceful stop."""
+
+    def __init__(
+        self,
+        config_text: str,
+        source: str = "<config>",
+        *,
+        workers: int | None = None,
+        log_level: int = logging.INFO,
+    ) -> None:
+        self.config: Config = loads(config_text, source)
+        self.config_text = config_text
+        self.source = source
+        self.worker_count = workers or self.config.gateway.worker_count
+        self.log_level = log_level
+        self.port = 0
+        self.admin_port = 0
+        self.started = time.time()
+        self.reloads = 0
+        self.last_reload: float | None = None
+        self.last_reload_error: str | None = None
+        self._slots = [_WorkerSlot(i) for i in range(self.worker_count)]
+        self._ctx = multiprocessing.get_context("spawn")
+        self._stopping = False
+        self._stopped = asyncio.Event()
+        self._pending: dict[int, asyncio.Future[Any]] = {}
+        self._ids = itertools.count(1)
+        self._admin: _EmbeddedServer | None = None
+        self._admin_task: asyncio.Task[None] | None = None
+        self.token: AdminToken | None = None
+
+    # -- lifecycle
+
+    async def start(self) -> None:
+        """Bind, start the workers and the admin API; return once all are ready."""
+        gw = self.config.gateway
+        loop = asyncio.get_running_loop()
+        try:
+            self._reservation = listen_socket(gw.listen.host, gw.listen.port, listen=False)
+        except OSError as exc:
+            raise SupervisorError(
+                f"cannot listen on {gw.listen}: {exc.strerror}; "
+                "pick another gateway.listen or stop what uses it"
+            ) from None
+        self.port = self._reservation.getsockname()[1]
+        await self._start_admin()
+        try:
+            for slot in self._slots:
+                self._spawn(slot)
+            waits = [slot.ready for slot in self._slots if slot.ready is not None]
+            await asyncio.wait_for(asyncio.gather(*waits), _READY_TIMEOUT)
+        except TimeoutError:
+            await self.stop()
+            raise SupervisorError(
+                f"workers did not start within {_READY_TIMEOUT:g}s; see the log above"
+            ) from None
+        except BaseException:
+            await self.stop()
+            raise
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop)
+        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self.reload_file()))
+
+    async def run(self) -> None:
+        """Start, then serve until asked to stop; drain and exit."""
+        await self.start()
+        await self.serve()
+
+    async def serve(self) -> None:
+        """After :meth:`start`: serve until asked to stop, then drain and exit."""
+        await self._stopped.wait()
+        await self.stop()
+
+    def request_stop(self) -> None:
+        """Begin a graceful stop (what SIGTERM does)."""
+        self._stopped.set()
+
+    async def stop(self) -> None:
+        """Drain every worker, wait for them to exit, and stop the admin API."""
+        if self._stopping:
+            return
+        self._stopping = True
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
+        for slot in self._slots:
+            self._send(slot, ("drain",))
+        deadline = time.monotonic() + self.config.gateway.drain_timeout + 5
+        for slot in self._slots:
+            proc = slot.process
+            if proc is None:
+                continue
+            while proc.is_alive() and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            if proc.is_alive():
+                log.warning("worker %d did not drain in time; killing it", slot.index)
+                proc.kill()
+            proc.join(timeout=5)
+            self._forget(slot)
+        if self._admin is not None:
+            self._admin.should_exit = True
+            if self._admin_task is not None:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._admin_task
+        self._reservation.close()
+        self._stopped.set()
+
+    # -- workers
+
+    def _spawn(self, slot: _WorkerSlot) -> None:
+        loop = asyncio.get_running_loop()
+        parent, child = self._ctx.Pipe()
+        gw = self.config.gateway
+        proc = self._ctx.Process(
+            target=worker_main,
+            args=(
+                slot.index,
+                self.config_text,
+                self.source,
+                gw.listen.host,
+                self.port,
+                child,
+                self.log_level,
+            ),
+            name=f"meshgate-worker-{slot.index}",
+            # Never outlive the supervisor, even when it fails before a clean stop.
+            daemon=True,
+        )
+        proc.start()
+        child.close()
+        slot.process = proc
+        slot.control = parent
+        slot.pid = proc.pid or 0
+        slot.started = time.monotonic()
+        slot.ready = loop.create_future()
+        loop.add_reader(parent.fileno(), self._on_message, slot)
+        loop.add_reader(proc.sentinel, self._on_exit, slot)
+
+    def _forget(self, slot: _WorkerSlot) -> None:
+        loop = asyncio.get_running_loop()
+        if slot.control is not None:
+            with contextlib.suppress(ValueError, OSError):
+                loop.remove_reader(slot.control.fileno())
+            slot.control.close()
+            slot.control = None
+        if slot.process is not None:
+            with contextlib.suppress(ValueError, OSError):
+                loop.remove_reader(slot.process.sentinel)
+
+    def _on_message(self, slot: _WorkerSlot) -> None:
+        control = slot.control
+        if control is None:
+            return
+        try:
+            while control.poll():
+                message = control.recv()
+                kind = message[0]
+                if kind == "ready":
+                    if slot.ready is not None and not slot.ready.done():
+                        slot.ready.set_result(None)
+                elif kind == "reply":
+                    fut = self._pending.pop(message[1], None)
+                    if fut is not None and not fut.done():
+                        fut.set_result(message[2])
+        except (EOFError, OSError):
+            with contextlib.suppress(ValueError, OSError):
+                asyncio.get_running_loop().remove_reader(control.fileno())
+
+    def _on_exit(self, slot: _WorkerSlot) -> None:
+        proc = slot.process
+        if proc is None:
+            return
+        proc.join(timeout=1)
+        code = proc.exitcode
+        self._forget(slot)
+        slot.process = None
+        if self._stopping:
+            return
+        slot.exits.append(code if code is not None else -1)
+        uptime = time.monotonic() - slot.started
+        slot.crashes_in_row = 1 if uptime > _STABLE_AFTER else slot.crashes_in_row + 1
+        delay = min(_MAX_BACKOFF, 0.1 * 2 ** (slot.crashes_in_row - 1))
+        log.error(
+            "worker %d (pid %d) exited with code %s after %.1fs; restarting in %.1fs",
+            slot.index,
+            slot.pid,
+            code,
+            uptime,
+            delay,
+        )
+        slot.restarts += 1
+        asyncio.get_running_loop().call_later(delay, self._restart, slot)
+
+    def _restart(self, slot: _WorkerSlot) -> None:
+        if not self._stopping and slot.process is None:
+            self._spawn(slot)
+
+    def _send(self, slot: _WorkerSlot, message: tuple[Any, ...]) -> bool:
+        if slot.control is None:
+            return False
+        try:
+            slot.control.send(message)
+        except (OSError, ValueError):
+            return False
+        return True
+
+    async def _ask_all(self, kind: str, *args: Any, timeout: float = 5.0) -> list[Any]:
+        loop = asyncio.get_running_loop()
+        futures = []
+        for slot in self._slots:
+            req = next(self._ids)
+            fut: asyncio.Future[Any] = loop.create_future()
+            if self._send(slot, (kind, req, *args)):
+                self._pending[req] = fut
+                futures.append(fut)
+        if not futures:
+            return []
+        done, _ = await asyncio.wait(futures, timeout=timeout)
+        return [f.result() for f in futures if f in done]
+
+    # -- operations used by the admin API
+
+    async def metrics(self) -> dict[str, Any]:
+        """Every worker's metrics, merged."""
+        return merge_snapshots(await self._ask_all("metrics"))
+
+    async def reload_file(self) -> dict[str, Any]:
+        """Re-read the configuration file and apply it (SIGHUP)."""
+        try:
+            with open(self.source, encoding="utf-8") as fh:
+                text = fh.read()
+        except OSError as exc:
+            return self._reload_failed(f"cannot read {self.source}: {exc}")
+        return await self.apply(text)
+
+    async def apply(self, text: str) -> dict[str, Any]:
+        """Validate ``text`` and swap it into every worker; invalid config changes nothing."""
+        try:
+            config = loads(text, self.source)
+        except ConfigError as exc:
+            return self._reload_failed(str(exc))
+        if config.gateway.listen != self.config.gateway.listen:
+            return self._reload_failed(
+                "gateway.listen cannot change on reload; restart the gateway to move it"
+            )
+        replies = await self._ask_all("reload", text, self.source)
+        errors = [r["error"] for r in replies if not r.get("ok")]
+        if errors:
+            return self._reload_failed(errors[0])
+        self.config = config
+        self.config_text = text
+        self.reloads += 1
+        self.last_reload = time.time()
+        self.last_reload_error = None
+        log.info("configuration reloaded (%d workers)", len(replies))
+        return {"ok": True, "reloads": self.reloads}
+
+    def _reload_failed(self, error: str) -> dict[str, Any]:
+        self.last_reload_error = error
+        log.error("reload refused; the old configuration keeps serving:\n%s", error)
+        return {"ok": False, "error": error}
+
+    def status(self) -> dict[str, Any]:
+        """What runs, for the admin API and ``meshgate`` commands."""
+        return {
+            "listen": f"{self.config.gateway.listen.host}:{self.port}",
+            "uptime_seconds": round(time.time() - self.started, 3),
+            "config_source": self.source,
+            "reloads": self.reloads,
+            "last_reload": self.last_reload,
+            "last_reload_error": self.last_reload_error,
+            "workers": [
+                {
+                    "index": s.index,
+                    "pid": s.pid,
+                    "alive": bool(s.process and s.process.is_alive()),
+                    "restarts": s.restarts,
+                    "exit_codes": s.exits[-5:],
+                }
+                for s in self._slots
+            ],
+        }
+
+    # -- admin
+
+    async def _start_admin(self) -> None:
+        admin = self.config.gateway.admin
+        try:
+            sock = listen_socket(admin.listen.host, admin.listen.port, reuse_port=False)
+        except OSError as exc:
+            self._reservation.close()
+            raise SupervisorError(
+                f"cannot listen on gateway.admin.listen {admin.listen}: {exc.strerror}; "
+                "pick another port"
+            ) from None
+        self.admin_port = sock.getsockname()[1]
+        self.token = AdminToken.resolve(admin, self.admin_port)
+        app = create_admin_app(self, self.token)
+        config = uvicorn.Config(
+            app, log_level="warning", access_log=False, lifespan="off", loop="none"
+        )
+        self._admin = _EmbeddedServer(config)
+        self._admin_task = asyncio.get_running_loop().create_task(self._admin.serve([sock]))

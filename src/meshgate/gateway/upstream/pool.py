@@ -1,0 +1,377 @@
+"""Upstream connection pools: keep-alive reuse, a connection limit, and the
+protocol that parses an upstream's responses.
+
+One :class:`Upstream` per configured upstream and worker. Each endpoint keeps a
+LIFO stack of idle connections (the warmest first, so that idle ones age out);
+the upstream caps how many connections are open at once and queues requests
+past the cap until one frees up or the connect timeout passes (503).
+
+Exchanges (:mod:`meshgate.gateway.server`) talk to a connection through a small
+set of callbacks: ``attach``, ``on_upstream_head``, ``on_upstream_body``,
+``on_upstream_end``, ``on_upstream_lost``, ``on_upstream_upgrade`` and ``fail``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Sequence
+from time import monotonic
+from typing import TYPE_CHECKING, Any
+
+from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
+
+from meshgate.config.model import UpstreamSettings
+from meshgate.gateway.upstream.balancer import BALANCERS
+
+if TYPE_CHECKING:
+    from meshgate.gateway.server import Exchange
+
+__all__ = ["Endpoint", "Upstream", "UpstreamConnection"]
+
+log = logging.getLogger("meshgate.gateway.upstream")
+
+
+class Endpoint:
+    """One address of an upstream, with its idle connections and counters."""
+
+    __slots__ = (
+        "address",
+        "available",
+        "host",
+        "host_line",
+        "idle",
+        "label",
+        "open",
+        "port",
+        "weight",
+    )
+
+    def __init__(self, host: str, port: int, weight: int = 1) -> None:
+        self.host = host
+        self.port = port
+        self.weight = weight
+        self.label = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        self.address = (host, port)
+        self.host_line = b"Host: " + self.label.encode() + b"\r\n"
+        self.idle: list[UpstreamConnection] = []
+        self.open = 0
+        self.available = True
+
+    def __repr__(self) -> str:
+        return f"Endpoint({self.label})"
+
+
+class UpstreamConnection(asyncio.Protocol):
+    """A connection to one endpoint; carries one exchange at a time."""
+
+    __slots__ = (
+        "alive",
+        "endpoint",
+        "exchange",
+        "headers",
+        "idle_since",
+        "parser",
+        "paused",
+        "requests",
+        "transport",
+        "tunnel",
+        "upstream",
+    )
+
+    def __init__(self, upstream: Upstream, endpoint: Endpoint) -> None:
+        self.upstream = upstream
+        self.endpoint = endpoint
+        self.transport: asyncio.Transport = None  # type: ignore[assignment]
+        self.parser = HttpResponseParser(self)
+        self.exchange: Exchange | None = None
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.alive = False
+        self.paused = False
+        self.requests = 0
+        self.idle_since = 0.0
+        # The client transport while tunnelling (after 101 Switching Protocols).
+        self.tunnel: asyncio.Transport | None = None
+
+    # -- asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.alive = True
+
+    def data_received(self, data: bytes) -> None:
+        tunnel = self.tunnel
+        if tunnel is not None:
+            tunnel.write(data)
+            return
+        ex = self.exchange
+        if ex is None:
+            # An idle connection must stay silent; anything it says is a protocol
+            # error, and the connection cannot be trusted for the next request.
+            self.transport.abort()
+            return
+        ex.last_io = monotonic()
+        try:
+            self.parser.feed_data(data)
+        except HttpParserUpgrade as exc:
+            current = self.exchange
+            if current is not None:
+                current.on_upstream_upgrade(self, data[exc.args[0] :])
+        except HttpParserError as exc:
+            current = self.exchange
+            self.transport.abort()
+            if current is not None:
+                self.exchange = None
+                current.on_upstream_error(self, f"invalid response from upstream: {exc}")
+
+    def eof_received(self) -> bool | None:
+        if self.tunnel is not None:
+            self.tunnel.write_eof() if self.tunnel.can_write_eof() else self.tunnel.close()
+            return True
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.alive = False
+        upstream = self.upstream
+        upstream.open -= 1
+        self.endpoint.open -= 1
+        ex = self.exchange
+        if ex is not None:
+            self.exchange = None
+            ex.on_upstream_lost(self, exc)
+        elif self.tunnel is not None:
+            self.tunnel.close()
+        else:
+            try:
+                self.endpoint.idle.remove(self)
+            except ValueError:
+                pass
+        upstream.slot_freed()
+
+    def pause_writing(self) -> None:
+        ex = self.exchange
+        if ex is not None:
+            ex.client.pause_reading_for(2)
+        elif self.tunnel is not None:
+            self.tunnel.pause_reading()
+
+    def resume_writing(self) -> None:
+        ex = self.exchange
+        if ex is not None:
+            ex.client.resume_reading_for(2)
+        elif self.tunnel is not None:
+            self.tunnel.resume_reading()
+
+    # -- httptools callbacks
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        headers = self.headers
+        self.headers = []
+        ex = self.exchange
+        if ex is not None:
+            ex.on_upstream_head(self, self.parser.get_status_code(), headers)
+
+    def on_body(self, body: bytes) -> None:
+        ex = self.exchange
+        if ex is not None:
+            ex.on_upstream_body(body)
+
+    def on_message_complete(self) -> None:
+        ex = self.exchange
+        if ex is not None:
+            ex.on_upstream_end(self)
+
+    # -- flow control, driven by the client side
+
+    def pause_reading(self) -> None:
+        if not self.paused and self.alive:
+            self.paused = True
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.paused and self.alive:
+            self.paused = False
+            self.transport.resume_reading()
+
+    def reset_parser(self) -> None:
+        """Start a fresh parser: after a response whose end the parser cannot see (HEAD)."""
+        self.parser = HttpResponseParser(self)
+        self.headers = []
+
+
+class Upstream:
+    """The runtime side of one configured upstream in one worker."""
+
+    __slots__ = (
+        "balancer",
+        "endpoints",
+        "idle_timeout",
+        "loop",
+        "max_connections",
+        "name",
+        "name_bytes",
+        "open",
+        "settings",
+        "waiters",
+    )
+
+    def __init__(
+        self,
+        name: str,
+        settings: UpstreamSettings,
+        endpoints: Sequence[Endpoint] | None = None,
+    ) -> None:
+        self.name = name
+        self.name_bytes = name.encode()
+        self.settings = settings
+        self.endpoints: tuple[Endpoint, ...] = tuple(
+            endpoints
+            if endpoints is not None
+            else [Endpoint(e.address.host, e.address.port, e.weight) for e in settings.endpoints]
+        )
+        self.balancer = BALANCERS[settings.balancer](self.endpoints)
+        self.max_connections = settings.max_connections
+        self.idle_timeout = settings.idle_timeout
+        self.open = 0
+        self.waiters: deque[Exchange] = deque()
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    def acquire(self, ex: Exchange) -> None:
+        """Give ``ex`` a connection now (an idle one), later (a new one), or fail it."""
+        endpoint = self.balancer.pick(ex)
+        if endpoint is None:
+            ex.fail(
+                503,
+                "no_endpoint",
+                f"no endpoint of upstream {self.name!r} is available",
+            )
+            return
+        idle = endpoint.idle
+        while idle:
+            conn = idle.pop()
+            if conn.alive:
+                ex.attach(conn, True)
+                return
+        if self.open < self.max_connections:
+            self.connect(endpoint, ex)
+        else:
+            ex.queued_at = monotonic()
+            self.waiters.append(ex)
+
+    def connect(self, endpoint: Endpoint, ex: Exchange) -> None:
+        """Open a new connection to ``endpoint`` for ``ex``."""
+        self.open += 1
+        endpoint.open += 1
+        loop = self.loop
+        if loop is None:
+            loop = self.loop = asyncio.get_running_loop()
+        loop.create_task(self._connect(endpoint, ex))
+
+    async def _connect(self, endpoint: Endpoint, ex: Exchange) -> None:
+        loop = self.loop
+        assert loop is not None  # noqa: S101 - set by connect()
+        try:
+            _, conn = await asyncio.wait_for(
+                loop.create_connection(
+                    lambda: UpstreamConnection(self, endpoint), endpoint.host, endpoint.port
+                ),
+                ex.connect_timeout,
+            )
+        except TimeoutError:
+            self._connect_failed(endpoint)
+            ex.fail(
+                504,
+                "upstream_connect_timeout",
+                f"connecting to {endpoint.label} took longer than {ex.connect_timeout:g}s",
+            )
+            return
+        except OSError as exc:
+            self._connect_failed(endpoint)
+            reason = exc.strerror or str(exc) or type(exc).__name__
+            ex.fail(
+                502,
+                "upstream_connect_failed",
+                f"cannot connect to {endpoint.label}: {reason}",
+                retry_safe=True,
+            )
+            return
+        if ex.done:
+            # The client went away while we connected; keep the connection for the next one.
+            self.release(conn, True)
+        else:
+            ex.attach(conn, False)
+
+    def _connect_failed(self, endpoint: Endpoint) -> None:
+        self.open -= 1
+        endpoint.open -= 1
+        self.slot_freed()
+
+    def release(self, conn: UpstreamConnection, reusable: bool) -> None:
+        """Return ``conn`` after an exchange; it is pooled only when ``reusable``."""
+        conn.exchange = None
+        if not (reusable and conn.alive):
+            if conn.alive:
+                conn.transport.close()
+            return
+        conn.resume_reading()
+        waiters = self.waiters
+        while waiters:
+            ex = waiters.popleft()
+            if not ex.done:
+                ex.attach(conn, True)
+                return
+        conn.idle_since = monotonic()
+        conn.endpoint.idle.append(conn)
+
+    def slot_freed(self) -> None:
+        """A connection closed: a queued exchange may open a new one."""
+        waiters = self.waiters
+        while waiters and self.open < self.max_connections:
+            ex = waiters.popleft()
+            if ex.done:
+                continue
+            endpoint = self.balancer.pick(ex)
+            if endpoint is None:
+                ex.fail(503, "no_endpoint", f"no endpoint of upstream {self.name!r} is available")
+                continue
+            self.connect(endpoint, ex)
+
+    def expire(self, now: float, queue_timeout: float) -> None:
+        """Close idle connections past the idle timeout; fail requests queued too long."""
+        deadline = now - self.idle_timeout
+        for endpoint in self.endpoints:
+            idle = endpoint.idle
+            # The stack's bottom holds the oldest connections.
+            while idle and idle[0].idle_since < deadline:
+                idle.pop(0).transport.close()
+        waiters = self.waiters
+        while waiters and (waiters[0].done or now - waiters[0].queued_at > queue_timeout):
+            ex = waiters.popleft()
+            if not ex.done:
+                ex.fail(
+                    503,
+                    "upstream_saturated",
+                    f"upstream {self.name!r} is at its limit of {self.max_connections} "
+                    "connections; raise max_connections or add endpoints",
+                )
+
+    def close(self) -> None:
+        """Close every idle connection (on shutdown)."""
+        for endpoint in self.endpoints:
+            while endpoint.idle:
+                endpoint.idle.pop().transport.close()
+
+    def stats(self) -> dict[str, Any]:
+        """Counters for metrics and the admin API."""
+        return {
+            "open": self.open,
+            "queued": len(self.waiters),
+            "endpoints": {
+                e.label: {"open": e.open, "idle": len(e.idle), "available": e.available}
+                for e in self.endpoints
+            },
+        }

@@ -1,0 +1,248 @@
+"""A gateway worker: one event loop serving client connections with one runtime.
+
+:class:`Worker` is the per-process state the data plane reads (runtime, open
+connections, in-flight exchanges, metrics, access log) plus the periodic sweep
+that enforces timeouts, so that no request pays for a timer of its own.
+
+:func:`worker_main` is the entry point of a worker process started by the
+supervisor: it binds its own SO_REUSEPORT listener and answers control messages
+(metrics, reload, drain) on a pipe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+from multiprocessing.connection import Connection
+from time import monotonic
+from typing import Any
+
+from meshgate.config.loader import loads
+from meshgate.config.model import Config
+from meshgate.errors import ConfigError
+from meshgate.gateway.accesslog import AccessLog
+from meshgate.gateway.metrics import WorkerMetrics
+from meshgate.gateway.runtime import Runtime
+from meshgate.gateway.server import ClientConnection, Exchange
+
+__all__ = ["Worker", "listen_socket", "worker_main"]
+
+log = logging.getLogger("meshgate.gateway.worker")
+
+_TICK = 0.1  # seconds between timeout sweeps of in-flight exchanges
+_SLOW_TICKS = 10  # client and pool expiry run every this many ticks
+
+
+def listen_socket(host: str, port: int, *, reuse_port: bool = True, listen: bool = True) -> socket.socket:
+    """A TCP socket bound to ``host:port`` (SO_REUSEPORT so that workers can share it)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+        if listen:
+            sock.listen(4096)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+class Worker:
+    """The state one worker's data plane shares across connections."""
+
+    def __init__(self, config: Config, *, index: int = 0, access_log: bool | None = None) -> None:
+        self.index = index
+        self.metrics = WorkerMetrics()
+        self.runtime = Runtime(config, self.metrics)
+        self.connections: set[ClientConnection] = set()
+        self.inflight: set[Exchange] = set()
+        self.draining = False
+        settings = config.gateway.access_log
+        enabled = settings.enabled if access_log is None else access_log
+        self.access_log: AccessLog | None = AccessLog(settings.path, index) if enabled else None
+        self.servers: list[asyncio.AbstractServer] = []
+        self.reloads = 0
+        self._rid_prefix = os.urandom(8).hex().encode()
+        self._rid_count = 0
+        self._ticks = 0
+        self._timer: asyncio.TimerHandle | None = None
+        self._idle = asyncio.Event()
+        self._retired: list[Runtime] = []
+
+    def next_request_id(self) -> bytes:
+        """A new request id: 32 hex digits, unique per worker start and request."""
+        self._rid_count += 1
+        return self._rid_prefix + b"%016x" % self._rid_count
+
+    # -- serving
+
+    async def serve(self, sock: socket.socket) -> asyncio.AbstractServer:
+        """Accept connections on a bound, listening socket."""
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(lambda: ClientConnection(self), sock=sock)
+        self.servers.append(server)
+        if self._timer is None:
+            self._timer = loop.call_later(_TICK, self._tick)
+        return server
+
+    def _tick(self) -> None:
+        now = monotonic()
+        for ex in list(self.inflight):
+            if ex.done:
+                self.inflight.discard(ex)
+            elif ex.deadline and now > ex.deadline:
+                ex.timed_out("total")
+            elif now - ex.last_io > ex.read_timeout:
+                ex.timed_out("read")
+        self._ticks += 1
+        if self._ticks % _SLOW_TICKS == 0:
+            rt = self.runtime
+            for conn in list(self.connections):
+                conn.expire(now, rt)
+            for runtime in (rt, *self._retired):
+                for upstream in runtime.upstreams.values():
+                    upstream.expire(now, upstream.settings.timeouts.connect)
+        if self.access_log is not None:
+            self.access_log.flush()
+        self._timer = asyncio.get_running_loop().call_later(_TICK, self._tick)
+
+    def apply(self, config: Config) -> None:
+        """Swap in a new configuration; requests in flight finish on the old one."""
+        old = self.runtime
+        self.runtime = Runtime(config, self.metrics)
+        self.reloads += 1
+        self._retired.append(old)
+        # Old pools close their idle connections now; busy ones close as they finish.
+        old.close()
+        self._retired = [r for r in self._retired if any(u.open for u in r.upstreams.values())]
+
+    def connection_closed(self, conn: ClientConnection) -> None:
+        if self.draining and not self.connections:
+            self._idle.set()
+
+    def gauges(self) -> dict[str, Any]:
+        rt = self.runtime
+        return {
+            "connections": len(self.connections),
+            "inflight": len(self.inflight),
+            "upstreams": {name: up.stats() for name, up in rt.upstreams.items()},
+            "reloads": self.reloads,
+        }
+
+    def snapshot(self) -> dict[str, Any]:
+        """Metrics as plain data, for the supervisor to merge."""
+        return self.metrics.snapshot(self.gauges())
+
+    async def drain(self, timeout: float) -> None:
+        """Stop accepting, finish in-flight requests (up to ``timeout``), then close all."""
+        self.draining = True
+        for server in self.servers:
+            server.close()
+        for conn in list(self.connections):
+            conn.closing = True
+            if conn.current is None and conn.parsing is None and conn.tunnel is None:
+                conn.transport.close()
+        if self.connections:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), timeout)
+        for conn in list(self.connections):
+            conn.transport.abort()
+        self.close()
+
+    def close(self) -> None:
+        """Release everything the worker holds (timer, pools, access log)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        for server in self.servers:
+            server.close()
+        self.runtime.close()
+        for runtime in self._retired:
+            runtime.close()
+        if self.access_log is not None:
+            self.access_log.close()
+            self.access_log = None
+
+
+# ---------------------------------------------------------------------------- process
+
+
+def worker_main(
+    index: int,
+    config_text: str,
+    source: str,
+    host: str,
+    port: int,
+    control: Connection,
+    log_level: int = logging.INFO,
+) -> None:
+    """Entry point of a worker process (spawned by the supervisor)."""
+    logging.basicConfig(
+        level=log_level, format=f"%(asctime)s worker-{index} %(levelname)s %(name)s: %(message)s"
+    )
+    # Ctrl-C reaches the whole process group; the supervisor decides what it means.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        import uvloop  # noqa: PLC0415 - optional speed-up, absent on some platforms
+
+        runner: Any = uvloop.run
+    except ImportError:  # pragma: no cover
+        runner = asyncio.run
+    try:
+        runner(_worker_async(index, config_text, source, host, port, control))
+    except KeyboardInterrupt:  # pragma: no cover
+        pass
+
+
+async def _worker_async(
+    index: int, config_text: str, source: str, host: str, port: int, control: Connection
+) -> None:
+    loop = asyncio.get_running_loop()
+    config = loads(config_text, source)
+    worker = Worker(config, index=index)
+    sock = listen_socket(host, port)
+    await worker.serve(sock)
+    done = asyncio.Event()
+
+    async def drain() -> None:
+        if not worker.draining:
+            await worker.drain(config.gateway.drain_timeout)
+            done.set()
+
+    def on_control() -> None:
+        try:
+            while control.poll():
+                message = control.recv()
+                handle(message)
+        except (EOFError, OSError):
+            # The supervisor is gone: nobody can stop us cleanly any more.
+            loop.remove_reader(control.fileno())
+            loop.create_task(drain())
+
+    def handle(message: tuple[Any, ...]) -> None:
+        kind = message[0]
+        if kind == "metrics":
+            control.send(("reply", message[1], worker.snapshot()))
+        elif kind == "reload":
+            try:
+                worker.apply(loads(message[2], message[3]))
+                control.send(("reply", message[1], {"ok": True, "reloads": worker.reloads}))
+            except ConfigError as exc:
+                control.send(("reply", message[1], {"ok": False, "error": str(exc)}))
+        elif kind == "drain":
+            loop.create_task(drain())
+
+    loop.add_reader(control.fileno(), on_control)
+    loop.add_signal_handler(signal.SIGTERM, lambda: loop.create_task(drain()))
+    control.send(("ready", index, os.getpid()))
+    await done.wait()
+    with contextlib.suppress(OSError):
+        control.send(("exited", index))
