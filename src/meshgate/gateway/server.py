@@ -251,7 +251,7 @@ class Exchange:
             elif kind == http.UPGRADE and status == 101:
                 append(b"Upgrade: " + value + b"\r\n")
         if extra_drop:
-            out = [line for line in out if line.split(b":", 1)[0].lower() not in extra_drop]
+            out[1:] = [l for l in out[1:] if l.split(b":", 1)[0].lower() not in extra_drop]
         append(rt.via_resp)
         append(rt.rid_prefix + self.request_id + b"\r\n")
         if status == 101:
@@ -309,6 +309,11 @@ class Exchange:
             self.interim = False
             return
         if self.done:
+            return
+        if self.status == 101:
+            # The parser ends a 101 response before it reports the upgrade;
+            # bytes after the head reach the tunnel from UpstreamConnection.
+            self.on_upstream_upgrade(conn, b"")
             return
         if self.chunk_out:
             self.client.transport.write(_LAST_CHUNK)
@@ -581,9 +586,9 @@ class ClientConnection(asyncio.Protocol):
             if tunnel.transport.can_write_eof():
                 tunnel.transport.write_eof()
                 return True
-        # A half-closed client still gets the response to a request it finished.
-        self.closing = True
-        return self.current is not None and self.parsing is None
+        # HTTP clients do not half-close: an EOF means the client went away, and
+        # an exchange in flight is aborted (logged as 499), as nginx does.
+        return False
 
     def connection_lost(self, exc: Exception | None) -> None:
         worker = self.worker
@@ -650,6 +655,17 @@ class ClientConnection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         ex = self.parsing
+        if self.head_size > self.worker.runtime.max_head:
+            # The cheap count includes whatever followed the head in the same
+            # read; only a head that really is too large is refused.
+            size = len(ex.url) if ex is not None else 0
+            size += sum(len(n) + len(v) + 4 for n, v in self.headers)
+            if size > self.worker.runtime.max_head:
+                raise _Reject(
+                    431,
+                    "headers_too_large",
+                    f"the request head is larger than {self.worker.runtime.max_head} bytes",
+                )
         self.head_size = -1
         if ex is None or self.closing:
             # After a request that ends the connection, later pipelined ones are

@@ -115,9 +115,12 @@ class UpstreamConnection(asyncio.Protocol):
         try:
             self.parser.feed_data(data)
         except HttpParserUpgrade as exc:
+            rest = data[exc.args[0] :]
             current = self.exchange
             if current is not None:
-                current.on_upstream_upgrade(self, data[exc.args[0] :])
+                current.on_upstream_upgrade(self, rest)
+            elif self.tunnel is not None and rest:
+                self.tunnel.write(rest)
         except HttpParserError as exc:
             current = self.exchange
             self.transport.abort()
