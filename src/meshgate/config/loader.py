@@ -218,15 +218,17 @@ def _parse_path(path: str) -> list[int | str]:
 
 def _line_of(node: yaml.Node | None, loc: Sequence[int | str]) -> int | None:
     best = node
-    for part in loc:
+    last = len(loc) - 1
+    for depth, part in enumerate(loc):
         if node is None:
             break
         nxt: yaml.Node | None = None
         if isinstance(node, yaml.MappingNode):
             for key, value in node.value:
                 if isinstance(key, yaml.ScalarNode) and key.value == str(part):
-                    # An unknown key is best pointed at by the key itself.
-                    nxt = value if part != loc[-1] else key
+                    # An unknown key is best pointed at by the key itself. Compare
+                    # positions, not names: an upstream may be called "balancer".
+                    nxt = value if depth != last else key
                     break
         elif isinstance(node, yaml.SequenceNode) and isinstance(part, int):
             if 0 <= part < len(node.value):

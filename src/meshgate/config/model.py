@@ -10,6 +10,7 @@ downstream parses them again. Cross-field checks that need the whole document
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import re
 from typing import Annotated, Any, Literal
@@ -75,6 +76,9 @@ def parse_duration(value: object) -> float:
             f"{value!r} is not a duration; write seconds as a number or text like "
             "'250ms', '5s', '2m' or '1h'"
         )
+    if math.isnan(seconds):
+        # NaN compares false with everything: the timeout would silently never fire.
+        raise ValueError(f"{value!r} is not a duration; write a number of seconds")
     if seconds < 0:
         raise ValueError(f"a duration cannot be negative, got {value!r}")
     return seconds
@@ -344,13 +348,27 @@ class HeaderMatch(_Model):
         if len(given) != 1:
             raise ValueError("give exactly one of exact, regex or present")
         if self.regex is not None:
-            _compile(self.regex)
+            _compile(self.regex, "latin-1")
+        if self.exact is not None:
+            try:
+                self.exact.encode("latin-1")
+            except UnicodeEncodeError:
+                raise ValueError(
+                    f"{self.exact!r} cannot appear in an HTTP header; use latin-1 characters"
+                ) from None
         return self
 
 
-def _compile(pattern: str) -> re.Pattern[str]:
+def _compile(pattern: str, encoding: str) -> re.Pattern[bytes]:
+    # The router matches bytes, so compile the pattern as it will: some str
+    # patterns (\u escapes, the (?u) flag) are invalid as bytes.
     try:
-        return re.compile(pattern)
+        return re.compile(pattern.encode(encoding))
+    except UnicodeEncodeError:
+        raise ValueError(
+            f"{pattern!r} has characters that cannot be written in {encoding}; "
+            "use only ASCII (or escapes such as \\xe9)"
+        ) from None
     except re.error as exc:
         raise ValueError(f"{pattern!r} is not a valid regular expression: {exc}") from None
 
@@ -419,7 +437,7 @@ class MatchSettings(_Model):
     @classmethod
     def _regex(cls, pattern: str | None) -> str | None:
         if pattern is not None:
-            _compile(pattern)
+            _compile(pattern, "utf-8")
         return pattern
 
     @field_validator("headers")

@@ -60,6 +60,17 @@ class AdminToken:
         return cls(value, path, generated=True)
 
 
+async def _body_text(request: Request) -> str:
+    """The request body as text (a configuration in YAML or JSON)."""
+    # Module level on purpose: FastAPI resolves the string annotations of the
+    # endpoints against module globals, where a closure-local dependency is invisible.
+    body = await request.body()
+    try:
+        return body.decode("utf-8")
+    except UnicodeDecodeError:
+        raise HTTPException(400, "the configuration must be UTF-8 YAML or JSON") from None
+
+
 def create_admin_app(supervisor: Supervisor, token: AdminToken) -> FastAPI:
     """The admin API for ``supervisor``, requiring ``token``."""
     expected = token.value.encode()
@@ -99,15 +110,8 @@ def create_admin_app(supervisor: Supervisor, token: AdminToken) -> FastAPI:
     async def config() -> dict[str, Any]:
         return supervisor.config.model_dump(mode="json")
 
-    async def _text(request: Request) -> str:
-        body = await request.body()
-        try:
-            return body.decode("utf-8")
-        except UnicodeDecodeError:
-            raise HTTPException(400, "the configuration must be UTF-8 YAML or JSON") from None
-
     @app.post("/config/validate")
-    async def validate(text: Annotated[str, Depends(_text)]) -> JSONResponse:
+    async def validate(text: Annotated[str, Depends(_body_text)]) -> JSONResponse:
         try:
             loads(text, "request body")
         except ConfigError as exc:
@@ -118,7 +122,7 @@ def create_admin_app(supervisor: Supervisor, token: AdminToken) -> FastAPI:
         return JSONResponse({"ok": True})
 
     @app.post("/config")
-    async def apply(text: Annotated[str, Depends(_text)]) -> JSONResponse:
+    async def apply(text: Annotated[str, Depends(_body_text)]) -> JSONResponse:
         result = await supervisor.apply(text)
         return JSONResponse(result, status_code=200 if result["ok"] else 400)
 

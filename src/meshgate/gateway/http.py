@@ -7,6 +7,7 @@ dictionary lookups and joins.
 from __future__ import annotations
 
 import json
+import re
 from http import HTTPStatus
 
 __all__ = [
@@ -14,6 +15,8 @@ __all__ = [
     "RESP_HEADER_KINDS",
     "STATUS_LINES",
     "error_response",
+    "filter_response_head",
+    "split_response_head",
     "status_line",
 ]
 
@@ -76,6 +79,131 @@ RESP_HEADER_KINDS: dict[bytes, int] = {
     b"upgrade": UPGRADE,
 }
 """Response header kinds by lowercase name."""
+
+_RESP_SPECIAL = re.compile(
+    rb"\n(connection|content-length|keep-alive|te|trailer|transfer-encoding|upgrade|proxy-[^:]*):"
+)
+"""Response header lines the gateway must look at, in a lowercased block whose
+lines each start after a newline. The literal newline prefix lets the regex
+engine jump from line start to line start in C."""
+_PLAIN_CONNECTION = frozenset({b"keep-alive", b"close", b"upgrade"})
+_CRLF = b"\r\n"
+
+
+_RESP_NAMES = re.compile(
+    rb"\n(connection|content-length|keep-alive|te|trailer|transfer-encoding|upgrade|proxy-[^:]*):"
+)
+
+
+def filter_response_head(block: bytes) -> tuple[bytes, bool, bool, bytes | None, bytes | None]:
+    """Filter a response's header lines with as little work as the response allows.
+
+    ``block`` is the header lines joined by CRLF (no status line, no final empty
+    line), already validated by the parser. One regex pass over the lowercased
+    block (in C) lists the header names that matter. For the common response (at
+    most Content-Length and one plain ``Connection: keep-alive`` or ``close``)
+    the block is forwarded as it is; RFC 9110 section 7.6.1 lets a proxy keep a
+    Connection field that states its own option, and the caller replaces it when
+    its option differs. Anything else goes through :func:`split_response_head`.
+
+    Returns the header lines to forward (each ending in CRLF), whether there is a
+    Content-Length, whether the body is chunked, the Upgrade value or None, and
+    the plain Connection value left in the lines (``b"keep-alive"``/``b"close"``)
+    or None.
+    """
+    if not block:
+        return b"", False, False, None, None
+    low = b"\n" + block.lower()
+    clen = False
+    connection = 0
+    for name in _RESP_NAMES.findall(low):
+        if name == b"content-length":
+            clen = True
+        elif name == b"connection":
+            connection += 1
+        else:
+            connection = 2  # something to remove: take the full path
+            break
+    if connection == 0:
+        return block + _CRLF, clen, False, None, None
+    if connection == 1:
+        i = low.find(b"\nconnection:")
+        j = low.find(b"\r", i)
+        value = low[i + 12 : j if j >= 0 else None].strip()
+        if value == b"keep-alive" or value == b"close":
+            return block + _CRLF, clen, False, None, value
+    out, clen_value, chunked, upgrade = split_response_head(block)
+    return out, clen_value is not None, chunked, upgrade, None
+
+
+def drop_connection(headers: bytes) -> bytes:
+    """``headers`` (CRLF-terminated lines) without its Connection line(s)."""
+    return split_response_head(headers[:-2])[0] if headers else headers
+
+
+def split_response_head(block: bytes) -> tuple[bytes, bytes | None, bool, bytes | None]:
+    """Filter a response's header lines, already validated by the parser.
+
+    ``block`` is the header lines joined by CRLF (no status line, no final empty
+    line). Returns the lines to forward, each ending in CRLF (hop-by-hop headers
+    and those named in Connection removed), the Content-Length value or None,
+    whether the body is chunked, and the Upgrade value or None.
+
+    The block is scanned once by a regex (the parser guarantees ``name:`` with no
+    space before the colon); headers are never visited one by one from Python,
+    which makes this several times cheaper than a per-header loop.
+    """
+    low = b"\n" + block.lower()  # index i in block is index i + 1 in low
+    clen = None
+    chunked = False
+    upgrade = None
+    cuts: list[tuple[int, int]] | None = None
+    named: list[bytes] | None = None
+    for match in _RESP_SPECIAL.finditer(low):
+        start = match.start()
+        value_at = match.end() - 1
+        eol = block.find(_CRLF, value_at)
+        if eol < 0:
+            eol = len(block)
+        name = match.group(1)
+        if name == b"content-length":
+            clen = block[value_at:eol].strip()
+            continue
+        if name == b"transfer-encoding":
+            chunked = True
+        elif name == b"upgrade":
+            upgrade = block[value_at:eol].strip()
+        elif name == b"connection":
+            value = low[value_at + 1 : eol + 1].strip()
+            if value not in _PLAIN_CONNECTION:
+                tokens = [t.strip() for t in value.split(b",")]
+                named = [t for t in tokens if t and t not in _PLAIN_CONNECTION]
+        if cuts is None:
+            cuts = []
+        cuts.append((start, eol + 2))
+    if cuts is None:
+        return (block + _CRLF if block else b""), clen, chunked, upgrade
+    if named:
+        for token in named:
+            needle = b"\n" + token + b":"
+            i = low.find(needle)
+            while i >= 0:
+                eol = block.find(_CRLF, i)
+                cuts.append((i, eol + 2 if eol >= 0 else len(block) + 2))
+                i = low.find(needle, i + 1)
+        cuts.sort()
+    parts = []
+    pos = 0
+    for start, end in cuts:
+        if start >= pos:
+            parts.append(block[pos:start])
+            pos = end
+    parts.append(block[pos:])
+    out = b"".join(parts)
+    if out and not out.endswith(_CRLF):
+        out += _CRLF
+    return out, clen, chunked, upgrade
+
 
 IDEMPOTENT_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 

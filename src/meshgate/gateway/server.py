@@ -14,13 +14,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from bisect import bisect_left
 from collections import deque
-from time import monotonic, perf_counter
+from time import perf_counter
 from typing import TYPE_CHECKING
 
 from httptools import HttpParserCallbackError, HttpParserError, HttpParserUpgrade, HttpRequestParser
 
 from meshgate.gateway import http
+from meshgate.gateway.clock import CLOCK
+from meshgate.gateway.metrics import BUCKETS
 from meshgate.gateway.http import IDEMPOTENT_METHODS, error_response, status_line
 from meshgate.gateway.paths import PathError, normalize_path
 
@@ -65,44 +68,48 @@ class Exchange:
     by :meth:`finish`.
     """
 
+    # Fields every request writes live in slots; fields only some requests touch
+    # are class-level defaults, shadowed in the instance dict when set, so that
+    # creating an exchange costs a handful of slot writes rather than forty.
     __slots__ = (
-        "body_buf",
-        "body_size",
-        "chunk_out",
-        "chunked_in",
+        "__dict__",
         "client",
         "conn",
-        "connect_timeout",
-        "deadline",
         "done",
-        "error_bytes",
-        "expect_continue",
         "head",
         "host_line",
         "http10",
-        "interim",
         "keep_alive",
         "last_io",
         "method",
-        "no_body",
-        "queued_at",
-        "read_timeout",
+        "out",
         "req_done",
         "request_id",
         "resp_bytes",
         "resp_started",
-        "retried",
         "reused",
         "route",
         "rt",
         "status",
         "t_start",
         "t_up",
-        "t_up_end",
-        "until_close",
         "upgrade",
         "url",
     )
+
+    body_buf: list[bytes] | None = None
+    body_size = 0
+    chunked_in = False
+    chunk_out = False
+    deadline = 0.0
+    error_bytes: bytes | None = None
+    expect_continue = False
+    interim = False
+    no_body = False
+    queued_at = 0.0
+    retried = False
+    t_up_end = 0.0
+    until_close = False
 
     def __init__(self, client: ClientConnection, rt: Runtime) -> None:
         self.client = client
@@ -111,36 +118,18 @@ class Exchange:
         self.method = b""
         self.route: CompiledRoute | None = None
         self.conn: UpstreamConnection | None = None
-        self.head: tuple[bytes, bytes] = (b"", b"")
-        self.host_line = b""
-        self.body_buf: list[bytes] | None = None
-        self.body_size = 0
-        self.chunked_in = False
-        self.chunk_out = False
+        self.done = False
         self.req_done = False
         self.resp_started = False
-        self.done = False
-        self.interim = False
-        self.no_body = False
-        self.until_close = False
-        self.http10 = False
         self.keep_alive = True
-        self.upgrade = False
-        self.expect_continue = False
-        self.reused = False
-        self.retried = False
-        self.error_bytes: bytes | None = None
-        self.request_id = b""
         self.status = 0
+        self.request_id = b""
         self.resp_bytes = 0
         self.t_start = 0.0
         self.t_up = 0.0
-        self.t_up_end = 0.0
-        self.last_io = 0.0
-        self.queued_at = 0.0
-        self.deadline = 0.0
-        self.connect_timeout = 5.0
-        self.read_timeout = 60.0
+        # Response bytes held back to leave in one write with what follows them
+        # in the same read from the upstream (head + body: one syscall, not two).
+        self.out: list[bytes] | None = None
 
     # -- request side ---------------------------------------------------------
 
@@ -166,23 +155,29 @@ class Exchange:
         transport = conn.transport
         host_line = self.host_line or conn.endpoint.host_line
         head = self.head
-        transport.write(head[0] + host_line + head[1])
         buffered = self.body_buf
-        if buffered:
-            self.body_buf = None
-            if self.chunked_in:
-                for chunk in buffered:
-                    transport.writelines((b"%x\r\n" % len(chunk), chunk, _CHUNK_END))
-            else:
-                transport.writelines(buffered)
-        if self.req_done and self.chunked_in:
-            transport.write(_LAST_CHUNK)
-        self.client.resume_reading_for(_BODY_BUFFER)
-        now = monotonic()
+        if buffered is None and not self.chunked_in:
+            transport.write(head[0] + host_line + head[1])
+        else:
+            # The head and whatever body arrived meanwhile leave in one write.
+            parts = [head[0] + host_line + head[1]]
+            if buffered:
+                self.body_buf = None
+                if self.chunked_in:
+                    for chunk in buffered:
+                        parts += (b"%x\r\n" % len(chunk), chunk, _CHUNK_END)
+                else:
+                    parts += buffered
+            if self.req_done and self.chunked_in:
+                parts.append(_LAST_CHUNK)
+            transport.writelines(parts)
+            self.client.resume_reading_for(_BODY_BUFFER)
+        now = CLOCK.now
         self.last_io = now
         self.t_up = perf_counter()
         total = self.route.total_timeout  # type: ignore[union-attr]
-        self.deadline = now + total if total else 0.0
+        if total:
+            self.deadline = now + total
         self.client.worker.inflight.add(self)
 
     def on_request_body(self, body: bytes) -> None:
@@ -209,59 +204,33 @@ class Exchange:
         if size > _BODY_BUFFER_LIMIT:
             self.client.pause_reading_for(_BODY_BUFFER)
 
-    def on_request_end(self) -> None:
-        self.req_done = True
-        conn = self.conn
-        if conn is not None and self.chunked_in and not self.done:
-            conn.transport.write(_LAST_CHUNK)
-
     # -- response side --------------------------------------------------------
 
-    def on_upstream_head(
-        self, conn: UpstreamConnection, status: int, headers: list[tuple[bytes, bytes]]
-    ) -> None:
+    def on_upstream_head(self, conn: UpstreamConnection, status: int, block: bytes) -> None:
+        """The upstream's response head: ``block`` is its header lines, raw (see
+        :func:`~meshgate.gateway.http.filter_response_head`)."""
         client = self.client
+        headers, clen, chunked, upgrade, connection = http.filter_response_head(block)
+        rt = self.rt
         if status < 200 and status != 101:
             # Interim responses (102, 103) go to HTTP/1.1 clients as they are;
             # the parser reports their end, which must not end the exchange.
             self.interim = True
             if not self.http10:
-                client.transport.write(self._interim_head(status, headers))
+                client.transport.write(status_line(status) + headers + b"\r\n")
             return
         self.status = status
         self.resp_started = True
-        rt = self.rt
-        kinds = http.RESP_HEADER_KINDS
-        out = [status_line(status)]
+        out = [status_line(status), headers, rt.via_resp, rt.rid_prefix, self.request_id]
         append = out.append
-        clen = None
-        chunked = False
-        extra_drop = None
-        for name, value in headers:
-            kind = kinds.get(name.lower())
-            if kind is None:
-                append(name + b": " + value + b"\r\n")
-            elif kind == http.CONTENT_LENGTH:
-                clen = value
-                append(b"Content-Length: " + value + b"\r\n")
-            elif kind == http.TRANSFER_ENCODING:
-                chunked = True
-            elif kind == http.CONNECTION:
-                extra_drop = _connection_tokens(value, extra_drop)
-            elif kind == http.UPGRADE and status == 101:
-                append(b"Upgrade: " + value + b"\r\n")
-        if extra_drop:
-            out[1:] = [l for l in out[1:] if l.split(b":", 1)[0].lower() not in extra_drop]
-        append(rt.via_resp)
-        append(rt.rid_prefix + self.request_id + b"\r\n")
         if status == 101:
-            append(b"Connection: Upgrade\r\n\r\n")
+            append(b"\r\nConnection: Upgrade\r\nUpgrade: " + (upgrade or b"") + b"\r\n\r\n")
             client.transport.write(b"".join(out))
             return
         keep = self.keep_alive and not client.closing
         if self.method == b"HEAD" or status == 204 or status == 304:
             self.no_body = True
-        elif clen is None:
+        elif not clen:
             # Without a length the upstream's body ends with chunking or, failing
             # that, with its connection.
             self.until_close = not chunked
@@ -269,40 +238,53 @@ class Exchange:
                 keep = False  # the body ends when the connection does
             else:
                 self.chunk_out = True
-                append(b"Transfer-Encoding: chunked\r\n")
+                append(b"\r\nTransfer-Encoding: chunked")
         if not self.req_done:
             # The upstream answered before the request body was read; the rest of
             # it cannot be told apart from a next request, so the connection ends.
             keep = False
+        if connection is not None and (
+            connection != b"keep-alive" or not keep or self.http10
+        ):
+            # The upstream's own Connection line states the wrong option here.
+            out[1] = http.drop_connection(headers)
         if not keep:
-            append(b"Connection: close\r\n")
+            append(b"\r\nConnection: close\r\n\r\n")
             self.keep_alive = False
         elif self.http10:
-            append(b"Connection: keep-alive\r\n")
-        append(b"\r\n")
-        client.transport.write(b"".join(out))
+            append(b"\r\nConnection: keep-alive\r\n\r\n")
+        else:
+            append(b"\r\n\r\n")
         if self.method == b"HEAD":
+            client.transport.write(b"".join(out))
             # The parser would wait for a body that a HEAD response never has.
             upstream_keep = conn.parser.should_keep_alive()
             conn.reset_parser()
             self._upstream_done(conn, upstream_keep)
-
-    def _interim_head(self, status: int, headers: list[tuple[bytes, bytes]]) -> bytes:
-        out = [status_line(status)]
-        for name, value in headers:
-            if http.RESP_HEADER_KINDS.get(name.lower()) is None:
-                out.append(name + b": " + value + b"\r\n")
-        out.append(b"\r\n")
-        return b"".join(out)
+        else:
+            self.out = [b"".join(out)]
 
     def on_upstream_body(self, body: bytes) -> None:
         if self.done:
             return
         self.resp_bytes += len(body)
-        if self.chunk_out:
+        out = self.out
+        if out is not None:
+            if self.chunk_out:
+                out += (b"%x\r\n" % len(body), body, _CHUNK_END)
+            else:
+                out.append(body)
+        elif self.chunk_out:
             self.client.transport.writelines((b"%x\r\n" % len(body), body, _CHUNK_END))
         else:
             self.client.transport.write(body)
+
+    def flush(self) -> None:
+        """Write the response bytes held back during one read from the upstream."""
+        out = self.out
+        if out is not None:
+            self.out = None
+            self.client.transport.writelines(out)
 
     def on_upstream_end(self, conn: UpstreamConnection) -> None:
         if self.interim:
@@ -315,12 +297,20 @@ class Exchange:
             # bytes after the head reach the tunnel from UpstreamConnection.
             self.on_upstream_upgrade(conn, b"")
             return
+        out = self.out
         if self.chunk_out:
-            self.client.transport.write(_LAST_CHUNK)
-        self._upstream_done(conn, conn.parser.should_keep_alive())
+            if out is not None:
+                out.append(_LAST_CHUNK)
+            else:
+                self.client.transport.write(_LAST_CHUNK)
+        if out is not None:
+            self.out = None
+            self.client.transport.writelines(out)
+        self.conn = None
+        conn.upstream.release(conn, self.req_done and conn.parser.should_keep_alive())
+        self.finish()
 
     def _upstream_done(self, conn: UpstreamConnection, upstream_keep: bool) -> None:
-        self.t_up_end = perf_counter()
         self.conn = None
         conn.upstream.release(conn, upstream_keep and self.req_done)
         self.finish()
@@ -362,6 +352,7 @@ class Exchange:
             return
         if self.until_close:
             # A response without length or chunking ends with the connection.
+            self.flush()
             if self.chunk_out:
                 self.client.transport.write(_LAST_CHUNK)
             self.t_up_end = perf_counter()
@@ -396,6 +387,7 @@ class Exchange:
 
     def _abort_client(self, detail: str) -> None:
         log.debug("aborting client connection: %s", detail)
+        self.out = None
         self.keep_alive = False
         self.status = self.status or 502
         self.client.transport.abort()
@@ -432,6 +424,16 @@ class Exchange:
         )
         self.finish()
 
+    @property
+    def read_timeout(self) -> float:
+        route = self.route
+        return route.read_timeout if route is not None else 60.0
+
+    @property
+    def connect_timeout(self) -> float:
+        route = self.route
+        return route.connect_timeout if route is not None else 5.0
+
     def timed_out(self, which: str) -> None:
         seconds = self.read_timeout if which == "read" else self.route.total_timeout  # type: ignore[union-attr]
         self.fail(
@@ -454,12 +456,23 @@ class Exchange:
         worker.inflight.discard(self)
         route = self.route
         end = perf_counter()
-        upstream_time = self.t_up_end - self.t_up if self.t_up_end else 0.0
+        # The upstream's part ends with its response, which is now unless it
+        # ended earlier (a tunnel, a response delimited by the connection's end).
+        t_up = self.t_up
+        upstream_time = ((self.t_up_end or end) - t_up) if t_up else 0.0
         status = self.status
-        if route is not None:
-            route.stats.observe(status, end - self.t_start, upstream_time)
-        else:
-            self.rt.unrouted.observe(status, end - self.t_start, 0.0)
+        total = end - self.t_start
+        stats = route.stats if route is not None else self.rt.unrouted
+        # RouteStats.observe, inlined: this runs for every request.
+        stats.by_class[status // 100 if 100 <= status < 600 else 5] += 1
+        gateway_time = total - upstream_time
+        if gateway_time < 0.0:
+            gateway_time = 0.0
+        stats.gateway_buckets[bisect_left(BUCKETS, gateway_time)] += 1
+        stats.gateway_sum += gateway_time
+        if upstream_time:
+            stats.upstream_buckets[bisect_left(BUCKETS, upstream_time)] += 1
+            stats.upstream_sum += upstream_time
         access = worker.access_log
         if access is not None:
             access.records.append(
@@ -471,10 +484,15 @@ class Exchange:
                     route.name if route is not None else "",
                     self.request_id,
                     self.resp_bytes,
-                    end - self.t_start,
+                    total,
                     upstream_time,
                 )
             )
+        if self.keep_alive and client.current is self and not client.closing and not client.pending:
+            # The common case of ClientConnection.exchange_done, inlined.
+            client.current = None
+            client.idle_since = CLOCK.now
+            return
         client.exchange_done(self)
 
 
@@ -499,6 +517,9 @@ class ClientConnection(asyncio.Protocol):
         "head_size",
         "head_started",
         "headers",
+        "host_cached",
+        "host_fwd",
+        "host_line",
         "idle_since",
         "parser",
         "parsing",
@@ -528,6 +549,9 @@ class ClientConnection(asyncio.Protocol):
         self.peer_ip = ""
         self.peer_trusted = False
         self.fwd: tuple[bytes, bytes, bytes] = (b"", b"", b"")
+        self.host_cached = b""
+        self.host_fwd = b""
+        self.host_line = b""
         self.tunnel: UpstreamConnection | None = None
         self.tunnel_pending: bytes | None = None
 
@@ -541,7 +565,7 @@ class ClientConnection(asyncio.Protocol):
         ip = peer[0] if isinstance(peer, tuple) else "unix"
         self.peer_ip = ip
         self.peer_trusted = worker.runtime.is_trusted(ip)
-        self.idle_since = monotonic()
+        self.idle_since = CLOCK.now
         self.fwd = worker.runtime.forwarded_lines(ip)
 
     def data_received(self, data: bytes) -> None:
@@ -645,7 +669,7 @@ class ClientConnection(asyncio.Protocol):
         worker = self.worker
         self.parsing = Exchange(self, worker.runtime)
         self.headers = []
-        self.head_started = monotonic()
+        self.head_started = CLOCK.now
 
     def on_url(self, url: bytes) -> None:
         self.parsing.url += url  # type: ignore[union-attr]
@@ -677,7 +701,11 @@ class ClientConnection(asyncio.Protocol):
         self._prepare(ex)
         if self.current is None:
             self.current = ex
-            ex.dispatch()
+            route = ex.route
+            if route is not None and not ex.expect_continue:
+                route.upstream.acquire(ex)
+            else:
+                ex.dispatch()
         else:
             pending = self.pending
             if pending is None:
@@ -695,7 +723,11 @@ class ClientConnection(asyncio.Protocol):
         self.parsing = None
         self.head_size = 0
         if ex is not None:
-            ex.on_request_end()
+            ex.req_done = True
+            if ex.chunked_in:
+                conn = ex.conn
+                if conn is not None and not ex.done:
+                    conn.transport.write(_LAST_CHUNK)
 
     # -- request preparation: everything between the parsed head and dispatch
 
@@ -705,13 +737,8 @@ class ClientConnection(asyncio.Protocol):
         parser = self.parser
         method = parser.get_method()
         ex.method = method
-        ex.http10 = parser.get_http_version() != "1.1"
-        ex.keep_alive = parser.should_keep_alive()
+        keep_alive = parser.should_keep_alive()
         ex.upgrade = upgrade = parser.should_upgrade()
-        if upgrade or not ex.keep_alive:
-            # An upgrade either becomes a tunnel or ends the connection.
-            ex.keep_alive = False
-            self.closing = True
         headers = self.headers
         url = ex.url
         if len(headers) > rt.max_headers:
@@ -735,6 +762,7 @@ class ClientConnection(asyncio.Protocol):
         trusted = self.peer_trusted
         xff = xfp = xfh = forwarded = b""
         expect = b""
+        has_connection = False
         for name, value in headers:
             lname = name.lower()
             kind = kinds.get(lname)
@@ -751,6 +779,7 @@ class ClientConnection(asyncio.Protocol):
             elif kind == http.TRANSFER_ENCODING:
                 chunked = True
             elif kind == http.CONNECTION:
+                has_connection = True
                 extra_drop = _connection_tokens(value, extra_drop)
             elif kind == http.UPGRADE:
                 upgrade_value = value
@@ -768,7 +797,18 @@ class ClientConnection(asyncio.Protocol):
             # everything else is hop-by-hop, or a forwarding header from an
             # untrusted peer: dropped.
 
-        if host and host.translate(None, _HOST_CHARS):
+        # Without a Connection header, llhttp's keep-alive answer is the version:
+        # HTTP/1.1 keeps alive unless told to close, HTTP/1.0 closes unless told
+        # to keep alive. Only with one is the (slower) version string needed.
+        ex.http10 = (
+            parser.get_http_version() != "1.1" if has_connection else not keep_alive
+        )
+        ex.keep_alive = keep_alive
+        if upgrade or not keep_alive:
+            # An upgrade either becomes a tunnel or ends the connection.
+            ex.keep_alive = False
+            self.closing = True
+        if host and host != self.host_cached and host.translate(None, _HOST_CHARS):
             self._prepare_error(ex, 400, "bad_host", "the Host header is not a valid host")
             return
         if not host and not ex.http10:
@@ -832,8 +872,6 @@ class ClientConnection(asyncio.Protocol):
         matched, groups = found
         route: CompiledRoute = matched.target  # type: ignore[assignment]
         ex.route = route
-        ex.connect_timeout = route.connect_timeout
-        ex.read_timeout = route.read_timeout
         upath = matched.upstream_path(path, groups) if route.rewrites else path
 
         if extra_drop:
@@ -844,15 +882,21 @@ class ClientConnection(asyncio.Protocol):
             fwd.append(b"Content-Length: " + content_length + b"\r\n")
         elif chunked:
             fwd.append(b"Transfer-Encoding: chunked\r\n")
-        ex.chunked_in = chunked
+        if chunked:
+            ex.chunked_in = True
 
         # X-Forwarded-* and Forwarded: kept and extended from a trusted peer,
         # replaced from anyone else.
         if trusted and (xff or forwarded or xfp or xfh):
             fwd.append(rt.forwarded_trusted(self.peer_ip, xff, xfp, xfh, forwarded, host))
         elif host:
-            xf_start, fwd_start, _ = self.fwd
-            fwd.append(xf_start + host + fwd_start + host + b'"\r\n')
+            if host != self.host_cached:
+                # Most connections send one Host throughout: build its lines once.
+                xf_start, fwd_start, _ = self.fwd
+                self.host_cached = host
+                self.host_fwd = xf_start + host + fwd_start + host + b'"\r\n'
+                self.host_line = b"Host: " + host + b"\r\n"
+            fwd.append(self.host_fwd)
         else:
             fwd.append(self.fwd[2])
         fwd.append(rt.via_req_10 if ex.http10 else rt.via_req_11)
@@ -861,8 +905,15 @@ class ClientConnection(asyncio.Protocol):
         ex.head = (method + b" " + upath + query + b" HTTP/1.1\r\n", b"".join(fwd))
         if route.host_line is not None:
             ex.host_line = route.host_line
-        elif route.preserve_host and host:
-            ex.host_line = b"Host: " + host + b"\r\n"
+        elif not (route.preserve_host and host):
+            ex.host_line = b""  # the endpoint's address, chosen at attach
+        else:
+            if host != self.host_cached:
+                self.host_cached = host
+                xf_start, fwd_start, _ = self.fwd
+                self.host_fwd = xf_start + host + fwd_start + host + b'"\r\n'
+                self.host_line = b"Host: " + host + b"\r\n"
+            ex.host_line = self.host_line
 
     def _prepare_error(self, ex: Exchange, status: int, error: str, detail: str) -> None:
         if not ex.request_id:
@@ -930,7 +981,7 @@ class ClientConnection(asyncio.Protocol):
                 self.resume_reading_for(_PIPELINE)
             nxt.dispatch()
             return
-        self.idle_since = monotonic()
+        self.idle_since = CLOCK.now
         if self.worker.draining:
             transport.close()
 
@@ -939,7 +990,7 @@ class ClientConnection(asyncio.Protocol):
         if self.current is not None or self.tunnel is not None:
             return
         if self.parsing is not None:
-            if self.head_size >= 0 and now - self.head_started > rt.header_timeout:
+            if self.head_size >= 0 and now - self.head_started > rt.header_timeout + 0.1:
                 self._refuse(408, "request_timeout", "the request head took too long to arrive")
         elif now - self.idle_since > rt.keepalive_timeout:
             self.transport.close()

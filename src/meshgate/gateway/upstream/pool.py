@@ -17,12 +17,12 @@ import asyncio
 import logging
 from collections import deque
 from collections.abc import Sequence
-from time import monotonic
 from typing import TYPE_CHECKING, Any
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 
 from meshgate.config.model import UpstreamSettings
+from meshgate.gateway.clock import CLOCK
 from meshgate.gateway.upstream.balancer import BALANCERS
 
 if TYPE_CHECKING:
@@ -31,6 +31,8 @@ if TYPE_CHECKING:
 __all__ = ["Endpoint", "Upstream", "UpstreamConnection"]
 
 log = logging.getLogger("meshgate.gateway.upstream")
+
+_MAX_HEAD = 64 * 1024  # an upstream's response head larger than this is refused
 
 
 class Endpoint:
@@ -70,8 +72,9 @@ class UpstreamConnection(asyncio.Protocol):
         "alive",
         "endpoint",
         "exchange",
-        "headers",
+        "head_buf",
         "idle_since",
+        "in_head",
         "parser",
         "paused",
         "requests",
@@ -84,9 +87,14 @@ class UpstreamConnection(asyncio.Protocol):
         self.upstream = upstream
         self.endpoint = endpoint
         self.transport: asyncio.Transport = None  # type: ignore[assignment]
+        # No on_header callback: a callback per header costs more than the rest of
+        # the response's handling; the raw head is read from head_buf instead.
         self.parser = HttpResponseParser(self)
         self.exchange: Exchange | None = None
-        self.headers: list[tuple[bytes, bytes]] = []
+        # The response head as it arrives; the parser validates it, and the raw
+        # bytes are forwarded from here rather than rebuilt header by header.
+        self.head_buf = b""
+        self.in_head = True
         self.alive = False
         self.paused = False
         self.requests = 0
@@ -111,9 +119,18 @@ class UpstreamConnection(asyncio.Protocol):
             # error, and the connection cannot be trusted for the next request.
             self.transport.abort()
             return
-        ex.last_io = monotonic()
+        ex.last_io = CLOCK.now
+        if self.in_head:
+            buf = self.head_buf = self.head_buf + data if self.head_buf else data
+            if len(buf) > _MAX_HEAD and buf.find(b"\r\n\r\n", 0, _MAX_HEAD) < 0:
+                self.transport.abort()
+                self.exchange = None
+                ex.on_upstream_error(self, f"the upstream's response head is over {_MAX_HEAD} bytes")
+                return
         try:
             self.parser.feed_data(data)
+            if ex.out is not None:
+                ex.flush()
         except HttpParserUpgrade as exc:
             rest = data[exc.args[0] :]
             current = self.exchange
@@ -168,22 +185,35 @@ class UpstreamConnection(asyncio.Protocol):
 
     # -- httptools callbacks
 
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self.headers.append((name, value))
-
     def on_headers_complete(self) -> None:
-        headers = self.headers
-        self.headers = []
+        buf = self.head_buf
+        end = buf.find(b"\r\n\r\n")
+        block = buf[buf.find(b"\r\n") + 2 : end]
+        status = self.parser.get_status_code()
+
+        if status < 200 and status != 101:
+            self.head_buf = buf[end + 4 :]  # the final response's head may follow
+        else:
+            self.head_buf = b""
+            self.in_head = False
         ex = self.exchange
         if ex is not None:
-            ex.on_upstream_head(self, self.parser.get_status_code(), headers)
+            ex.on_upstream_head(self, status, block)
 
     def on_body(self, body: bytes) -> None:
         ex = self.exchange
         if ex is not None:
-            ex.on_upstream_body(body)
+            out = ex.out
+            if out is not None and not ex.chunk_out:
+                # Exchange.on_upstream_body's common case, inlined.
+                ex.resp_bytes += len(body)
+                out.append(body)
+            else:
+                ex.on_upstream_body(body)
 
     def on_message_complete(self) -> None:
+        if not self.in_head:
+            self.in_head = True
         ex = self.exchange
         if ex is not None:
             ex.on_upstream_end(self)
@@ -203,7 +233,8 @@ class UpstreamConnection(asyncio.Protocol):
     def reset_parser(self) -> None:
         """Start a fresh parser: after a response whose end the parser cannot see (HEAD)."""
         self.parser = HttpResponseParser(self)
-        self.headers = []
+        self.head_buf = b""
+        self.in_head = True
 
 
 class Upstream:
@@ -219,6 +250,7 @@ class Upstream:
         "name_bytes",
         "open",
         "settings",
+        "single",
         "waiters",
     )
 
@@ -237,6 +269,8 @@ class Upstream:
             else [Endpoint(e.address.host, e.address.port, e.weight) for e in settings.endpoints]
         )
         self.balancer = BALANCERS[settings.balancer](self.endpoints)
+        # With one endpoint there is nothing to balance.
+        self.single = self.endpoints[0] if len(self.endpoints) == 1 else None
         self.max_connections = settings.max_connections
         self.idle_timeout = settings.idle_timeout
         self.open = 0
@@ -245,7 +279,9 @@ class Upstream:
 
     def acquire(self, ex: Exchange) -> None:
         """Give ``ex`` a connection now (an idle one), later (a new one), or fail it."""
-        endpoint = self.balancer.pick(ex)
+        endpoint = self.single
+        if endpoint is None or not endpoint.available:
+            endpoint = self.balancer.pick(ex)
         if endpoint is None:
             ex.fail(
                 503,
@@ -262,7 +298,7 @@ class Upstream:
         if self.open < self.max_connections:
             self.connect(endpoint, ex)
         else:
-            ex.queued_at = monotonic()
+            ex.queued_at = CLOCK.now
             self.waiters.append(ex)
 
     def connect(self, endpoint: Endpoint, ex: Exchange) -> None:
@@ -327,7 +363,7 @@ class Upstream:
             if not ex.done:
                 ex.attach(conn, True)
                 return
-        conn.idle_since = monotonic()
+        conn.idle_since = CLOCK.now
         conn.endpoint.idle.append(conn)
 
     def slot_freed(self) -> None:
