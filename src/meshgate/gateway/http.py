@@ -92,6 +92,7 @@ _CRLF = b"\r\n"
 
 _RESP_NAMES = re.compile(
     rb"\n(connection|content-length|keep-alive|te|trailer|transfer-encoding|upgrade|proxy-[^:]*):"
+    rb"[ \t]*([^\r]*)"
 )
 
 
@@ -113,25 +114,20 @@ def filter_response_head(block: bytes) -> tuple[bytes, bool, bool, bytes | None,
     """
     if not block:
         return b"", False, False, None, None
-    low = b"\n" + block.lower()
     clen = False
-    connection = 0
-    for name in _RESP_NAMES.findall(low):
+    connection = None
+    for name, value in _RESP_NAMES.findall(b"\n" + block.lower()):
         if name == b"content-length":
             clen = True
-        elif name == b"connection":
-            connection += 1
+        elif name == b"connection" and connection is None:
+            connection = value.rstrip()
         else:
-            connection = 2  # something to remove: take the full path
+            connection = b""  # something to remove: take the full path
             break
-    if connection == 0:
+    if connection is None:
         return block + _CRLF, clen, False, None, None
-    if connection == 1:
-        i = low.find(b"\nconnection:")
-        j = low.find(b"\r", i)
-        value = low[i + 12 : j if j >= 0 else None].strip()
-        if value == b"keep-alive" or value == b"close":
-            return block + _CRLF, clen, False, None, value
+    if connection == b"keep-alive" or connection == b"close":
+        return block + _CRLF, clen, False, None, connection
     out, clen_value, chunked, upgrade = split_response_head(block)
     return out, clen_value is not None, chunked, upgrade, None
 

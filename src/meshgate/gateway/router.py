@@ -150,6 +150,7 @@ class RouteMatch:
         "regex",
         "rewrite",
         "settings",
+        "simple",
         "strip",
         "target",
         "wild_hosts",
@@ -174,6 +175,11 @@ class RouteMatch:
         self.regex = re.compile(match.path_regex.encode()) if match.path_regex else None
         self.strip = settings.strip_prefix and self.plen > 0
         self.rewrite = _compile_template(settings.rewrite) if settings.rewrite else None
+        # A prefix route with no host, method or header condition: the common case,
+        # checked without looking at anything but the path.
+        self.simple = (
+            self.kind == _PREFIX and self.any_host and self.methods is None and not self.headers
+        )
 
     def first_segment(self) -> bytes | None:
         """The first path segment every matching path has, or None when any will do."""
@@ -239,9 +245,20 @@ class Router:
 
         ``path`` is normalized and without the query; ``host`` is lowercase, without port.
         """
-        end = path.find(b"/", 1)
-        segment = path[1:end] if end > 0 else path[1:]
-        for route in self._by_segment.get(segment, self._default):
+        by_segment = self._by_segment
+        if by_segment:
+            end = path.find(b"/", 1)
+            candidates = by_segment.get(path[1:end] if end > 0 else path[1:], self._default)
+        else:
+            candidates = self._default
+        for route in candidates:
+            if route.simple:
+                plen = route.plen
+                if not plen or (
+                    path.startswith(route.prefix) and (len(path) == plen or path[plen] == _SLASH)
+                ):
+                    return route, None
+                continue
             if route.methods is not None and method not in route.methods:
                 continue
             if not route.any_host and host not in route.exact_hosts:

@@ -77,7 +77,6 @@ class Exchange:
         "conn",
         "done",
         "head",
-        "host_line",
         "http10",
         "keep_alive",
         "last_io",
@@ -111,10 +110,11 @@ class Exchange:
     t_up_end = 0.0
     until_close = False
 
-    def __init__(self, client: ClientConnection, rt: Runtime) -> None:
+    def __init__(self, client: ClientConnection, rt: Runtime, url: bytes = b"") -> None:
         self.client = client
         self.rt = rt
-        self.url = b""
+        self.url = url
+        self.head: bytes | tuple[bytes, bytes] = b""
         self.method = b""
         self.route: CompiledRoute | None = None
         self.conn: UpstreamConnection | None = None
@@ -153,14 +153,15 @@ class Exchange:
         conn.exchange = self
         conn.requests += 1
         transport = conn.transport
-        host_line = self.host_line or conn.endpoint.host_line
         head = self.head
+        if head.__class__ is tuple:
+            head = head[0] + conn.endpoint.host_line + head[1]  # type: ignore[index]
         buffered = self.body_buf
         if buffered is None and not self.chunked_in:
-            transport.write(head[0] + host_line + head[1])
+            transport.write(head)  # type: ignore[arg-type]
         else:
             # The head and whatever body arrived meanwhile leave in one write.
-            parts = [head[0] + host_line + head[1]]
+            parts = [head]
             if buffered:
                 self.body_buf = None
                 if self.chunked_in:
@@ -307,7 +308,16 @@ class Exchange:
             self.out = None
             self.client.transport.writelines(out)
         self.conn = None
-        conn.upstream.release(conn, self.req_done and conn.parser.should_keep_alive())
+        upstream = conn.upstream
+        if self.req_done and conn.parser.should_keep_alive() and not upstream.waiters:
+            # Upstream.release's common case, inlined: back to the idle stack.
+            conn.exchange = None
+            if conn.paused:
+                conn.resume_reading()
+            conn.idle_since = CLOCK.now
+            conn.endpoint.idle.append(conn)
+        else:
+            upstream.release(conn, self.req_done and conn.parser.should_keep_alive())
         self.finish()
 
     def _upstream_done(self, conn: UpstreamConnection, upstream_keep: bool) -> None:
@@ -507,6 +517,67 @@ def _connection_tokens(value: bytes, extra: set[bytes] | None) -> set[bytes] | N
     return extra
 
 
+_NO_SPECIALS = (b"", None, False, None, b"", b"", False, b"", b"", b"", b"")
+
+
+def _special_headers(
+    items: list[tuple[int, bytes]], trusted: bool
+) -> tuple[
+    bytes, bytes | None, bool, set[bytes] | None, bytes, bytes, bool, bytes, bytes, bytes, bytes
+]:
+    """The request headers the gateway acts on (other than Host), read in one pass.
+
+    Returns (request id, Content-Length, chunked, names listed in Connection,
+    Upgrade, Expect, whether Connection was sent, and from a trusted peer the
+    X-Forwarded-For, -Proto, -Host and Forwarded values). Hop-by-hop headers and
+    forwarding headers from an untrusted peer are simply not returned: dropped.
+    """
+    request_id = b""
+    content_length: bytes | None = None
+    chunked = False
+    extra_drop: set[bytes] | None = None
+    upgrade_value = b""
+    expect = b""
+    has_connection = False
+    xff = xfp = xfh = forwarded = b""
+    for kind, value in items:
+        if kind == http.REQUEST_ID:
+            request_id = value
+        elif kind == http.CONTENT_LENGTH:
+            content_length = value
+        elif kind == http.TRANSFER_ENCODING:
+            chunked = True
+        elif kind == http.CONNECTION:
+            has_connection = True
+            extra_drop = _connection_tokens(value, extra_drop)
+        elif kind == http.UPGRADE:
+            upgrade_value = value
+        elif kind == http.EXPECT:
+            expect = value
+        elif trusted:
+            if kind == http.X_FORWARDED_FOR:
+                xff = xff + b", " + value if xff else value
+            elif kind == http.X_FORWARDED_PROTO:
+                xfp = value
+            elif kind == http.X_FORWARDED_HOST:
+                xfh = value
+            elif kind == http.FORWARDED:
+                forwarded = forwarded + b", " + value if forwarded else value
+    return (
+        request_id,
+        content_length,
+        chunked,
+        extra_drop,
+        upgrade_value,
+        expect,
+        has_connection,
+        xff,
+        xfp,
+        xfh,
+        forwarded,
+    )
+
+
 class ClientConnection(asyncio.Protocol):
     """One client connection: parses requests and runs their exchanges in order."""
 
@@ -577,8 +648,11 @@ class ClientConnection(asyncio.Protocol):
             # Bytes after an Upgrade request wait for the upstream's answer.
             self.tunnel_pending += data
             return
-        if self.head_size >= 0:
-            self.head_size += len(data)
+        size = self.head_size
+        if size >= 0:
+            if size == 0:
+                self.head_started = CLOCK.now  # a request head begins
+            self.head_size = size + len(data)
         try:
             self.parser.feed_data(data)
         except HttpParserUpgrade as exc:
@@ -665,30 +739,38 @@ class ClientConnection(asyncio.Protocol):
 
     # -- httptools callbacks
 
-    def on_message_begin(self) -> None:
-        worker = self.worker
-        self.parsing = Exchange(self, worker.runtime)
-        self.headers = []
-        self.head_started = CLOCK.now
-
+    # No on_message_begin: llhttp reports a request's target before anything else,
+    # so on_url starts the exchange (one parser callback less per request).
     def on_url(self, url: bytes) -> None:
-        self.parsing.url += url  # type: ignore[union-attr]
+        ex = self.parsing
+        if ex is None:
+            self.parsing = Exchange(self, self.worker.runtime, url)
+            self.headers = []
+        else:
+            ex.url += url  # the target arrived in pieces
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
+        """Route the request and pre-build its upstream head (or an error), then
+        start it, or queue it behind the response in progress.
+
+        One long function on purpose: this runs for every request, and in
+        CPython each call layer costs about as much as a dozen lines of it.
+        """
         ex = self.parsing
-        if self.head_size > self.worker.runtime.max_head:
+        rt = self.worker.runtime
+        if self.head_size > rt.max_head:
             # The cheap count includes whatever followed the head in the same
             # read; only a head that really is too large is refused.
             size = len(ex.url) if ex is not None else 0
             size += sum(len(n) + len(v) + 4 for n, v in self.headers)
-            if size > self.worker.runtime.max_head:
+            if size > rt.max_head:
                 raise _Reject(
                     431,
                     "headers_too_large",
-                    f"the request head is larger than {self.worker.runtime.max_head} bytes",
+                    f"the request head is larger than {rt.max_head} bytes",
                 )
         self.head_size = -1
         if ex is None or self.closing:
@@ -698,14 +780,209 @@ class ClientConnection(asyncio.Protocol):
             self.pause_reading_for(_REFUSED)
             return
         ex.t_start = perf_counter()
-        self._prepare(ex)
+        parser = self.parser
+        method = parser.get_method()
+        ex.method = method
+        keep_alive = parser.should_keep_alive()
+        headers = self.headers
+        url = ex.url
+        if len(headers) > rt.max_headers or len(url) > rt.max_url:
+            if len(headers) > rt.max_headers:
+                detail = f"more than {rt.max_headers} headers"
+                self._prepare_error(ex, 431, "too_many_headers", detail)
+            else:
+                detail = f"the request target is longer than {rt.max_url} bytes"
+                self._prepare_error(ex, 414, "uri_too_long", detail)
+            self._start(ex)
+            return
+
+        kinds = rt.req_kinds
+        # fwd[0] and fwd[1] are filled last with the request line and Host.
+        fwd: list[bytes] = [b"", b""]
+        append = fwd.append
+        host = b""
+        special: list[tuple[int, bytes]] | None = None
+        for name, value in headers:
+            lname = name.lower()
+            kind = kinds.get(lname)
+            if kind is None:
+                if lname[:6] != b"proxy-":
+                    append(name + b": " + value + b"\r\n")
+            elif kind == http.HOST:
+                host = value
+            elif special is None:
+                special = [(kind, value)]
+            else:
+                special.append((kind, value))
+        # Headers other than Host that the gateway acts on are rare in the bulk
+        # of traffic; they get a second, slower pass.
+        (
+            request_id,
+            content_length,
+            chunked,
+            extra_drop,
+            upgrade_value,
+            expect,
+            has_connection,
+            xff,
+            xfp,
+            xfh,
+            forwarded,
+        ) = _NO_SPECIALS if special is None else _special_headers(special, self.peer_trusted)
+        trusted = self.peer_trusted
+        ex.upgrade = upgrade = parser.should_upgrade() if upgrade_value else False
+        # Without a Connection header, llhttp's keep-alive answer is the version:
+        # HTTP/1.1 keeps alive unless told to close, HTTP/1.0 closes unless told
+        # to keep alive. Only with one is the (slower) version string needed.
+        ex.http10 = (
+            parser.get_http_version() != "1.1" if has_connection else not keep_alive
+        )
+        ex.keep_alive = keep_alive
+        if upgrade or not keep_alive:
+            # An upgrade either becomes a tunnel or ends the connection.
+            ex.keep_alive = False
+            self.closing = True
+        if host and host != self.host_cached and host.translate(None, _HOST_CHARS):
+            self._prepare_error(ex, 400, "bad_host", "the Host header is not a valid host")
+            self._start(ex)
+            return
+        if not host and not ex.http10:
+            self._prepare_error(ex, 400, "missing_host", "an HTTP/1.1 request needs a Host header")
+            self._start(ex)
+            return
+        if request_id and (len(request_id) > 200 or request_id.translate(None, _RID_CHARS)):
+            request_id = b""
+        if not request_id:
+            # Worker.next_request_id, inlined: it runs for nearly every request.
+            worker = self.worker
+            worker.rid_count = count = worker.rid_count + 1
+            request_id = worker.rid_prefix + b"%016x" % count
+        ex.request_id = request_id
+        if expect:
+            if expect.lower() != b"100-continue":
+                self._prepare_error(
+                    ex, 417, "expectation_failed", "only 'Expect: 100-continue' is supported"
+                )
+                self._start(ex)
+                return
+            ex.expect_continue = not ex.http10
+        if content_length is not None and rt.max_body is not None:
+            if int(content_length) > rt.max_body:
+                self._prepare_error(
+                    ex, 413, "body_too_large", f"the request body is larger than {rt.max_body} bytes"
+                )
+                self._start(ex)
+                return
+
+        # Route on the normalized path.
+        q = url.find(b"?")
+        if q >= 0:
+            path, query = url[:q], url[q:]
+        else:
+            path, query = url, b""
+        raw_path = path
+        if not path.startswith(b"/"):
+            if url == b"*" and method == b"OPTIONS":
+                path = b"*"
+            else:
+                self._prepare_error(
+                    ex, 400, "bad_target", "the request target must be an absolute path"
+                )
+                self._start(ex)
+                return
+        # find(), not "in": in CPython 3.11 "bytes in bytes" first tries the
+        # operand as an integer and raises (and clears) a TypeError every time.
+        elif path.find(b"%") >= 0 or path.find(b"/.") >= 0 or path.find(b"//") >= 0:
+            try:
+                path = normalize_path(path, rt.decode_slashes)
+            except PathError as exc:
+                self._prepare_error(ex, 400, "bad_path", str(exc))
+                self._start(ex)
+                return
+        router = rt.router
+        route_host = b""
+        if router.needs_host and host:
+            route_host = host.lower()
+            colon = route_host.rfind(b":")
+            if colon >= 0 and route_host.find(b"]", colon) < 0:
+                route_host = route_host[:colon]
+        found = router.match(method, path, route_host, headers)
+        if found is None:
+            self._prepare_error(
+                ex,
+                404,
+                "no_route",
+                f"no route matches {method.decode()} {path.decode('latin-1')}",
+            )
+            self._start(ex)
+            return
+        matched, groups = found
+        route: CompiledRoute = matched.target  # type: ignore[assignment]
+        ex.route = route
+        if route.rewrites:
+            target = matched.upstream_path(path, groups) + query
+        elif path is raw_path:
+            target = url  # forwarded exactly as received
+        else:
+            target = path + query
+
+        if extra_drop:
+            fwd[2:] = [l for l in fwd[2:] if l.split(b":", 1)[0].lower() not in extra_drop]
+        if ex.upgrade and upgrade_value:
+            fwd.append(b"Connection: Upgrade\r\nUpgrade: " + upgrade_value + b"\r\n")
+        if content_length is not None:
+            fwd.append(b"Content-Length: " + content_length + b"\r\n")
+        elif chunked:
+            fwd.append(b"Transfer-Encoding: chunked\r\n")
+        if chunked:
+            ex.chunked_in = True
+
+        # X-Forwarded-* and Forwarded: kept and extended from a trusted peer,
+        # replaced from anyone else.
+        if trusted and (xff or forwarded or xfp or xfh):
+            fwd.append(rt.forwarded_trusted(self.peer_ip, xff, xfp, xfh, forwarded, host))
+        elif host:
+            if host != self.host_cached:
+                # Most connections send one Host throughout: build its lines once.
+                xf_start, fwd_start, _ = self.fwd
+                self.host_cached = host
+                self.host_fwd = xf_start + host + fwd_start + host + b'"\r\n'
+                self.host_line = b"Host: " + host + b"\r\n"
+            fwd.append(self.host_fwd)
+        else:
+            fwd.append(self.fwd[2])
+        fwd += (
+            rt.via_req_10 if ex.http10 else rt.via_req_11,
+            rt.rid_prefix,
+            request_id,
+            b"\r\n\r\n",
+        )
+        fwd[0] = method + b" " + target + b" HTTP/1.1\r\n"
+        if route.host_line is not None:
+            fwd[1] = route.host_line
+        elif route.preserve_host and host:
+            if host != self.host_cached:
+                self.host_cached = host
+                xf_start, fwd_start, _ = self.fwd
+                self.host_fwd = xf_start + host + fwd_start + host + b'"\r\n'
+                self.host_line = b"Host: " + host + b"\r\n"
+            fwd[1] = self.host_line
+        if fwd[1]:
+            ex.head = b"".join(fwd)
+        else:
+            # The endpoint's address, known once a connection is chosen.
+            ex.head = (fwd[0], b"".join(fwd[2:]))
+        if self.current is None and not ex.expect_continue:
+            self.current = ex
+            route.upstream.acquire(ex)
+        else:
+            self._start(ex)
+
+    def _start(self, ex: Exchange) -> None:
+        """Run ``ex`` now if the connection is free, else queue it (pipelining)."""
         if self.current is None:
             self.current = ex
-            route = ex.route
-            if route is not None and not ex.expect_continue:
-                route.upstream.acquire(ex)
-            else:
-                ex.dispatch()
+            ex.dispatch()
         else:
             pending = self.pending
             if pending is None:
@@ -730,190 +1007,6 @@ class ClientConnection(asyncio.Protocol):
                     conn.transport.write(_LAST_CHUNK)
 
     # -- request preparation: everything between the parsed head and dispatch
-
-    def _prepare(self, ex: Exchange) -> None:
-        """Route the request and pre-build its upstream head, or prepare an error."""
-        rt = ex.rt
-        parser = self.parser
-        method = parser.get_method()
-        ex.method = method
-        keep_alive = parser.should_keep_alive()
-        ex.upgrade = upgrade = parser.should_upgrade()
-        headers = self.headers
-        url = ex.url
-        if len(headers) > rt.max_headers:
-            self._prepare_error(ex, 431, "too_many_headers", f"more than {rt.max_headers} headers")
-            return
-        if len(url) > rt.max_url:
-            self._prepare_error(
-                ex, 414, "uri_too_long", f"the request target is longer than {rt.max_url} bytes"
-            )
-            return
-
-        kinds = rt.req_kinds
-        fwd: list[bytes] = []
-        append = fwd.append
-        host = b""
-        request_id = b""
-        chunked = False
-        content_length: bytes | None = None
-        extra_drop: set[bytes] | None = None
-        upgrade_value = b""
-        trusted = self.peer_trusted
-        xff = xfp = xfh = forwarded = b""
-        expect = b""
-        has_connection = False
-        for name, value in headers:
-            lname = name.lower()
-            kind = kinds.get(lname)
-            if kind is None:
-                if lname.startswith(b"proxy-"):
-                    continue
-                append(name + b": " + value + b"\r\n")
-            elif kind == http.HOST:
-                host = value
-            elif kind == http.REQUEST_ID:
-                request_id = value
-            elif kind == http.CONTENT_LENGTH:
-                content_length = value
-            elif kind == http.TRANSFER_ENCODING:
-                chunked = True
-            elif kind == http.CONNECTION:
-                has_connection = True
-                extra_drop = _connection_tokens(value, extra_drop)
-            elif kind == http.UPGRADE:
-                upgrade_value = value
-            elif kind == http.EXPECT:
-                expect = value
-            elif trusted:
-                if kind == http.X_FORWARDED_FOR:
-                    xff = xff + b", " + value if xff else value
-                elif kind == http.X_FORWARDED_PROTO:
-                    xfp = value
-                elif kind == http.X_FORWARDED_HOST:
-                    xfh = value
-                elif kind == http.FORWARDED:
-                    forwarded = forwarded + b", " + value if forwarded else value
-            # everything else is hop-by-hop, or a forwarding header from an
-            # untrusted peer: dropped.
-
-        # Without a Connection header, llhttp's keep-alive answer is the version:
-        # HTTP/1.1 keeps alive unless told to close, HTTP/1.0 closes unless told
-        # to keep alive. Only with one is the (slower) version string needed.
-        ex.http10 = (
-            parser.get_http_version() != "1.1" if has_connection else not keep_alive
-        )
-        ex.keep_alive = keep_alive
-        if upgrade or not keep_alive:
-            # An upgrade either becomes a tunnel or ends the connection.
-            ex.keep_alive = False
-            self.closing = True
-        if host and host != self.host_cached and host.translate(None, _HOST_CHARS):
-            self._prepare_error(ex, 400, "bad_host", "the Host header is not a valid host")
-            return
-        if not host and not ex.http10:
-            self._prepare_error(ex, 400, "missing_host", "an HTTP/1.1 request needs a Host header")
-            return
-        if request_id and (len(request_id) > 200 or request_id.translate(None, _RID_CHARS)):
-            request_id = b""
-        if not request_id:
-            request_id = self.worker.next_request_id()
-        ex.request_id = request_id
-        if expect:
-            if expect.lower() != b"100-continue":
-                self._prepare_error(
-                    ex, 417, "expectation_failed", "only 'Expect: 100-continue' is supported"
-                )
-                return
-            ex.expect_continue = not ex.http10
-        if content_length is not None and rt.max_body is not None:
-            if int(content_length) > rt.max_body:
-                self._prepare_error(
-                    ex, 413, "body_too_large", f"the request body is larger than {rt.max_body} bytes"
-                )
-                return
-
-        # Route on the normalized path.
-        q = url.find(b"?")
-        if q >= 0:
-            path, query = url[:q], url[q:]
-        else:
-            path, query = url, b""
-        if not path.startswith(b"/"):
-            if url == b"*" and method == b"OPTIONS":
-                path = b"*"
-            else:
-                self._prepare_error(
-                    ex, 400, "bad_target", "the request target must be an absolute path"
-                )
-                return
-        elif b"%" in path or b"/." in path or b"//" in path:
-            try:
-                path = normalize_path(path, rt.decode_slashes)
-            except PathError as exc:
-                self._prepare_error(ex, 400, "bad_path", str(exc))
-                return
-        router = rt.router
-        route_host = b""
-        if router.needs_host and host:
-            route_host = host.lower()
-            colon = route_host.rfind(b":")
-            if colon >= 0 and b"]" not in route_host[colon:]:
-                route_host = route_host[:colon]
-        found = router.match(method, path, route_host, headers)
-        if found is None:
-            self._prepare_error(
-                ex,
-                404,
-                "no_route",
-                f"no route matches {method.decode()} {path.decode('latin-1')}",
-            )
-            return
-        matched, groups = found
-        route: CompiledRoute = matched.target  # type: ignore[assignment]
-        ex.route = route
-        upath = matched.upstream_path(path, groups) if route.rewrites else path
-
-        if extra_drop:
-            fwd = [line for line in fwd if line.split(b":", 1)[0].lower() not in extra_drop]
-        if ex.upgrade and upgrade_value:
-            fwd.append(b"Connection: Upgrade\r\nUpgrade: " + upgrade_value + b"\r\n")
-        if content_length is not None:
-            fwd.append(b"Content-Length: " + content_length + b"\r\n")
-        elif chunked:
-            fwd.append(b"Transfer-Encoding: chunked\r\n")
-        if chunked:
-            ex.chunked_in = True
-
-        # X-Forwarded-* and Forwarded: kept and extended from a trusted peer,
-        # replaced from anyone else.
-        if trusted and (xff or forwarded or xfp or xfh):
-            fwd.append(rt.forwarded_trusted(self.peer_ip, xff, xfp, xfh, forwarded, host))
-        elif host:
-            if host != self.host_cached:
-                # Most connections send one Host throughout: build its lines once.
-                xf_start, fwd_start, _ = self.fwd
-                self.host_cached = host
-                self.host_fwd = xf_start + host + fwd_start + host + b'"\r\n'
-                self.host_line = b"Host: " + host + b"\r\n"
-            fwd.append(self.host_fwd)
-        else:
-            fwd.append(self.fwd[2])
-        fwd.append(rt.via_req_10 if ex.http10 else rt.via_req_11)
-        fwd.append(rt.rid_prefix + request_id + b"\r\n\r\n")
-
-        ex.head = (method + b" " + upath + query + b" HTTP/1.1\r\n", b"".join(fwd))
-        if route.host_line is not None:
-            ex.host_line = route.host_line
-        elif not (route.preserve_host and host):
-            ex.host_line = b""  # the endpoint's address, chosen at attach
-        else:
-            if host != self.host_cached:
-                self.host_cached = host
-                xf_start, fwd_start, _ = self.fwd
-                self.host_fwd = xf_start + host + fwd_start + host + b'"\r\n'
-                self.host_line = b"Host: " + host + b"\r\n"
-            ex.host_line = self.host_line
 
     def _prepare_error(self, ex: Exchange, status: int, error: str, detail: str) -> None:
         if not ex.request_id:
@@ -989,8 +1082,8 @@ class ClientConnection(asyncio.Protocol):
         """Close the connection if it idled or sent its head too slowly (sweep)."""
         if self.current is not None or self.tunnel is not None:
             return
-        if self.parsing is not None:
-            if self.head_size >= 0 and now - self.head_started > rt.header_timeout + 0.1:
+        if self.head_size > 0:
+            if now - self.head_started > rt.header_timeout + 0.1:
                 self._refuse(408, "request_timeout", "the request head took too long to arrive")
         elif now - self.idle_since > rt.keepalive_timeout:
             self.transport.close()

@@ -71,8 +71,8 @@ class Worker:
         self.access_log: AccessLog | None = AccessLog(settings.path, index) if enabled else None
         self.servers: list[asyncio.AbstractServer] = []
         self.reloads = 0
-        self._rid_prefix = os.urandom(8).hex().encode()
-        self._rid_count = 0
+        self.rid_prefix = os.urandom(8).hex().encode()
+        self.rid_count = 0
         self._ticks = 0
         self._timer: asyncio.TimerHandle | None = None
         self._idle = asyncio.Event()
@@ -80,8 +80,8 @@ class Worker:
 
     def next_request_id(self) -> bytes:
         """A new request id: 32 hex digits, unique per worker start and request."""
-        self._rid_count += 1
-        return self._rid_prefix + b"%016x" % self._rid_count
+        self.rid_count += 1
+        return self.rid_prefix + b"%016x" % self.rid_count
 
     # -- serving
 
