@@ -5,26 +5,26 @@ BIN := $(VENV)/bin
 
 .PHONY: demo test lint typecheck bench clean
 
-$(BIN)/meshgate: pyproject.toml
+.venv/bin/meshgate: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $@
 
-demo: $(BIN)/meshgate
+demo: .venv/bin/meshgate
 	$(BIN)/python examples/demo.py
 
-test: $(BIN)/meshgate
+test: .venv/bin/meshgate
 	$(BIN)/python -m pytest
 
-lint: $(BIN)/meshgate
+lint: .venv/bin/meshgate
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-typecheck: $(BIN)/meshgate
+typecheck: .venv/bin/meshgate
 	$(BIN)/mypy
 
-bench: $(BIN)/meshgate
+bench: .venv/bin/meshgate
 	$(BIN)/python bench/gateway.py
 
 clean:

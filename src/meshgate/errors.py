@@ -98,4 +98,3 @@ class UpstreamTimeoutError(GatewayError):
 
 class SupervisorError(MeshgateError):
     """The gateway supervisor could not start or keep its workers running."""
-

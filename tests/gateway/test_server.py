@@ -141,7 +141,8 @@ async def test_request_id_passed_through_or_generated(sent: str, passed: bool) -
     assert got == res.header("X-Request-ID")
     assert (got == sent) is passed
     if not passed:
-        assert got is not None and len(got) == 32
+        assert got is not None
+        assert len(got) == 32
     await up.close()
 
 
@@ -303,7 +304,7 @@ async def test_head_and_no_body_statuses_keep_connection_usable() -> None:
         elif req.target == "/204":
             w.write(b"HTTP/1.1 204 No Content\r\n\r\n")
         elif req.target == "/304":
-            w.write(b"HTTP/1.1 304 Not Modified\r\nETag: \"x\"\r\n\r\n")
+            w.write(b'HTTP/1.1 304 Not Modified\r\nETag: "x"\r\n\r\n')
         else:
             w.write(response(200, b"after"))
 
@@ -367,7 +368,8 @@ async def test_upstream_down_is_502_naming_route_and_upstream() -> None:
         client = await Client.connect(port)
         res = await client.request("GET", "/")
         assert res.status == 502
-        assert b'"route":"all"' in res.body and b'"upstream":"up"' in res.body
+        assert b'"route":"all"' in res.body
+        assert b'"upstream":"up"' in res.body
         assert b"cannot connect to" in res.body
         assert b"Traceback" not in res.body
         await client.close()

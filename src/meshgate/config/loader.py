@@ -112,9 +112,7 @@ def check(config: Config) -> Iterable[ConfigIssue]:
 
 
 def _unreachable(config: Config) -> Iterable[ConfigIssue]:
-    order = sorted(
-        range(len(config.routes)), key=lambda i: precedence_key(config.routes[i], i)
-    )
+    order = sorted(range(len(config.routes)), key=lambda i: precedence_key(config.routes[i], i))
     for pos, j in enumerate(order):
         later = config.routes[j]
         for i in order[:pos]:
@@ -180,16 +178,16 @@ def _translate(err: Any, node: yaml.Node | None) -> ConfigIssue:
         model = _model_for(loc)
         allowed = sorted(model.model_fields) if model is not None else []
         key = str(loc[-1])
-        message = (
-            f"unknown key {key!r}{_suggest(key, allowed)}; allowed keys: {', '.join(allowed)}"
-        )
+        message = f"unknown key {key!r}{_suggest(key, allowed)}; allowed keys: {', '.join(allowed)}"
     elif kind == "missing":
         message = "this field is required; add it"
     else:
         message = str(err["msg"])
         message = message.removeprefix("Value error, ").removeprefix("Assertion failed, ")
-        if "input" in err and kind not in ("value_error",) and not isinstance(
-            err["input"], dict | list
+        if (
+            "input" in err
+            and kind not in ("value_error",)
+            and not isinstance(err["input"], dict | list)
         ):
             message = f"{message} (got {err['input']!r})"
     return _locate(ConfigIssue(path, message), node, loc)
@@ -230,9 +228,12 @@ def _line_of(node: yaml.Node | None, loc: Sequence[int | str]) -> int | None:
                     # positions, not names: an upstream may be called "balancer".
                     nxt = value if depth != last else key
                     break
-        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int):
-            if 0 <= part < len(node.value):
-                nxt = node.value[part]
+        elif (
+            isinstance(node, yaml.SequenceNode)
+            and isinstance(part, int)
+            and 0 <= part < len(node.value)
+        ):
+            nxt = node.value[part]
         node = nxt
         if node is not None:
             best = node

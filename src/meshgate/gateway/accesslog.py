@@ -50,7 +50,7 @@ class AccessLog:
     def _open(self) -> IO[str]:
         if self.path == "-":
             return sys.stdout
-        return open(self.path, "a", encoding="utf-8", buffering=1 << 16)  # noqa: SIM115
+        return open(self.path, "a", encoding="utf-8", buffering=1 << 16)
 
     def _run(self) -> None:
         out = self._open()

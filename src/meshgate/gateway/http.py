@@ -126,7 +126,7 @@ def filter_response_head(block: bytes) -> tuple[bytes, bool, bool, bytes | None,
             break
     if connection is None:
         return block + _CRLF, clen, False, None, None
-    if connection == b"keep-alive" or connection == b"close":
+    if connection in (b"keep-alive", b"close"):
         return block + _CRLF, clen, False, None, connection
     out, clen_value, chunked, upgrade = split_response_head(block)
     return out, clen_value is not None, chunked, upgrade, None

@@ -171,9 +171,7 @@ class GatewayCollector(Collector):
             [e for e in routes if e["upstream"]],
             "upstream",
         )
-        conns = GaugeMetricFamily(
-            "meshgate_gateway_client_connections", "Open client connections."
-        )
+        conns = GaugeMetricFamily("meshgate_gateway_client_connections", "Open client connections.")
         conns.add_metric([], data["connections"])
         yield conns
         up = GaugeMetricFamily(
@@ -185,5 +183,4 @@ class GatewayCollector(Collector):
             up.add_metric([name, label, "active"], counts["open"] - counts["idle"])
             up.add_metric([name, label, "idle"], counts["idle"])
         yield up
-        for family in data.get("extra", ()):
-            yield family
+        yield from data.get("extra", ())

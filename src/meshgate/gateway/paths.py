@@ -18,9 +18,7 @@ from meshgate.errors import MeshgateError
 
 __all__ = ["PathError", "normalize_path"]
 
-_UNRESERVED = frozenset(
-    b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~"
-)
+_UNRESERVED = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 _HEX = frozenset(b"0123456789abcdefABCDEF")
 
 
@@ -66,7 +64,7 @@ def normalize_path(path: bytes, decode_slashes: bool = False) -> bytes:
     segments: list[bytes] = []
     parts = path.split(b"/")
     for part in parts[1:]:
-        if part == b"" or part == b".":
+        if part in (b"", b"."):
             continue
         if part == b"..":
             if segments:

@@ -125,7 +125,7 @@ class Runtime:
             xff + b"Forwarded: for=" + node + b";proto=" + scheme + b"\r\n",
         )
 
-    def forwarded_trusted(
+    def forwarded_trusted(  # noqa: PLR0917 - hot-ish path; keywords cost a dict
         self, ip: str, xff: bytes, xfp: bytes, xfh: bytes, forwarded: bytes, host: bytes
     ) -> bytes:
         """X-Forwarded-* and Forwarded extended with this hop, for a trusted peer."""

@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
+from pathlib import Path
 from typing import Any
 
 import uvicorn
@@ -155,8 +156,8 @@ class Supervisor:
             proc = slot.process
             if proc is None:
                 continue
-            while proc.is_alive() and time.monotonic() < deadline:
-                await asyncio.sleep(0.05)
+            while proc.is_alive() and time.monotonic() < deadline:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)  # a process exit has no awaitable; poll
             if proc.is_alive():
                 log.warning("worker %d did not drain in time; killing it", slot.index)
                 proc.kill()
@@ -178,15 +179,15 @@ class Supervisor:
         gw = self.config.gateway
         proc = self._ctx.Process(
             target=worker_main,
-            args=(
-                slot.index,
-                self.config_text,
-                self.source,
-                gw.listen.host,
-                self.port,
-                child,
-                self.log_level,
-            ),
+            kwargs={
+                "index": slot.index,
+                "config_text": self.config_text,
+                "source": self.source,
+                "host": gw.listen.host,
+                "port": self.port,
+                "control": child,
+                "log_level": self.log_level,
+            },
             name=f"meshgate-worker-{slot.index}",
             # Never outlive the supervisor, even when it fails before a clean stop.
             daemon=True,
@@ -292,8 +293,7 @@ class Supervisor:
     async def reload_file(self) -> dict[str, Any]:
         """Re-read the configuration file and apply it (SIGHUP)."""
         try:
-            with open(self.source, encoding="utf-8") as fh:
-                text = fh.read()
+            text = await asyncio.to_thread(Path(self.source).read_text, encoding="utf-8")
         except OSError as exc:
             return self._reload_failed(f"cannot read {self.source}: {exc}")
         return await self.apply(text)

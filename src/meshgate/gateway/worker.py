@@ -38,7 +38,9 @@ _TICK = 0.1  # seconds between timeout sweeps of in-flight exchanges
 _SLOW_TICKS = 10  # client and pool expiry run every this many ticks
 
 
-def listen_socket(host: str, port: int, *, reuse_port: bool = True, listen: bool = True) -> socket.socket:
+def listen_socket(
+    host: str, port: int, *, reuse_port: bool = True, listen: bool = True
+) -> socket.socket:
     """A TCP socket bound to ``host:port`` (SO_REUSEPORT so that workers can share it)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -195,6 +197,7 @@ def _tune_malloc() -> None:
 
 
 def worker_main(
+    *,
     index: int,
     config_text: str,
     source: str,
@@ -216,13 +219,11 @@ def worker_main(
         runner: Any = uvloop.run
     except ImportError:  # pragma: no cover
         runner = asyncio.run
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         runner(_worker_async(index, config_text, source, host, port, control))
-    except KeyboardInterrupt:  # pragma: no cover
-        pass
 
 
-async def _worker_async(
+async def _worker_async(  # noqa: PLR0917 - private, called once, positionally
     index: int, config_text: str, source: str, host: str, port: int, control: Connection
 ) -> None:
     loop = asyncio.get_running_loop()
@@ -231,6 +232,12 @@ async def _worker_async(
     sock = listen_socket(host, port)
     await worker.serve(sock)
     done = asyncio.Event()
+    tasks: set[asyncio.Task[None]] = set()
+
+    def spawn_drain() -> None:
+        task = loop.create_task(drain())
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
 
     async def drain() -> None:
         if not worker.draining:
@@ -245,7 +252,7 @@ async def _worker_async(
         except (EOFError, OSError):
             # The supervisor is gone: nobody can stop us cleanly any more.
             loop.remove_reader(control.fileno())
-            loop.create_task(drain())
+            spawn_drain()
 
     def handle(message: tuple[Any, ...]) -> None:
         kind = message[0]
@@ -258,10 +265,10 @@ async def _worker_async(
             except ConfigError as exc:
                 control.send(("reply", message[1], {"ok": False, "error": str(exc)}))
         elif kind == "drain":
-            loop.create_task(drain())
+            spawn_drain()
 
     loop.add_reader(control.fileno(), on_control)
-    loop.add_signal_handler(signal.SIGTERM, lambda: loop.create_task(drain()))
+    loop.add_signal_handler(signal.SIGTERM, spawn_drain)
     control.send(("ready", index, os.getpid()))
     await done.wait()
     with contextlib.suppress(OSError):

@@ -14,6 +14,7 @@ set of callbacks: ``attach``, ``on_upstream_head``, ``on_upstream_body``,
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import deque
 from collections.abc import Sequence
@@ -125,7 +126,8 @@ class UpstreamConnection(asyncio.Protocol):
             if len(buf) > _MAX_HEAD and buf.find(b"\r\n\r\n", 0, _MAX_HEAD) < 0:
                 self.transport.abort()
                 self.exchange = None
-                ex.on_upstream_error(self, f"the upstream's response head is over {_MAX_HEAD} bytes")
+                detail = f"the upstream's response head is over {_MAX_HEAD} bytes"
+                ex.on_upstream_error(self, detail)
                 return
         try:
             self.parser.feed_data(data)
@@ -163,10 +165,8 @@ class UpstreamConnection(asyncio.Protocol):
         elif self.tunnel is not None:
             self.tunnel.close()
         else:
-            try:
+            with contextlib.suppress(ValueError):
                 self.endpoint.idle.remove(self)
-            except ValueError:
-                pass
         upstream.slot_freed()
 
     def pause_writing(self) -> None:
@@ -251,6 +251,7 @@ class Upstream:
         "open",
         "settings",
         "single",
+        "tasks",
         "waiters",
     )
 
@@ -275,6 +276,8 @@ class Upstream:
         self.idle_timeout = settings.idle_timeout
         self.open = 0
         self.waiters: deque[Exchange] = deque()
+        # Connect tasks in flight (the loop keeps only weak references to tasks).
+        self.tasks: set[asyncio.Task[None]] = set()
         self.loop: asyncio.AbstractEventLoop | None = None
 
     def acquire(self, ex: Exchange) -> None:
@@ -308,7 +311,9 @@ class Upstream:
         loop = self.loop
         if loop is None:
             loop = self.loop = asyncio.get_running_loop()
-        loop.create_task(self._connect(endpoint, ex))
+        task = loop.create_task(self._connect(endpoint, ex))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
 
     async def _connect(self, endpoint: Endpoint, ex: Exchange) -> None:
         loop = self.loop
