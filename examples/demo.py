@@ -39,7 +39,7 @@ def main() -> int:
         "\nTry (each request goes to users-1 or users-2 in turn):\n"
         "  curl -i http://127.0.0.1:8080/api/users/42\n"
         "  curl -i http://127.0.0.1:8080/nothing-here        # JSON 404\n"
-        "  curl -s -H \"Authorization: Bearer $(cat ~/.meshgate/admin-9901.token)\" "
+        '  curl -s -H "Authorization: Bearer $(cat ~/.meshgate/admin-9901.token)" '
         "http://127.0.0.1:9901/metrics\n"
         "Ctrl-C stops everything.\n",
         flush=True,
