@@ -44,10 +44,21 @@ def main() -> int:
         "Ctrl-C stops everything.\n",
         flush=True,
     )
+    stop = False
+
+    def on_signal(signum: int, frame: object) -> None:
+        nonlocal stop
+        stop = True
+
+    # Set explicitly: a shell starting us in the background leaves SIGINT ignored.
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
     try:
-        signal.pause()
-    except KeyboardInterrupt:
-        pass
+        while not stop and all(p.poll() is None for p in procs):
+            signal.pause()
+        for proc in procs:
+            if proc.poll() is not None:
+                print(f"{' '.join(map(str, proc.args))} exited", file=sys.stderr)  # noqa: T201
     finally:
         for proc in reversed(procs):
             proc.send_signal(signal.SIGTERM)
