@@ -15,7 +15,10 @@ demo: .venv/bin/meshgate
 	$(BIN)/python examples/demo.py
 
 test: .venv/bin/meshgate
-	$(BIN)/python -m pytest
+	rm -f .coverage .coverage.*
+	$(BIN)/python -m coverage run -m pytest
+	$(BIN)/python -m coverage combine --quiet
+	$(BIN)/python -m coverage report
 
 lint: .venv/bin/meshgate
 	$(BIN)/ruff check .
