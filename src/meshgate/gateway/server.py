@@ -679,7 +679,8 @@ class ClientConnection(asyncio.Protocol):
         except HttpParserError as exc:
             self._refuse(400, "bad_request", f"malformed HTTP request: {exc}")
             return
-        if self.head_size > self.worker.runtime.max_head:
+        size = self.head_size
+        if size > 0 and size > self.worker.runtime.max_head:
             self._refuse(
                 431,
                 "headers_too_large",
