@@ -859,3 +859,35 @@ def test_sequences_in_models_are_tuples() -> None:
     assert isinstance(config.routes, tuple)
     assert isinstance(config.upstreams["users"].endpoints, tuple)
     assert isinstance(config.routes[0].match.methods, tuple)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "fragment"),
+    [
+        ("path_prefix", "/a//b", "write '/a/b'"),
+        ("path_prefix", "/a/./b", "write '/a/b'"),
+        ("path", "/%7euser", "write '/~user'"),
+        ("path", "/café", "write '/caf%C3%A9'"),
+        ("path", "/a%zz", "not followed by two hex digits"),
+    ],
+)
+def test_route_paths_must_be_written_normalized(field: str, value: str, fragment: str) -> None:
+    doc = (
+        "upstreams: {up: {endpoints: ['127.0.0.1:9']}}\n"
+        f"routes:\n  - {{name: r, upstream: up, match: {{{field}: '{value}'}}}}\n"
+    )
+    with pytest.raises(ConfigError) as err:
+        loads(doc)
+    assert f"routes[0].match.{field}" in str(err.value)
+    assert fragment in str(err.value)
+
+
+@pytest.mark.parametrize("value", ["a b", "bad\r\nX-Injected: 1", "*.wild", "host:port"])
+def test_host_rewrite_must_be_a_host(value: str) -> None:
+    doc = (
+        "upstreams: {up: {endpoints: ['127.0.0.1:9']}}\n"
+        f"routes:\n  - {{name: r, upstream: up, host_rewrite: {value!r}}}\n"
+    )
+    with pytest.raises(ConfigError) as err:
+        loads(doc)
+    assert "routes[0].host_rewrite" in str(err.value)

@@ -342,7 +342,7 @@ def test_admin_apply_validates_and_swaps_the_config(
 
     res = gw.admin("POST", "/config", content=good)
     assert res.status_code == 200, res.text
-    assert res.json() == {"ok": True, "reloads": 1}
+    assert res.json() == {"ok": True, "reloads": 1, "restart_required": []}
     # Every worker has the new route: try it over many connections.
     for i in range(20):
         reply = get(gw.port, f"/v2/users/{i}")
@@ -469,3 +469,32 @@ def test_address_in_use_at_startup_exits_1_naming_the_address(
     assert "Address already in use" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert "gateway on" not in proc.stderr
+
+
+def test_second_gateway_on_the_same_address_is_refused(
+    start_gateway: GatewayFactory, demo_upstream: DemoUpstream, tmp_path: Path
+) -> None:
+    # SO_REUSEPORT would let a second gateway share the port and take half the
+    # traffic; the supervisor's exclusive probe bind refuses it instead.
+    first = start_gateway(gateway_config(demo_upstream.address), workers=1)
+    config = gateway_config(demo_upstream.address).replace(
+        "listen: 127.0.0.1:0", f"listen: 127.0.0.1:{first.port}", 1
+    )
+    proc, _ = run_gateway_expecting_failure(config, tmp_path)
+    assert proc.returncode == 1, proc.stderr
+    assert f"cannot listen on 127.0.0.1:{first.port}" in proc.stderr
+    assert get(first.port, "/api/still-mine").status == 200
+
+
+def test_reload_reports_settings_that_need_a_restart(
+    start_gateway: GatewayFactory, demo_upstream: DemoUpstream
+) -> None:
+    gw = start_gateway(gateway_config(demo_upstream.address), workers=1)
+    changed = gateway_config(demo_upstream.address).replace(
+        "drain_timeout: 5.0", "drain_timeout: 5.0\n  workers: 3", 1
+    )
+    res = gw.admin("POST", "/config", content=changed)
+    assert res.status_code == 200, res.text
+    assert res.json()["restart_required"] == ["gateway.workers"]
+    assert gw.status()["restart_required"] == ["gateway.workers"]
+    assert len(gw.status()["workers"]) == 1

@@ -43,7 +43,7 @@ async def test_requests_are_logged_as_json_lines_without_query(tmp_path: Path) -
 def test_close_writes_what_is_left(tmp_path: Path) -> None:
     path = tmp_path / "a.log"
     log = AccessLog(str(path), worker=3)
-    log.records.append(("::1", b"POST", b"/x?y=1", 502, "", b"rid", 0, 0.0012, 0.0))
+    log.records.append(("::1", b"POST", b"/x?y=1", 502, "", b"rid", 0, 0.0012, 0.0, ""))
     log.close()
     entry = json.loads(path.read_text())
     assert entry["route"] is None

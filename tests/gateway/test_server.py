@@ -651,3 +651,75 @@ async def test_websocket_is_tunnelled() -> None:
                 await ws.send(big)
                 assert await ws.recv() == big
             assert not worker.inflight
+
+
+async def test_upstream_request_id_is_replaced_not_duplicated() -> None:
+    async def echo_id(req: Message, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        w.write(response(200, b"ok", [("X-Request-ID", "from-upstream"), ("X-Other", "1")]))
+
+    up = await RawUpstream(echo_id).start()
+    async with run_gateway(gateway_yaml({"up": [up.address]}, ROUTE)) as (_, port):
+        client = await Client.connect(port)
+        res = await client.request("GET", "/", [("X-Request-ID", "mine-1")])
+        await client.close()
+    assert res.all("X-Request-ID") == ["mine-1"]
+    assert res.header("X-Other") == "1"
+    await up.close()
+
+
+async def test_transfer_codings_before_chunked_are_forwarded() -> None:
+    up = await RawUpstream(echo_handler).start()
+    async with run_gateway(gateway_yaml({"up": [up.address]}, ROUTE)) as (_, port):
+        client = await Client.connect(port)
+        await client.send(
+            build_request("POST", "/", [("Transfer-Encoding", "gzip, chunked")])
+            + b"4\r\nabcd\r\n0\r\n\r\n"
+        )
+        res = await client.read()
+        await client.close()
+    assert res.body == b"abcd"
+    assert up.requests[0].header("Transfer-Encoding") == "gzip, chunked"
+    await up.close()
+
+
+async def test_host_with_trailing_dot_routes_like_without() -> None:
+    up = await RawUpstream().start()
+    routes = "  - {name: api, upstream: up, match: {host: api.example.com}}\n"
+    async with run_gateway(gateway_yaml({"up": [up.address]}, routes)) as (_, port):
+        client = await Client.connect(port)
+        assert (await client.request("GET", "/", host="api.example.com.:8080")).status == 200
+        assert (await client.request("GET", "/", host="other.example.com")).status == 404
+        await client.close()
+    await up.close()
+
+
+@pytest.mark.parametrize(("decode", "seen"), [(False, "/files/a%2Fb"), (True, "/files/a/b")])
+async def test_encoded_slashes_are_data_unless_configured(decode: bool, seen: str) -> None:
+    up = await RawUpstream().start()
+    config = gateway_yaml(
+        {"up": [up.address]}, ROUTE, f"decode_encoded_slashes: {str(decode).lower()}"
+    )
+    async with run_gateway(config) as (_, port):
+        client = await Client.connect(port)
+        assert (await client.request("GET", "/files/a%2fb")).body == seen.encode()
+        await client.close()
+    await up.close()
+
+
+async def test_response_cut_mid_stream_is_counted_as_aborted() -> None:
+    async def die(req: Message, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> bool:
+        w.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npartial")
+        await w.drain()
+        return False
+
+    up = await RawUpstream(die).start()
+    async with run_gateway(gateway_yaml({"up": [up.address]}, ROUTE)) as (worker, port):
+        client = await Client.connect(port)
+        await client.send(build_request("GET", "/"))
+        assert await client.closed()
+        await client.close()
+        snap = worker.snapshot()
+    (entry,) = [r for r in snap["routes"] if r["route"] == "all"]
+    assert entry["aborted"] == 1
+    assert entry["by_class"][2] == 1  # the status the client saw: 200
+    await up.close()

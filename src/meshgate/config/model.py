@@ -4,7 +4,7 @@ Every model forbids unknown keys and is immutable once built. Values users write
 as text (addresses, durations, sizes) are parsed here, once, so that nothing
 downstream parses them again. Cross-field checks that need the whole document
 (dangling references, duplicates, unreachable routes) live in
-:mod:`meshgate.config.checks`.
+:func:`meshgate.config.loader.check`.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import math
 import os
 import re
 from typing import Annotated, Any, Literal
+from urllib.parse import quote
 
 from pydantic import (
     AfterValidator,
@@ -25,6 +26,8 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+
+from meshgate.gateway.paths import PathError, normalize_path
 
 __all__ = [
     "AccessLogSettings",
@@ -235,6 +238,10 @@ class GatewaySettings(_Model):
     request_id_header: str = "X-Request-ID"
     """The request id header: passed through when the client sends a valid one,
     otherwise generated; echoed to the client in the response."""
+    decode_encoded_slashes: bool = False
+    """Treat ``%2F`` in a request path as a path separator when matching and forwarding.
+    Off by default: an encoded slash is data, and decoding it lets ``/a%2F..%2Fadmin``
+    look like another path to the upstream than to the router."""
     via: str | None = "meshgate"
     """The pseudonym added to the Via header in both directions; null adds none."""
     keepalive_timeout: Duration = 75.0
@@ -429,8 +436,20 @@ class MatchSettings(_Model):
     @field_validator("path", "path_prefix")
     @classmethod
     def _paths(cls, path: str | None) -> str | None:
-        if path is not None and not path.startswith("/"):
+        if path is None:
+            return path
+        if not path.startswith("/"):
             raise ValueError(f"{path!r} must start with '/'")
+        if not path.isascii():
+            encoded = quote(path, safe="/%:@!$&'()*+,;=-._~")
+            raise ValueError(
+                f"{path!r} has characters that need percent-encoding; write {encoded!r}"
+            )
+        # Requests are matched in normalized form; a route that is not could
+        # never match. (A trailing slash is kept: it is part of the path.)
+        normalized = _normalize(path)
+        if normalized != path:
+            raise ValueError(f"{path!r} is not in normalized form; write {normalized!r}")
         return path
 
     @field_validator("path_regex")
@@ -471,6 +490,13 @@ class MatchSettings(_Model):
         return prefix.rstrip("/") or "/"
 
 
+def _normalize(path: str) -> str:
+    try:
+        return normalize_path(path.encode("ascii")).decode("ascii")
+    except PathError as exc:
+        raise ValueError(f"{path!r}: {exc}") from None
+
+
 _PLACEHOLDER_RE = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
@@ -497,6 +523,19 @@ class RouteSettings(_Model):
     order among routes of equal priority."""
     timeouts: TimeoutSettings | None = None
     """Overrides the upstream's timeouts for this route."""
+
+    @field_validator("host_rewrite")
+    @classmethod
+    def _host(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        host, _, port = value.rpartition(":") if value.count(":") == 1 else (value, "", "")
+        if not _HOST_RE.match(host) or host.startswith("*") or (port and not port.isdigit()):
+            raise ValueError(
+                f"{value!r} is not a host name (optionally with ':port'); "
+                "write it as it should appear in the Host header, e.g. 'users.internal'"
+            )
+        return value
 
     @model_validator(mode="after")
     def _rewrites(self) -> RouteSettings:

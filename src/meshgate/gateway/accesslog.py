@@ -19,9 +19,9 @@ from typing import IO, Any
 
 __all__ = ["AccessLog", "Record"]
 
-Record = tuple[str, bytes, bytes, int, str, bytes, int, float, float]
+Record = tuple[str, bytes, bytes, int, str, bytes, int, float, float, str]
 """(client ip, method, target, status, route, request id, response bytes,
-total seconds, upstream seconds)."""
+total seconds, upstream seconds, why the response was cut off or "")."""
 
 
 class AccessLog:
@@ -70,7 +70,7 @@ class AccessLog:
 
     def format(self, stamp: float, rec: Record) -> str:
         """One record as a JSON line."""
-        ip, method, target, status, route, rid, size, total, upstream = rec
+        ip, method, target, status, route, rid, size, total, upstream, aborted = rec
         entry: dict[str, Any] = {
             "ts": round(stamp, 3),
             "client": ip,
@@ -82,6 +82,7 @@ class AccessLog:
             "bytes": size,
             "duration_ms": round(total * 1000, 3),
             "upstream_ms": round(upstream * 1000, 3),
+            "aborted": aborted or None,
             "worker": self.worker,
             "pid": os.getpid(),
         }

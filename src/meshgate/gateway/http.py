@@ -90,13 +90,22 @@ _PLAIN_CONNECTION = frozenset({b"keep-alive", b"close", b"upgrade"})
 _CRLF = b"\r\n"
 
 
-_RESP_NAMES = re.compile(
-    rb"\n(connection|content-length|keep-alive|te|trailer|transfer-encoding|upgrade|proxy-[^:]*):"
-    rb"[ \t]*([^\r]*)"
-)
+def response_names(request_id_header: str) -> re.Pattern[bytes]:
+    """The pattern :func:`filter_response_head` scans with: the response header names
+    the gateway acts on, plus the request id header (the gateway sets its own)."""
+    own = re.escape(request_id_header.lower().encode("latin-1"))
+    return re.compile(
+        rb"\n(connection|content-length|keep-alive|te|trailer|transfer-encoding|upgrade|"
+        rb"proxy-[^:]*|" + own + rb"):[ \t]*([^\r]*)"
+    )
 
 
-def filter_response_head(block: bytes) -> tuple[bytes, bool, bool, bytes | None, bytes | None]:
+_RESP_NAMES = response_names("X-Request-ID")
+
+
+def filter_response_head(
+    block: bytes, names: re.Pattern[bytes] = _RESP_NAMES, own: bytes = b"x-request-id"
+) -> tuple[bytes, bool, bool, bytes | None, bytes | None]:
     """Filter a response's header lines with as little work as the response allows.
 
     ``block`` is the header lines joined by CRLF (no status line, no final empty
@@ -116,7 +125,7 @@ def filter_response_head(block: bytes) -> tuple[bytes, bool, bool, bytes | None,
         return b"", False, False, None, None
     clen = False
     connection = None
-    for name, value in _RESP_NAMES.findall(b"\n" + block.lower()):
+    for name, value in names.findall(b"\n" + block.lower()):
         if name == b"content-length":
             clen = True
         elif name == b"connection" and connection is None:
@@ -128,7 +137,7 @@ def filter_response_head(block: bytes) -> tuple[bytes, bool, bool, bytes | None,
         return block + _CRLF, clen, False, None, None
     if connection in (b"keep-alive", b"close"):
         return block + _CRLF, clen, False, None, connection
-    out, clen_value, chunked, upgrade = split_response_head(block)
+    out, clen_value, chunked, upgrade = split_response_head(block, (own,))
     return out, clen_value is not None, chunked, upgrade, None
 
 
@@ -137,13 +146,16 @@ def drop_connection(headers: bytes) -> bytes:
     return split_response_head(headers[:-2])[0] if headers else headers
 
 
-def split_response_head(block: bytes) -> tuple[bytes, bytes | None, bool, bytes | None]:
+def split_response_head(
+    block: bytes, drop: tuple[bytes, ...] = ()
+) -> tuple[bytes, bytes | None, bool, bytes | None]:
     """Filter a response's header lines, already validated by the parser.
 
     ``block`` is the header lines joined by CRLF (no status line, no final empty
     line). Returns the lines to forward, each ending in CRLF (hop-by-hop headers
     and those named in Connection removed), the Content-Length value or None,
-    whether the body is chunked, and the Upgrade value or None.
+    whether the body is chunked, and the Upgrade value or None. Lines named in
+    ``drop`` (lowercase) are removed too.
 
     The block is scanned once by a regex (the parser guarantees ``name:`` with no
     space before the colon); headers are never visited one by one from Python,
@@ -177,8 +189,12 @@ def split_response_head(block: bytes) -> tuple[bytes, bytes | None, bool, bytes 
         if cuts is None:
             cuts = []
         cuts.append((start, eol + 2))
-    if cuts is None:
+    if drop:
+        named = [*(named or ()), *drop]
+    if cuts is None and not named:
         return (block + _CRLF if block else b""), clen, chunked, upgrade
+    if cuts is None:
+        cuts = []
     if named:
         for token in named:
             needle = b"\n" + token + b":"

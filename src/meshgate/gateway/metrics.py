@@ -33,7 +33,14 @@ _CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
 class RouteStats:
     """Requests and latencies of one route and upstream, in one worker."""
 
-    __slots__ = ("by_class", "gateway_buckets", "gateway_sum", "upstream_buckets", "upstream_sum")
+    __slots__ = (
+        "aborted",
+        "by_class",
+        "gateway_buckets",
+        "gateway_sum",
+        "upstream_buckets",
+        "upstream_sum",
+    )
 
     def __init__(self) -> None:
         self.by_class = [0, 0, 0, 0, 0, 0]
@@ -41,6 +48,7 @@ class RouteStats:
         self.gateway_sum = 0.0
         self.upstream_buckets = [0] * (len(BUCKETS) + 1)
         self.upstream_sum = 0.0
+        self.aborted = 0
 
     def observe(self, status: int, total: float, upstream: float) -> None:
         """Count one finished exchange: its status and where its time went."""
@@ -61,6 +69,7 @@ class RouteStats:
             "gateway_sum": self.gateway_sum,
             "upstream_buckets": list(self.upstream_buckets),
             "upstream_sum": self.upstream_sum,
+            "aborted": self.aborted,
         }
 
 
@@ -110,6 +119,7 @@ def merge_snapshots(snapshots: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
                 _add(merged[field], entry[field])
             merged["gateway_sum"] += entry["gateway_sum"]
             merged["upstream_sum"] += entry["upstream_sum"]
+            merged["aborted"] += entry["aborted"]
         for name, up in snap.get("upstreams", {}).items():
             for label, ep in up["endpoints"].items():
                 slot = upstreams.setdefault((name, label), {"open": 0, "idle": 0})
@@ -159,6 +169,16 @@ class GatewayCollector(Collector):
                 if count:
                     requests.add_metric([entry["route"], entry["upstream"], cls], count)
         yield requests
+        aborted = CounterMetricFamily(
+            "meshgate_gateway_aborted",
+            "Responses cut off after their head was sent: the upstream failed or timed out "
+            "mid-response, or the client went away. They are also counted in requests.",
+            labels=["route", "upstream"],
+        )
+        for entry in routes:
+            if entry["aborted"]:
+                aborted.add_metric([entry["route"], entry["upstream"]], entry["aborted"])
+        yield aborted
         yield _histogram(
             "meshgate_gateway_gateway_seconds",
             "Time spent in the gateway per request (total minus upstream time).",

@@ -4,8 +4,8 @@ A path is matched, and forwarded, in one canonical form, so that ``/public/../ad
 or ``/%2e%2e/admin`` cannot reach a route under another route's policy:
 
 * percent-encoded unreserved characters (letters, digits, ``-._~``) are decoded,
-  other escapes are kept with upper-case hex; ``%2F`` is decoded only when the
-  configuration says so (an encoded slash is data by default, not a separator);
+  other escapes are kept with upper-case hex; ``%2F`` is decoded only with
+  ``gateway.decode_encoded_slashes`` (an encoded slash is data by default);
 * runs of slashes collapse into one;
 * ``.`` and ``..`` segments are resolved (RFC 3986 section 5.2.4), never above the root.
 

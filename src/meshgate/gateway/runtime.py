@@ -19,6 +19,13 @@ from meshgate.gateway.upstream.pool import Upstream
 __all__ = ["CompiledRoute", "Runtime"]
 
 
+def _merge_timeouts(base: TimeoutSettings, override: TimeoutSettings | None) -> TimeoutSettings:
+    """The upstream's timeouts with the fields a route sets replacing them, one by one."""
+    if override is None:
+        return base
+    return base.model_copy(update={k: getattr(override, k) for k in override.model_fields_set})
+
+
 class CompiledRoute:
     """What the data plane needs of a matched route."""
 
@@ -71,7 +78,7 @@ class Runtime:
         matches = []
         for index, route in enumerate(config.routes):
             upstream = self.upstreams[route.upstream]
-            timeouts = route.timeouts or upstream.settings.timeouts
+            timeouts = _merge_timeouts(upstream.settings.timeouts, route.timeouts)
             compiled = CompiledRoute(
                 route, upstream, timeouts, metrics.route(route.name, route.upstream)
             )
@@ -81,6 +88,8 @@ class Runtime:
 
         rid = gw.request_id_header
         self.rid_name = rid.encode()
+        self.rid_lower = rid.lower().encode()
+        self.resp_names = http.response_names(rid)
         self.rid_prefix = self.rid_name + b": "
         self.req_kinds = dict(http.REQ_HEADER_KINDS)
         self.req_kinds[rid.lower().encode()] = http.REQUEST_ID
@@ -94,7 +103,7 @@ class Runtime:
         self.max_url = limits.max_url_bytes
         self.max_head = limits.max_header_bytes
         self.max_body = limits.max_body_bytes
-        self.decode_slashes = False
+        self.decode_slashes = gw.decode_encoded_slashes
         self.header_timeout = gw.header_timeout
         self.keepalive_timeout = gw.keepalive_timeout
         self._trusted = gw.trusted_proxies

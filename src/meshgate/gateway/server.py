@@ -102,6 +102,7 @@ class Exchange:
     last_io: float
     reused: bool
 
+    aborted = ""  # why a response was cut off after its head was sent
     body_buf: list[bytes] | None = None
     body_size = 0
     chunked_in = False
@@ -216,8 +217,10 @@ class Exchange:
         """The upstream's response head: ``block`` is its header lines, raw (see
         :func:`~meshgate.gateway.http.filter_response_head`)."""
         client = self.client
-        headers, clen, chunked, upgrade, connection = http.filter_response_head(block)
         rt = self.rt
+        headers, clen, chunked, upgrade, connection = http.filter_response_head(
+            block, rt.resp_names, rt.rid_lower
+        )
         if status < 200 and status != 101:
             # Interim responses (102, 103) go to HTTP/1.1 clients as they are;
             # the parser reports their end, which must not end the exchange.
@@ -398,8 +401,9 @@ class Exchange:
         self.route.upstream.acquire(self)  # type: ignore[union-attr]
         return True
 
-    def _abort_client(self, detail: str) -> None:
+    def _abort_client(self, detail: str, reason: str = "upstream_failed") -> None:
         log.debug("aborting client connection: %s", detail)
+        self.aborted = reason
         self.out = None
         self.keep_alive = False
         self.status = self.status or 502
@@ -408,7 +412,7 @@ class Exchange:
 
     # -- errors and timeouts ----------------------------------------------------
 
-    def fail(self, status: int, error: str, detail: str, *, retry_safe: bool = False) -> None:
+    def fail(self, status: int, error: str, detail: str) -> None:
         """End the exchange with an error response (or by closing, if one already started)."""
         if self.done:
             return
@@ -488,6 +492,9 @@ class Exchange:
         if upstream_time:
             stats.upstream_buckets[bisect_left(BUCKETS, upstream_time)] += 1
             stats.upstream_sum += upstream_time
+        aborted = self.aborted
+        if aborted:
+            stats.aborted += 1
         access = worker.access_log
         if access is not None:
             access.records.append(
@@ -501,6 +508,7 @@ class Exchange:
                     self.resp_bytes,
                     total,
                     upstream_time,
+                    aborted,
                 )
             )
         if self.keep_alive and client.current is self and not client.closing and not client.pending:
@@ -522,24 +530,24 @@ def _connection_tokens(value: bytes, extra: set[bytes] | None) -> set[bytes] | N
     return extra
 
 
-_NO_SPECIALS = (b"", None, False, None, b"", b"", False, b"", b"", b"", b"")
+_NO_SPECIALS = (b"", None, b"", None, b"", b"", False, b"", b"", b"", b"")
 
 
 def _special_headers(
     items: list[tuple[int, bytes]], trusted: bool
 ) -> tuple[
-    bytes, bytes | None, bool, set[bytes] | None, bytes, bytes, bool, bytes, bytes, bytes, bytes
+    bytes, bytes | None, bytes, set[bytes] | None, bytes, bytes, bool, bytes, bytes, bytes, bytes
 ]:
     """The request headers the gateway acts on (other than Host), read in one pass.
 
-    Returns (request id, Content-Length, chunked, names listed in Connection,
+    Returns (request id, Content-Length, Transfer-Encoding, names listed in Connection,
     Upgrade, Expect, whether Connection was sent, and from a trusted peer the
     X-Forwarded-For, -Proto, -Host and Forwarded values). Hop-by-hop headers and
     forwarding headers from an untrusted peer are simply not returned: dropped.
     """
     request_id = b""
     content_length: bytes | None = None
-    chunked = False
+    chunked = b""
     extra_drop: set[bytes] | None = None
     upgrade_value = b""
     expect = b""
@@ -551,7 +559,8 @@ def _special_headers(
         elif kind == http.CONTENT_LENGTH:
             content_length = value
         elif kind == http.TRANSFER_ENCODING:
-            chunked = True
+            # Forwarded whole: codings before "chunked" (gzip, ...) stay with the body.
+            chunked = chunked + b", " + value if chunked else value
         elif kind == http.CONNECTION:
             has_connection = True
             extra_drop = _connection_tokens(value, extra_drop)
@@ -712,6 +721,8 @@ class ClientConnection(asyncio.Protocol):
                 ex.conn = None
                 conn.exchange = None
                 conn.transport.abort()
+            if ex.resp_started:
+                ex.aborted = "client_closed"
             ex.status = ex.status or 499  # the client closed the request
             ex.finish()
         self.current = None
@@ -914,6 +925,8 @@ class ClientConnection(asyncio.Protocol):
             colon = route_host.rfind(b":")
             if colon >= 0 and route_host.find(b"]", colon) < 0:
                 route_host = route_host[:colon]
+            if route_host.endswith(b"."):
+                route_host = route_host[:-1]  # "example.com." is "example.com"
         found = router.match(method, path, route_host, headers)
         if found is None:
             self._prepare_error(
@@ -941,7 +954,7 @@ class ClientConnection(asyncio.Protocol):
         if content_length is not None:
             fwd.append(b"Content-Length: " + content_length + b"\r\n")
         elif chunked:
-            fwd.append(b"Transfer-Encoding: chunked\r\n")
+            fwd.append(b"Transfer-Encoding: " + chunked + b"\r\n")
         if chunked:
             ex.chunked_in = True
 
@@ -1093,5 +1106,5 @@ class ClientConnection(asyncio.Protocol):
         if self.head_size > 0:
             if now - self.head_started > rt.header_timeout + 0.1:
                 self._refuse(408, "request_timeout", "the request head took too long to arrive")
-        elif now - self.idle_since > rt.keepalive_timeout:
+        elif now - self.idle_since > rt.keepalive_timeout + 0.1:
             self.transport.close()

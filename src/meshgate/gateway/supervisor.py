@@ -30,7 +30,8 @@ from meshgate.config.loader import loads
 from meshgate.config.model import Config
 from meshgate.errors import ConfigError, SupervisorError
 from meshgate.gateway.admin import AdminToken, create_admin_app
-from meshgate.gateway.metrics import merge_snapshots
+from meshgate.gateway.metrics import WorkerMetrics, merge_snapshots
+from meshgate.gateway.runtime import Runtime
 from meshgate.gateway.worker import listen_socket, worker_main
 
 __all__ = ["Supervisor"]
@@ -53,6 +54,16 @@ class _WorkerSlot:
     restarts: int = 0
     crashes_in_row: int = 0
     exits: list[int] = field(default_factory=list)
+
+
+def _restart_only_changes(old: Config, new: Config) -> list[str]:
+    """Settings that changed but only apply at the next start of the gateway."""
+    changed = []
+    if old.gateway.workers != new.gateway.workers:
+        changed.append("gateway.workers")
+    if old.gateway.admin != new.gateway.admin:
+        changed.append("gateway.admin")
+    return changed
 
 
 class _EmbeddedServer(uvicorn.Server):
@@ -85,9 +96,11 @@ class Supervisor:
         self.reloads = 0
         self.last_reload: float | None = None
         self.last_reload_error: str | None = None
+        self.restart_pending: list[str] = []
         self._slots = [_WorkerSlot(i) for i in range(self.worker_count)]
         self._ctx = multiprocessing.get_context("spawn")
         self._stopping = False
+        self._started = False
         self._stopped = asyncio.Event()
         self._pending: dict[int, asyncio.Future[Any]] = {}
         self._ids = itertools.count(1)
@@ -102,7 +115,13 @@ class Supervisor:
         gw = self.config.gateway
         loop = asyncio.get_running_loop()
         try:
-            self._reservation = listen_socket(gw.listen.host, gw.listen.port, listen=False)
+            # An exclusive bind first: it fails if anything (another gateway's
+            # SO_REUSEPORT workers included) holds the address, which SO_REUSEPORT
+            # alone would silently share.
+            probe = listen_socket(gw.listen.host, gw.listen.port, reuse_port=False, listen=False)
+            port = probe.getsockname()[1]
+            probe.close()
+            self._reservation = listen_socket(gw.listen.host, port, listen=False)
         except OSError as exc:
             raise SupervisorError(
                 f"cannot listen on {gw.listen}: {exc.strerror}; "
@@ -123,6 +142,7 @@ class Supervisor:
         except BaseException:
             await self.stop()
             raise
+        self._started = True
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
         loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self.reload_file()))
@@ -242,6 +262,12 @@ class Supervisor:
         slot.process = None
         if self._stopping:
             return
+        if not self._started and slot.ready is not None and not slot.ready.done():
+            # Dying before the gateway ever served: restarting would only repeat it.
+            slot.ready.set_exception(
+                SupervisorError(f"worker {slot.index} exited with code {code} while starting")
+            )
+            return
         slot.exits.append(code if code is not None else -1)
         uptime = time.monotonic() - slot.started
         slot.crashes_in_row = 1 if uptime > _STABLE_AFTER else slot.crashes_in_row + 1
@@ -308,17 +334,34 @@ class Supervisor:
             return self._reload_failed(
                 "gateway.listen cannot change on reload; restart the gateway to move it"
             )
+        try:
+            # Compile here first: what would fail in a worker fails before any
+            # worker has swapped, so the workers never disagree.
+            Runtime(config, WorkerMetrics()).close()
+        except Exception as exc:
+            log.exception("the configuration validated but did not compile")
+            return self._reload_failed(f"the configuration cannot be compiled: {exc}")
+        live = [s for s in self._slots if s.control is not None]
         replies = await self._ask_all("reload", text, self.source)
         errors = [r["error"] for r in replies if not r.get("ok")]
+        if len(replies) < len(live):
+            errors.append(
+                f"{len(live) - len(replies)} of {len(live)} workers did not confirm the "
+                "reload in time; check the log, then reload again"
+            )
         if errors:
-            return self._reload_failed(errors[0])
+            return self._reload_failed("; ".join(errors))
+        restart = _restart_only_changes(self.config, config)
         self.config = config
         self.config_text = text
         self.reloads += 1
         self.last_reload = time.time()
         self.last_reload_error = None
         log.info("configuration reloaded (%d workers)", len(replies))
-        return {"ok": True, "reloads": self.reloads}
+        if restart:
+            log.warning("changes to %s take effect when the gateway restarts", ", ".join(restart))
+        self.restart_pending = sorted(set(self.restart_pending) | set(restart))
+        return {"ok": True, "reloads": self.reloads, "restart_required": restart}
 
     def _reload_failed(self, error: str) -> dict[str, Any]:
         self.last_reload_error = error
@@ -328,12 +371,13 @@ class Supervisor:
     def status(self) -> dict[str, Any]:
         """What runs, for the admin API and ``meshgate`` commands."""
         return {
-            "listen": f"{self.config.gateway.listen.host}:{self.port}",
+            "listen": str(self.config.gateway.listen.model_copy(update={"port": self.port})),
             "uptime_seconds": round(time.time() - self.started, 3),
             "config_source": self.source,
             "reloads": self.reloads,
             "last_reload": self.last_reload,
             "last_reload_error": self.last_reload_error,
+            "restart_required": self.restart_pending,
             "workers": [
                 {
                     "index": s.index,

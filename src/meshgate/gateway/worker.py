@@ -107,14 +107,17 @@ class Worker:
                 ex.timed_out("total")
             elif now - ex.last_io > ex.read_timeout + _TICK:
                 ex.timed_out("read")
+        rt = self.runtime
+        for upstream in rt.upstreams.values():
+            if upstream.waiters:
+                upstream.expire_waiters(now, _TICK)
         self._ticks += 1
         if self._ticks % _SLOW_TICKS == 0:
-            rt = self.runtime
             for conn in list(self.connections):
                 conn.expire(now, rt)
             for runtime in (rt, *self._retired):
                 for upstream in runtime.upstreams.values():
-                    upstream.expire(now, upstream.settings.timeouts.connect)
+                    upstream.expire_idle(now - _TICK)
         if self.access_log is not None:
             self.access_log.flush()
         self._timer = asyncio.get_running_loop().call_later(_TICK, self._tick)
@@ -125,8 +128,15 @@ class Worker:
         self.runtime = Runtime(config, self.metrics)
         self.reloads += 1
         self._retired.append(old)
-        # Old pools close their idle connections now; busy ones close as they finish.
+        # Old pools close their idle connections now; connections busy with an
+        # exchange return to the old pool when it ends and close after its idle
+        # timeout, or at once when their upstream says so.
         old.close()
+        settings = config.gateway.access_log
+        if settings != old.config.gateway.access_log:
+            if self.access_log is not None:
+                self.access_log.close()
+            self.access_log = AccessLog(settings.path, self.index) if settings.enabled else None
         self._retired = [r for r in self._retired if any(u.open for u in r.upstreams.values())]
 
     def connection_closed(self, conn: ClientConnection) -> None:
@@ -241,7 +251,7 @@ async def _worker_async(  # noqa: PLR0917 - private, called once, positionally
 
     async def drain() -> None:
         if not worker.draining:
-            await worker.drain(config.gateway.drain_timeout)
+            await worker.drain(worker.runtime.config.gateway.drain_timeout)
             done.set()
 
     def on_control() -> None:
@@ -261,9 +271,16 @@ async def _worker_async(  # noqa: PLR0917 - private, called once, positionally
         elif kind == "reload":
             try:
                 worker.apply(loads(message[2], message[3]))
-                control.send(("reply", message[1], {"ok": True, "reloads": worker.reloads}))
             except ConfigError as exc:
                 control.send(("reply", message[1], {"ok": False, "error": str(exc)}))
+            except Exception as exc:
+                # The supervisor compiled this configuration before sending it, so
+                # this is a bug; the old configuration keeps serving regardless.
+                log.exception("worker %d could not apply the configuration", index)
+                reply = {"ok": False, "error": f"worker {index} failed to apply it: {exc!r}"}
+                control.send(("reply", message[1], reply))
+            else:
+                control.send(("reply", message[1], {"ok": True, "reloads": worker.reloads}))
         elif kind == "drain":
             spawn_drain()
 

@@ -340,7 +340,6 @@ class Upstream:
                 502,
                 "upstream_connect_failed",
                 f"cannot connect to {endpoint.label}: {reason}",
-                retry_safe=True,
             )
             return
         if ex.done:
@@ -384,18 +383,23 @@ class Upstream:
                 continue
             self.connect(endpoint, ex)
 
-    def expire(self, now: float, queue_timeout: float) -> None:
-        """Close idle connections past the idle timeout; fail requests queued too long."""
+    def expire_idle(self, now: float) -> None:
+        """Close idle connections past the idle timeout (``now`` from the sweep)."""
         deadline = now - self.idle_timeout
         for endpoint in self.endpoints:
             idle = endpoint.idle
             # The stack's bottom holds the oldest connections.
             while idle and idle[0].idle_since < deadline:
                 idle.pop(0).transport.close()
+
+    def expire_waiters(self, now: float, slack: float) -> None:
+        """Fail requests that waited for a free connection past their connect timeout."""
         waiters = self.waiters
-        while waiters and (waiters[0].done or now - waiters[0].queued_at > queue_timeout):
-            ex = waiters.popleft()
-            if not ex.done:
+        for ex in list(waiters):
+            if ex.done:
+                waiters.remove(ex)
+            elif now - ex.queued_at > ex.connect_timeout + slack:
+                waiters.remove(ex)
                 ex.fail(
                     503,
                     "upstream_saturated",
