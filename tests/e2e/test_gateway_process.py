@@ -152,6 +152,16 @@ def test_killed_worker_is_restarted_and_traffic_continues(
             break
     assert len(workers_seen) == 2, "200 connections all went to one worker"
 
+    def counted() -> int:
+        res = gw.admin("GET", "/metrics")
+        assert res.status_code == 200, res.text
+        return requests_total(res.text, "api")
+
+    for i in range(40):  # the victim counts about half of these
+        assert get(gw.port, f"/api/before/{i}").status == 200
+    eventually(lambda: counted() >= 42, 5, "the requests before the kill counted")
+    counted_before_kill = counted()
+
     signal_time = time.monotonic()
     os.kill(victim, signal.SIGKILL)
     assert wait_dead([victim_proc], 5) == [], "SIGKILL did not kill the worker"
@@ -160,6 +170,7 @@ def test_killed_worker_is_restarted_and_traffic_continues(
     # the dead worker's listener may be reset: that is the accepted restart window.
     errors: list[str] = []
     new_workers: set[str] = set()
+    served_since_kill = 0
     deadline = signal_time + 10
     while time.monotonic() < deadline:
         try:
@@ -168,6 +179,7 @@ def test_killed_worker_is_restarted_and_traffic_continues(
             errors.append(repr(exc))
             continue
         assert reply.status == 200, reply.body
+        served_since_kill += 1
         if reply.worker not in workers_seen:
             new_workers.add(reply.worker)
             break
@@ -194,6 +206,13 @@ def test_killed_worker_is_restarted_and_traffic_continues(
         reply = get(gw.port, f"/api/after/{i}")
         assert reply.status == 200, reply.body
     assert f"worker 0 (pid {victim}) exited with code -9" in gw.log()
+    # The dead worker's share stays in the merged counter: it never goes down.
+    served_since_kill += 30
+    eventually(
+        lambda: counted() >= counted_before_kill + served_since_kill,
+        5,
+        f"{counted_before_kill} + {served_since_kill} requests counted",
+    )
 
 
 # ---------------------------------------------------------------------------- stopping

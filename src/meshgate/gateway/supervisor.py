@@ -103,6 +103,8 @@ class Supervisor:
         self._started = False
         self._stopped = asyncio.Event()
         self._pending: dict[int, asyncio.Future[Any]] = {}
+        self._last_counts: dict[int, tuple[int, dict[str, Any]]] = {}
+        self._retired_counts: list[dict[str, Any]] = []
         self._ids = itertools.count(1)
         self._admin: _EmbeddedServer | None = None
         self._admin_task: asyncio.Task[None] | None = None
@@ -297,24 +299,45 @@ class Supervisor:
         return True
 
     async def _ask_all(self, kind: str, *args: Any, timeout: float = 5.0) -> list[Any]:
+        return list((await self._ask_each(kind, *args, timeout=timeout)).values())
+
+    async def _ask_each(
+        self, kind: str, *args: Any, timeout: float = 5.0
+    ) -> dict[tuple[int, int], Any]:
+        """Every live worker's reply, keyed by (slot index, pid); silent ones are left out."""
         loop = asyncio.get_running_loop()
-        futures = []
+        futures: dict[tuple[int, int], asyncio.Future[Any]] = {}
         for slot in self._slots:
             req = next(self._ids)
             fut: asyncio.Future[Any] = loop.create_future()
             if self._send(slot, (kind, req, *args)):
                 self._pending[req] = fut
-                futures.append(fut)
+                futures[(slot.index, slot.pid)] = fut
         if not futures:
-            return []
-        done, _ = await asyncio.wait(futures, timeout=timeout)
-        return [f.result() for f in futures if f in done]
+            return {}
+        done, _ = await asyncio.wait(futures.values(), timeout=timeout)
+        return {key: f.result() for key, f in futures.items() if f in done}
 
     # -- operations used by the admin API
 
     async def metrics(self) -> dict[str, Any]:
-        """Every worker's metrics, merged."""
-        return merge_snapshots(await self._ask_all("metrics"))
+        """Every worker's metrics, merged; counters never go down.
+
+        A worker's counters die with it. The last counters each worker reported are
+        kept, and those of a worker that was replaced stay in the sum, so that a
+        restart does not look like a counter reset (at most what it counted since the
+        last scrape is lost).
+        """
+        replies = await self._ask_each("metrics")
+        for (index, pid), snapshot in replies.items():
+            last = self._last_counts.get(index)
+            if last is not None and last[0] != pid:
+                merged = merge_snapshots([*self._retired_counts, last[1]])
+                self._retired_counts = [{"routes": merged["routes"]}]
+            self._last_counts[index] = (pid, {"routes": snapshot.get("routes", [])})
+        answered = {index for index, _ in replies}
+        silent = [c for i, (_, c) in self._last_counts.items() if i not in answered]
+        return merge_snapshots([*self._retired_counts, *silent, *replies.values()])
 
     async def reload_file(self) -> dict[str, Any]:
         """Re-read the configuration file and apply it (SIGHUP)."""
