@@ -36,7 +36,7 @@ def main() -> int:
             proc.terminate()
         return 1
     print(  # noqa: T201
-        "\nTry (each request goes to users-1 or users-2 in turn):\n"
+        "\nTry (requests are spread over users-1 and users-2):\n"
         "  curl -i http://127.0.0.1:8080/api/users/42\n"
         "  curl -i http://127.0.0.1:8080/nothing-here        # JSON 404\n"
         '  curl -s -H "Authorization: Bearer $(cat ~/.meshgate/admin-9901.token)" '

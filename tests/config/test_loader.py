@@ -61,7 +61,7 @@ def test_canonical_document_gives_typed_values() -> None:
     users = config.upstreams["users"]
     assert [str(e.address) for e in users.endpoints] == ["127.0.0.1:9001", "127.0.0.1:9002"]
     assert [e.weight for e in users.endpoints] == [1, 1]
-    assert users.balancer == "round_robin"
+    assert users.balancer == "least_request"
     assert users.timeouts.connect == 5.0
     assert users.timeouts.total is None
 
@@ -222,7 +222,7 @@ BAD_DOCUMENTS = [
     pytest.param(
         _edit('9002"]}', '9002"], balancr: round_robin}'),
         "upstreams.users.balancr",
-        "(did you mean 'balancer'?); allowed keys: balancer, endpoints,",
+        "(did you mean 'balancer'?); allowed keys: balancer, circuit_breaker, endpoints,",
         6,
         id="unknown-upstream-key",
     ),
@@ -413,7 +413,7 @@ BAD_DOCUMENTS = [
     pytest.param(
         _edit("{endpoints:", "{balancer: random, endpoints:"),
         "upstreams.users.balancer",
-        "'round_robin' or 'weighted_round_robin' (got 'random')",
+        "'weighted_round_robin', 'hash' or 'sticky' (got 'random')",
         6,
         id="unknown-balancer",
     ),
@@ -421,7 +421,7 @@ BAD_DOCUMENTS = [
         # The upstream's name equals the bad field's name: the line is still the field's.
         "upstreams:\n  balancer:\n    endpoints: ['127.0.0.1:1']\n    balancer: random\n",
         "upstreams.balancer.balancer",
-        "'round_robin' or 'weighted_round_robin'",
+        "'weighted_round_robin', 'hash' or 'sticky'",
         4,
         id="upstream-named-like-its-field",
     ),
@@ -538,7 +538,10 @@ BAD_DOCUMENTS = [
         id="rewrite-without-slash",
     ),
     pytest.param(
-        _edit('"127.0.0.1:9002"', '{address: "127.0.0.1:9002", weight: 3}'),
+        _edit(
+            '"127.0.0.1:9002"]}',
+            '{address: "127.0.0.1:9002", weight: 3}], balancer: round_robin}',
+        ),
         "upstreams.users",
         "balancer is round_robin, which ignores them; set balancer: weighted_round_robin",
         6,

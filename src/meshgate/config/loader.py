@@ -136,7 +136,9 @@ def format_path(loc: Sequence[int | str]) -> str:
     """``("routes", 2, "upstream")`` -> ``routes[2].upstream``."""
     out = ""
     for part in loc:
-        if isinstance(part, int):
+        if isinstance(part, bool):  # a YAML key read as a boolean (on, yes, ...)
+            out += f".{str(part).lower()}"
+        elif isinstance(part, int):
             out += f"[{part}]"
         else:
             out += f".{part}" if out else str(part)
@@ -181,6 +183,11 @@ def _translate(err: Any, node: yaml.Node | None) -> ConfigIssue:
         message = f"unknown key {key!r}{_suggest(key, allowed)}; allowed keys: {', '.join(allowed)}"
     elif kind == "missing":
         message = "this field is required; add it"
+    elif kind == "invalid_key" and isinstance(err.get("input"), bool):
+        message = (
+            f"a key was read as {str(err['input']).lower()}: YAML reads unquoted on, off, "
+            "yes and no as booleans; quote the key or check its spelling"
+        )
     else:
         message = str(err["msg"])
         message = message.removeprefix("Value error, ").removeprefix("Assertion failed, ")

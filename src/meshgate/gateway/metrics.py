@@ -35,9 +35,11 @@ class RouteStats:
 
     __slots__ = (
         "aborted",
+        "budget_exhausted",
         "by_class",
         "gateway_buckets",
         "gateway_sum",
+        "retries",
         "upstream_buckets",
         "upstream_sum",
     )
@@ -49,6 +51,8 @@ class RouteStats:
         self.upstream_buckets = [0] * (len(BUCKETS) + 1)
         self.upstream_sum = 0.0
         self.aborted = 0
+        self.retries = 0
+        self.budget_exhausted = 0
 
     def observe(self, status: int, total: float, upstream: float) -> None:
         """Count one finished exchange: its status and where its time went."""
@@ -70,6 +74,8 @@ class RouteStats:
             "upstream_buckets": list(self.upstream_buckets),
             "upstream_sum": self.upstream_sum,
             "aborted": self.aborted,
+            "retries": self.retries,
+            "budget_exhausted": self.budget_exhausted,
         }
 
 
@@ -119,7 +125,8 @@ def merge_snapshots(snapshots: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
                 _add(merged[field], entry[field])
             merged["gateway_sum"] += entry["gateway_sum"]
             merged["upstream_sum"] += entry["upstream_sum"]
-            merged["aborted"] += entry["aborted"]
+            for counter in ("aborted", "retries", "budget_exhausted"):
+                merged[counter] += entry[counter]
         for name, up in snap.get("upstreams", {}).items():
             for label, ep in up["endpoints"].items():
                 slot = upstreams.setdefault((name, label), {"open": 0, "idle": 0})
@@ -179,6 +186,24 @@ class GatewayCollector(Collector):
             if entry["aborted"]:
                 aborted.add_metric([entry["route"], entry["upstream"]], entry["aborted"])
         yield aborted
+        retries = CounterMetricFamily(
+            "meshgate_gateway_retries",
+            "Requests tried again on another endpoint.",
+            labels=["route", "upstream"],
+        )
+        exhausted = CounterMetricFamily(
+            "meshgate_gateway_retry_budget_exhausted",
+            "Retries not made because the upstream's retry budget was spent.",
+            labels=["route", "upstream"],
+        )
+        for entry in routes:
+            labels = [entry["route"], entry["upstream"]]
+            if entry["retries"]:
+                retries.add_metric(labels, entry["retries"])
+            if entry["budget_exhausted"]:
+                exhausted.add_metric(labels, entry["budget_exhausted"])
+        yield retries
+        yield exhausted
         yield _histogram(
             "meshgate_gateway_gateway_seconds",
             "Time spent in the gateway per request (total minus upstream time).",

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import ipaddress
 from functools import lru_cache
+from typing import TypeVar
 
-from meshgate.config.model import Config, RouteSettings, TimeoutSettings
+from meshgate.config.model import Config, RetrySettings, RouteSettings, TimeoutSettings
 from meshgate.gateway import http
 from meshgate.gateway.metrics import RouteStats, WorkerMetrics
 from meshgate.gateway.router import RouteMatch, Router
@@ -19,11 +20,44 @@ from meshgate.gateway.upstream.pool import Upstream
 __all__ = ["CompiledRoute", "Runtime"]
 
 
-def _merge_timeouts(base: TimeoutSettings, override: TimeoutSettings | None) -> TimeoutSettings:
-    """The upstream's timeouts with the fields a route sets replacing them, one by one."""
+_Settings = TypeVar("_Settings", TimeoutSettings, RetrySettings)
+
+
+def _merge(base: _Settings, override: _Settings | None) -> _Settings:
+    """The upstream's settings with the fields a route sets replacing them, one by one."""
     if override is None:
         return base
     return base.model_copy(update={k: getattr(override, k) for k in override.model_fields_set})
+
+
+class RetryPolicy:
+    """A route's retry settings, compiled for the hot path."""
+
+    __slots__ = (
+        "attempts",
+        "backoff_base",
+        "backoff_max",
+        "buffer",
+        "idempotency_key",
+        "on_connect",
+        "on_reset",
+        "on_timeout",
+        "per_try",
+        "statuses",
+    )
+
+    def __init__(self, settings: RetrySettings) -> None:
+        self.attempts = settings.attempts
+        conditions = set(settings.retry_on)
+        self.on_connect = "connect_failure" in conditions
+        self.on_reset = "reset" in conditions
+        self.on_timeout = "timeout" in conditions
+        self.statuses = frozenset(c for c in conditions if isinstance(c, int))
+        self.per_try = settings.per_try_timeout
+        self.backoff_base = settings.backoff_base
+        self.backoff_max = settings.backoff_max
+        self.buffer = settings.buffer
+        self.idempotency_key = settings.idempotency_key
 
 
 class CompiledRoute:
@@ -35,6 +69,7 @@ class CompiledRoute:
         "name",
         "preserve_host",
         "read_timeout",
+        "retry",
         "rewrites",
         "settings",
         "stats",
@@ -48,6 +83,7 @@ class CompiledRoute:
         upstream: Upstream,
         timeouts: TimeoutSettings,
         stats: RouteStats,
+        retries: RetrySettings,
     ) -> None:
         self.settings = settings
         self.name = settings.name
@@ -63,6 +99,7 @@ class CompiledRoute:
         self.connect_timeout = timeouts.connect
         self.read_timeout = timeouts.read
         self.total_timeout = timeouts.total
+        self.retry = RetryPolicy(retries) if retries.attempts else None
 
 
 class Runtime:
@@ -78,9 +115,10 @@ class Runtime:
         matches = []
         for index, route in enumerate(config.routes):
             upstream = self.upstreams[route.upstream]
-            timeouts = _merge_timeouts(upstream.settings.timeouts, route.timeouts)
+            timeouts = _merge(upstream.settings.timeouts, route.timeouts)
+            retries = _merge(upstream.settings.retries, route.retries)
             compiled = CompiledRoute(
-                route, upstream, timeouts, metrics.route(route.name, route.upstream)
+                route, upstream, timeouts, metrics.route(route.name, route.upstream), retries
             )
             matches.append(RouteMatch(route, index, compiled))
         self.router = Router(matches)

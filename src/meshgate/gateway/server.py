@@ -16,6 +16,7 @@ import asyncio
 import logging
 from bisect import bisect_left
 from collections import deque
+from random import random
 from time import perf_counter
 from typing import TYPE_CHECKING
 
@@ -29,7 +30,7 @@ from meshgate.gateway.paths import PathError, normalize_path
 
 if TYPE_CHECKING:
     from meshgate.gateway.runtime import CompiledRoute, Runtime
-    from meshgate.gateway.upstream.pool import UpstreamConnection
+    from meshgate.gateway.upstream.pool import Endpoint, UpstreamConnection
     from meshgate.gateway.worker import Worker
 
 __all__ = ["ClientConnection", "Exchange"]
@@ -76,7 +77,9 @@ class Exchange:
         "client",
         "conn",
         "done",
+        "endpoint",
         "head",
+        "headers",
         "http10",
         "keep_alive",
         "last_io",
@@ -97,12 +100,19 @@ class Exchange:
     )
 
     # Slots set when the head is prepared or the exchange attached.
+    headers: list[tuple[bytes, bytes]]
     http10: bool
     upgrade: bool
     last_io: float
     reused: bool
 
     aborted = ""  # why a response was cut off after its head was sent
+    attempts = 0  # retries made
+    tried: set[Endpoint] | None = None  # endpoints a retry must avoid
+    replay: list[bytes] | None = None  # the body so far, kept to be sent again
+    replay_size = 0
+    set_cookie: bytes | None = None  # a sticky-session cookie to set
+    try_deadline = 0.0  # the current try's per-try timeout
     body_buf: list[bytes] | None = None
     body_size = 0
     chunked_in = False
@@ -134,6 +144,7 @@ class Exchange:
         self.resp_bytes = 0
         self.t_start = 0.0
         self.t_up = 0.0
+        self.endpoint: Endpoint | None = None
         # Response bytes held back to leave in one write with what follows them
         # in the same read from the upstream (head + body: one syscall, not two).
         self.out: list[bytes] | None = None
@@ -157,6 +168,9 @@ class Exchange:
         """Send the request on ``conn``: its head, then whatever body has arrived."""
         self.conn = conn
         self.reused = reused
+        endpoint = self.endpoint = conn.endpoint
+        endpoint.inflight += 1
+        conn.upstream.sent += 1  # feeds the retry budget
         conn.exchange = self
         conn.requests += 1
         transport = conn.transport
@@ -184,9 +198,13 @@ class Exchange:
         now = CLOCK.now
         self.last_io = now
         self.t_up = perf_counter()
-        total = self.route.total_timeout  # type: ignore[union-attr]
-        if total:
-            self.deadline = now + total
+        route = self.route
+        total = route.total_timeout  # type: ignore[union-attr]
+        if total and not self.deadline:
+            self.deadline = now + total  # the whole exchange, retries included
+        retry = route.retry  # type: ignore[union-attr]
+        if retry is not None and retry.per_try:
+            self.try_deadline = now + retry.per_try
         self.client.worker.inflight.add(self)
 
     def on_request_body(self, body: bytes) -> None:
@@ -197,6 +215,13 @@ class Exchange:
             raise _Reject(413, "body_too_large", f"the request body is larger than {limit} bytes")
         if self.done:
             return
+        replay = self.replay
+        if replay is not None:
+            self.replay_size += len(body)
+            if self.replay_size > self.route.retry.buffer:  # type: ignore[union-attr]
+                self.replay = None  # too large to send again: this request is not retried
+            else:
+                replay.append(body)
         conn = self.conn
         if conn is not None:
             if self.chunked_in:
@@ -228,9 +253,20 @@ class Exchange:
             if not self.http10:
                 client.transport.write(status_line(status) + headers + b"\r\n")
             return
+        if status >= 500:
+            retry = self.route.retry  # type: ignore[union-attr]
+            if retry is not None and status in retry.statuses and self._may_retry(True):
+                # Not forwarded: the connection is mid-response, so it is dropped.
+                conn.exchange = None
+                conn.transport.abort()
+                self.conn = None
+                self._retry(conn.endpoint)
+                return
         self.status = status
         self.resp_started = True
         out = [status_line(status), headers, rt.via_resp, rt.rid_prefix, self.request_id]
+        if self.set_cookie is not None:
+            out.append(self.set_cookie)
         append = out.append
         if status == 101:
             append(b"\r\nConnection: Upgrade\r\nUpgrade: " + (upgrade or b"") + b"\r\n\r\n")
@@ -360,7 +396,9 @@ class Exchange:
         if not self.resp_started:
             if self._retry_stale(conn):
                 return
-            self.fail(
+            self.upstream_failed(
+                conn.endpoint,
+                "reset",
                 502,
                 "upstream_closed",
                 f"{conn.endpoint.label} closed the connection before responding",
@@ -380,6 +418,7 @@ class Exchange:
         self.conn = None
         if self.done:
             return
+        self._leave_endpoint(failed=conn.endpoint)
         if self.resp_started:
             self._abort_client(detail)
         else:
@@ -397,9 +436,97 @@ class Exchange:
         if self.body_size or self.chunked_in:
             return False
         self.retried = True
+        self._leave_endpoint()
         self.client.worker.inflight.discard(self)
         self.route.upstream.acquire(self)  # type: ignore[union-attr]
         return True
+
+    # -- retries --------------------------------------------------------------------
+
+    def upstream_failed(
+        self, endpoint: Endpoint, kind: str, status: int, error: str, detail: str
+    ) -> None:
+        """A try failed before any response reached the client: retry it, or answer.
+
+        ``kind`` is ``connect_failure`` (the request never reached the upstream),
+        ``reset`` or ``timeout``.
+        """
+        if self.done:
+            return
+        conn = self.conn
+        if conn is not None:
+            self.conn = None
+            conn.exchange = None
+            conn.transport.abort()
+        retry = self.route.retry if self.route is not None else None
+        if retry is not None and not self.resp_started:
+            wanted = (
+                retry.on_connect
+                if kind == "connect_failure"
+                else retry.on_reset
+                if kind == "reset"
+                else retry.on_timeout
+            )
+            if wanted and self._may_retry(kind != "connect_failure"):
+                self._retry(endpoint)
+                return
+        self._leave_endpoint(failed=endpoint)
+        self.fail(status, error, detail)
+
+    def _may_retry(self, reached: bool) -> bool:
+        """Whether this exchange may be tried again now (and take a retry from the
+        budget). ``reached``: the request may have been processed by the upstream."""
+        retry = self.route.retry  # type: ignore[union-attr]
+        if retry is None or self.attempts >= retry.attempts or self.resp_started:
+            return False
+        if self.body_size and self.replay is None:
+            return False  # the body is too large to send again
+        # Sent twice, a non-idempotent request may act twice; only a request that says
+        # it is safe (an Idempotency-Key) on a route that allows it is resent.
+        if (
+            reached
+            and self.method not in IDEMPOTENT_METHODS
+            and not (retry.idempotency_key and _has_header(self.headers, b"idempotency-key"))
+        ):
+            return False
+        if self.deadline and CLOCK.now >= self.deadline:
+            return False
+        upstream = self.route.upstream  # type: ignore[union-attr]
+        if not upstream.budget.try_spend():
+            self.route.stats.budget_exhausted += 1  # type: ignore[union-attr]
+            return False
+        return True
+
+    def _retry(self, failed: Endpoint) -> None:
+        """Try again on another endpoint after a backoff with full jitter."""
+        self._leave_endpoint(failed=failed)
+        self.attempts += 1
+        self.route.stats.retries += 1  # type: ignore[union-attr]
+        tried = self.tried
+        if tried is None:
+            tried = self.tried = set()
+        tried.add(failed)
+        self.client.worker.inflight.discard(self)
+        self.try_deadline = 0.0
+        if self.replay is not None:
+            self.body_buf = list(self.replay)  # the whole body goes again
+        retry = self.route.retry  # type: ignore[union-attr]
+        delay = random() * min(retry.backoff_max, retry.backoff_base * 2 ** (self.attempts - 1))  # type: ignore[union-attr]  # noqa: S311
+        asyncio.get_running_loop().call_later(delay, self._retry_now)
+
+    def _retry_now(self) -> None:
+        if not self.done:
+            self.route.upstream.acquire(self)  # type: ignore[union-attr]
+
+    def _leave_endpoint(self, failed: Endpoint | None = None) -> None:
+        """This try is over: the endpoint it used has one request less in flight, and
+        a failure to count."""
+        endpoint = self.endpoint
+        if endpoint is not None:
+            self.endpoint = None
+            endpoint.inflight -= 1
+        if failed is not None:
+            failed.upstream.failed(failed, CLOCK.now)  # type: ignore[union-attr]
 
     def _abort_client(self, detail: str, reason: str = "upstream_failed") -> None:
         log.debug("aborting client connection: %s", detail)
@@ -412,7 +539,7 @@ class Exchange:
 
     # -- errors and timeouts ----------------------------------------------------
 
-    def fail(self, status: int, error: str, detail: str) -> None:
+    def fail(self, status: int, error: str, detail: str, *, headers: bytes = b"") -> None:
         """End the exchange with an error response (or by closing, if one already started)."""
         if self.done:
             return
@@ -437,6 +564,7 @@ class Exchange:
                 route=route.name if route is not None else None,
                 upstream=route.upstream.name if route is not None else None,
                 close=not self.keep_alive,
+                extra_headers=headers,
             )
         )
         self.finish()
@@ -495,6 +623,20 @@ class Exchange:
         aborted = self.aborted
         if aborted:
             stats.aborted += 1
+        endpoint = self.endpoint
+        if endpoint is not None:
+            # The last try's endpoint: its load, latency and health.
+            self.endpoint = None
+            endpoint.inflight -= 1
+            if status < 500:
+                endpoint.failures = 0
+                if upstream_time:
+                    endpoint.ewma += (upstream_time - endpoint.ewma) * 0.3
+                breaker = endpoint.upstream.breaker  # type: ignore[union-attr]
+                if breaker is not None:
+                    breaker.record(True, CLOCK.now)
+            else:
+                endpoint.upstream.failed(endpoint, CLOCK.now)  # type: ignore[union-attr]
         access = worker.access_log
         if access is not None:
             access.records.append(
@@ -517,6 +659,11 @@ class Exchange:
             client.idle_since = CLOCK.now
             return
         client.exchange_done(self)
+
+
+def _has_header(headers: list[tuple[bytes, bytes]], name: bytes) -> bool:
+    """Whether ``headers`` has one called ``name`` (lowercase)."""
+    return any(key.lower() == name for key, _ in headers)
 
 
 def _connection_tokens(value: bytes, extra: set[bytes] | None) -> set[bytes] | None:
@@ -799,11 +946,11 @@ class ClientConnection(asyncio.Protocol):
             self.pause_reading_for(_REFUSED)
             return
         ex.t_start = perf_counter()
+        ex.headers = headers = self.headers
         parser = self.parser
         method = parser.get_method()
         ex.method = method
         keep_alive = parser.should_keep_alive()
-        headers = self.headers
         url = ex.url
         if len(headers) > rt.max_headers or len(url) > rt.max_url:
             if len(headers) > rt.max_headers:
@@ -957,6 +1104,13 @@ class ClientConnection(asyncio.Protocol):
             fwd.append(b"Transfer-Encoding: " + chunked + b"\r\n")
         if chunked:
             ex.chunked_in = True
+        retry = route.retry
+        if (
+            retry is not None
+            and (chunked or content_length)
+            and (content_length is None or int(content_length) <= retry.buffer)
+        ):
+            ex.replay = []  # keep the body while it fits, to send it again on a retry
 
         # X-Forwarded-* and Forwarded: kept and extended from a trusted peer,
         # replaced from anyone else.

@@ -76,6 +76,7 @@ class Worker:
         self.rid_prefix = os.urandom(8).hex().encode()
         self.rid_count = 0
         self._ticks = 0
+        self._last_tick = CLOCK.now
         self._timer: asyncio.TimerHandle | None = None
         self._idle = asyncio.Event()
         self._retired: list[Runtime] = []
@@ -105,12 +106,29 @@ class Worker:
                 self.inflight.discard(ex)
             elif ex.deadline and now > ex.deadline + _TICK:
                 ex.timed_out("total")
+            elif ex.try_deadline and now > ex.try_deadline + _TICK and not ex.resp_started:
+                endpoint = ex.endpoint
+                if endpoint is not None:
+                    seconds = ex.route.retry.per_try  # type: ignore[union-attr]
+                    ex.upstream_failed(
+                        endpoint,
+                        "timeout",
+                        504,
+                        "upstream_timeout",
+                        f"{endpoint.label} did not answer within the per-try timeout {seconds:g}s",
+                    )
             elif now - ex.last_io > ex.read_timeout + _TICK:
                 ex.timed_out("read")
         rt = self.runtime
+        elapsed = now - self._last_tick
+        self._last_tick = now
         for upstream in rt.upstreams.values():
             if upstream.waiters:
                 upstream.expire_waiters(now, _TICK)
+            upstream.budget.tick(elapsed, upstream.sent)
+            upstream.sent = 0
+            if upstream.outlier is not None:
+                upstream.outlier.tick(now)
         self._ticks += 1
         if self._ticks % _SLOW_TICKS == 0:
             for conn in list(self.connections):

@@ -1,81 +1,229 @@
 """Load balancers: each picks the endpoint for the next request.
 
-One contract: ``pick(exchange) -> Endpoint | None`` (None when no endpoint can
-take traffic). A balancer is built once per configuration from the upstream's
-endpoints and keeps its own cursor state; adding a balancer means adding one
-class here and one entry in :data:`BALANCERS`.
+One contract: ``pick(exchange, candidates) -> Endpoint | None``, where ``candidates``
+are the endpoints that may take traffic now (available, and not already tried by
+this exchange); None only when there are none. A balancer is built once per
+configuration from its upstream and keeps its own state; adding one means adding a
+class here and an entry in :data:`BALANCERS`.
 """
 
 from __future__ import annotations
 
+import hashlib
+import zlib
+from bisect import bisect_left
 from collections.abc import Callable, Sequence
+from random import random
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
+    from meshgate.config.model import UpstreamSettings
+    from meshgate.gateway.server import Exchange
     from meshgate.gateway.upstream.pool import Endpoint
 
-__all__ = ["BALANCERS", "Balancer", "RoundRobin", "WeightedRoundRobin"]
+__all__ = [
+    "BALANCERS",
+    "Balancer",
+    "ConsistentHash",
+    "LeastRequest",
+    "RoundRobin",
+    "Sticky",
+    "WeightedRoundRobin",
+    "endpoint_id",
+]
 
 
 class Balancer(Protocol):
     """Picks an endpoint for a request."""
 
-    def pick(self, exchange: object) -> Endpoint | None:
-        """The endpoint to use, or None if none is available."""
+    def pick(self, exchange: Exchange, candidates: Sequence[Endpoint]) -> Endpoint | None:
+        """The endpoint to use, from ``candidates``; None if there are none."""
         ...
 
 
+def endpoint_id(label: str) -> str:
+    """A short, stable, opaque id for an endpoint (what sticky cookies carry)."""
+    return hashlib.blake2s(label.encode(), digest_size=6).hexdigest()
+
+
+class LeastRequest:
+    """Power of two choices: of two random candidates, the one with the lower cost,
+    where cost = EWMA of its latency x (its requests in flight + 1) / its weight.
+
+    Cheap (two random draws), and it steers load away from slow or busy endpoints
+    without the herding of "always the least loaded".
+    """
+
+    __slots__ = ()
+
+    def __init__(self, settings: UpstreamSettings, endpoints: Sequence[Endpoint]) -> None:
+        pass
+
+    def pick(self, exchange: Exchange, candidates: Sequence[Endpoint]) -> Endpoint | None:
+        n = len(candidates)
+        if n < 2:
+            return candidates[0] if n else None
+        i = int(random() * n)  # noqa: S311 - load spreading, not security
+        j = int(random() * (n - 1))  # noqa: S311
+        if j >= i:
+            j += 1
+        a = candidates[i]
+        b = candidates[j]
+        cost_a = a.ewma * (a.inflight + 1) * b.weight
+        cost_b = b.ewma * (b.inflight + 1) * a.weight
+        return a if cost_a <= cost_b else b
+
+
 class RoundRobin:
-    """Each available endpoint in turn."""
+    """Each candidate in turn."""
 
-    __slots__ = ("_endpoints", "_next")
+    __slots__ = ("_next",)
 
-    def __init__(self, endpoints: Sequence[Endpoint]) -> None:
-        self._endpoints = tuple(endpoints)
+    def __init__(self, settings: UpstreamSettings, endpoints: Sequence[Endpoint]) -> None:
         self._next = 0
 
-    def pick(self, exchange: object) -> Endpoint | None:
-        endpoints = self._endpoints
-        count = len(endpoints)
-        for _ in range(count):
-            i = self._next
-            self._next = i + 1 if i + 1 < count else 0
-            endpoint = endpoints[i]
-            if endpoint.available:
-                return endpoint
-        return None
+    def pick(self, exchange: Exchange, candidates: Sequence[Endpoint]) -> Endpoint | None:
+        n = len(candidates)
+        if not n:
+            return None
+        i = self._next % n
+        self._next = i + 1
+        return candidates[i]
 
 
 class WeightedRoundRobin:
     """Smooth weighted round robin (as nginx): an endpoint of weight 3 gets 3 of every
     ``sum(weights)`` requests, spread out rather than in bursts."""
 
-    __slots__ = ("_current", "_endpoints", "_weights")
+    __slots__ = ("_current",)
 
-    def __init__(self, endpoints: Sequence[Endpoint]) -> None:
-        self._endpoints = tuple(endpoints)
-        self._weights = tuple(e.weight for e in endpoints)
-        self._current = [0] * len(endpoints)
+    def __init__(self, settings: UpstreamSettings, endpoints: Sequence[Endpoint]) -> None:
+        self._current: dict[str, int] = {e.label: 0 for e in endpoints}
 
-    def pick(self, exchange: object) -> Endpoint | None:
-        best = -1
+    def pick(self, exchange: Exchange, candidates: Sequence[Endpoint]) -> Endpoint | None:
+        best: Endpoint | None = None
         total = 0
         current = self._current
-        for i, endpoint in enumerate(self._endpoints):
-            if not endpoint.available:
-                continue
-            weight = self._weights[i]
-            current[i] += weight
-            total += weight
-            if best < 0 or current[i] > current[best]:
-                best = i
-        if best < 0:
+        for endpoint in candidates:
+            value = current[endpoint.label] + endpoint.weight
+            current[endpoint.label] = value
+            total += endpoint.weight
+            if best is None or value > current[best.label]:
+                best = endpoint
+        if best is not None:
+            current[best.label] -= total
+        return best
+
+
+_VNODES = 160  # points per unit of weight on the ring
+
+
+class ConsistentHash:
+    """A hash ring (160 points per endpoint and unit of weight): a key keeps its
+    endpoint while that endpoint is available, and when one joins or leaves only
+    about 1/n of the keys move. Requests without a key go by least request."""
+
+    __slots__ = ("_client_ip", "_cookie", "_fallback", "_header", "_owners", "_points")
+
+    def __init__(self, settings: UpstreamSettings, endpoints: Sequence[Endpoint]) -> None:
+        hashing = settings.hash
+        self._header = hashing.header.lower().encode() if hashing and hashing.header else None
+        self._cookie = hashing.cookie.encode() if hashing and hashing.cookie else None
+        self._client_ip = bool(hashing and hashing.client_ip)
+        ring: list[tuple[int, int]] = []
+        for index, endpoint in enumerate(endpoints):
+            for v in range(_VNODES * endpoint.weight):
+                point = zlib.crc32(f"{endpoint.label}#{v}".encode())
+                ring.append((point, index))
+        ring.sort()
+        self._points = [p for p, _ in ring]
+        self._owners = [i for _, i in ring]
+        self._fallback = LeastRequest(settings, endpoints)
+
+    def key(self, exchange: Exchange) -> bytes | None:
+        """The bytes hashed for ``exchange``, or None when the request has none."""
+        if self._client_ip:
+            return exchange.client.peer_ip.encode()
+        headers = exchange.client.headers
+        if self._header is not None:
+            for name, value in headers:
+                if name.lower() == self._header:
+                    return value
             return None
-        current[best] -= total
-        return self._endpoints[best]
+        if self._cookie is not None:
+            return cookie_value(headers, self._cookie)
+        return None
+
+    def pick(self, exchange: Exchange, candidates: Sequence[Endpoint]) -> Endpoint | None:
+        if not candidates:
+            return None
+        key = self.key(exchange)
+        if key is None:
+            return self._fallback.pick(exchange, candidates)
+        endpoints = exchange.route.upstream.endpoints  # type: ignore[union-attr]
+        allowed = set(map(id, candidates))
+        points = self._points
+        owners = self._owners
+        start = bisect_left(points, zlib.crc32(key))
+        size = len(points)
+        # Walk the ring from the key's point to the first allowed endpoint.
+        for step in range(size):
+            endpoint = endpoints[owners[(start + step) % size]]
+            if id(endpoint) in allowed:
+                return endpoint
+        return candidates[0]  # pragma: no cover - every candidate is on the ring
 
 
-BALANCERS: dict[str, Callable[[Sequence[Endpoint]], Balancer]] = {
+class Sticky:
+    """Sticky sessions: a cookie names the endpoint that served the client, and later
+    requests carrying it go there while it is available. Without a usable cookie the
+    request goes by least request, and the response sets the cookie."""
+
+    __slots__ = ("_by_id", "_cookie", "_fallback", "set_cookie")
+
+    def __init__(self, settings: UpstreamSettings, endpoints: Sequence[Endpoint]) -> None:
+        sticky = settings.sticky
+        name = sticky.cookie if sticky else "meshgate_sticky"
+        self._cookie = name.encode()
+        self._by_id = {endpoint_id(e.label).encode(): e for e in endpoints}
+        self._fallback = LeastRequest(settings, endpoints)
+        attrs = "; Path=/; HttpOnly; SameSite=Lax"
+        if sticky and sticky.max_age is not None:
+            attrs += f"; Max-Age={int(sticky.max_age)}"
+        # The Set-Cookie line for each endpoint, built once.
+        self.set_cookie = {
+            id(e): f"Set-Cookie: {name}={endpoint_id(e.label)}{attrs}\r\n".encode()
+            for e in endpoints
+        }
+
+    def pick(self, exchange: Exchange, candidates: Sequence[Endpoint]) -> Endpoint | None:
+        value = cookie_value(exchange.client.headers, self._cookie)
+        if value is not None:
+            endpoint = self._by_id.get(value)
+            if endpoint is not None and endpoint in candidates:
+                return endpoint
+        endpoint = self._fallback.pick(exchange, candidates)
+        if endpoint is not None:
+            exchange.set_cookie = self.set_cookie[id(endpoint)]
+        return endpoint
+
+
+def cookie_value(headers: Sequence[tuple[bytes, bytes]], name: bytes) -> bytes | None:
+    """The value of cookie ``name`` in the request's Cookie headers, or None."""
+    for header, value in headers:
+        if header.lower() != b"cookie":
+            continue
+        for part in value.split(b";"):
+            key, sep, found = part.strip().partition(b"=")
+            if sep and key == name:
+                return found.strip().strip(b'"')
+    return None
+
+
+BALANCERS: dict[str, Callable[[UpstreamSettings, Sequence[Endpoint]], Balancer]] = {
+    "least_request": LeastRequest,
     "round_robin": RoundRobin,
     "weighted_round_robin": WeightedRoundRobin,
+    "hash": ConsistentHash,
+    "sticky": Sticky,
 }

@@ -25,6 +25,7 @@ from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 from meshgate.config.model import UpstreamSettings
 from meshgate.gateway.clock import CLOCK
 from meshgate.gateway.upstream.balancer import BALANCERS
+from meshgate.gateway.upstream.health import CircuitBreaker, OutlierDetector, RetryBudget
 
 if TYPE_CHECKING:
     from meshgate.gateway.server import Exchange
@@ -37,17 +38,31 @@ _MAX_HEAD = 64 * 1024  # an upstream's response head larger than this is refused
 
 
 class Endpoint:
-    """One address of an upstream, with its idle connections and counters."""
+    """One address of an upstream: its idle connections, load and health.
+
+    ``available`` is kept up to date by :meth:`refresh` whenever one of the things
+    that decide it changes, so that the hot path reads one attribute.
+    """
 
     __slots__ = (
         "address",
         "available",
+        "clean_since",
+        "drained",
+        "ejected_until",
+        "ejections",
+        "ewma",
+        "failures",
+        "healthy",
         "host",
         "host_line",
         "idle",
+        "inflight",
         "label",
         "open",
         "port",
+        "shared_down",
+        "upstream",
         "weight",
     )
 
@@ -60,7 +75,42 @@ class Endpoint:
         self.host_line = b"Host: " + self.label.encode() + b"\r\n"
         self.idle: list[UpstreamConnection] = []
         self.open = 0
+        self.upstream: Upstream | None = None
+        # Load: requests in flight and an EWMA of response time (seconds), the
+        # least-request balancer's inputs. A new endpoint starts at 1 ms.
+        self.inflight = 0
+        self.ewma = 0.001
+        # Health: passive (consecutive failures, ejection), active (probes, via the
+        # supervisor), shared (other gateway nodes), and drained by an operator.
+        self.failures = 0
+        self.ejected_until = 0.0
+        self.ejections = 0
+        self.clean_since = 0.0
+        self.healthy = True
+        self.shared_down = False
+        self.drained = False
         self.available = True
+
+    def refresh(self) -> None:
+        """Recompute :attr:`available` after a health or drain change."""
+        self.available = (
+            self.healthy and not self.drained and not self.shared_down and not self.ejected_until
+        )
+
+    def state(self) -> dict[str, Any]:
+        """What the admin API shows for this endpoint."""
+        return {
+            "available": self.available,
+            "healthy": self.healthy,
+            "drained": self.drained,
+            "ejected": bool(self.ejected_until),
+            "ejections": self.ejections,
+            "shared_down": self.shared_down,
+            "inflight": self.inflight,
+            "ewma_ms": round(self.ewma * 1000, 3),
+            "open": self.open,
+            "idle": len(self.idle),
+        }
 
     def __repr__(self) -> str:
         return f"Endpoint({self.label})"
@@ -241,7 +291,10 @@ class Upstream:
     """The runtime side of one configured upstream in one worker."""
 
     __slots__ = (
+        "available",
         "balancer",
+        "breaker",
+        "budget",
         "endpoints",
         "idle_timeout",
         "loop",
@@ -249,6 +302,8 @@ class Upstream:
         "name",
         "name_bytes",
         "open",
+        "outlier",
+        "sent",
         "settings",
         "single",
         "tasks",
@@ -269,9 +324,23 @@ class Upstream:
             if endpoints is not None
             else [Endpoint(e.address.host, e.address.port, e.weight) for e in settings.endpoints]
         )
-        self.balancer = BALANCERS[settings.balancer](self.endpoints)
+        for endpoint in self.endpoints:
+            endpoint.upstream = self
+        self.balancer = BALANCERS[settings.balancer](settings, self.endpoints)
         # With one endpoint there is nothing to balance.
         self.single = self.endpoints[0] if len(self.endpoints) == 1 else None
+        self.available: tuple[Endpoint, ...] = ()
+        health = settings.health
+        self.outlier = (
+            OutlierDetector(health.passive, self.endpoints, self.health_changed)
+            if health.passive is not None and len(self.endpoints) > 1
+            else None
+        )
+        breaker = settings.circuit_breaker
+        self.breaker = CircuitBreaker(breaker) if breaker is not None else None
+        self.budget = RetryBudget(settings.retries.budget)
+        self.sent = 0  # requests sent since the last sweep (for the retry budget)
+        self.health_changed()
         self.max_connections = settings.max_connections
         self.idle_timeout = settings.idle_timeout
         self.open = 0
@@ -280,11 +349,36 @@ class Upstream:
         self.tasks: set[asyncio.Task[None]] = set()
         self.loop: asyncio.AbstractEventLoop | None = None
 
+    def health_changed(self) -> None:
+        """An endpoint's availability changed: rebuild the candidates balancers see."""
+        self.available = tuple(e for e in self.endpoints if e.available)
+
+    def failed(self, endpoint: Endpoint, now: float) -> None:
+        """An exchange with ``endpoint`` failed (connection, timeout or 5xx)."""
+        if self.outlier is not None:
+            self.outlier.failure(endpoint, now)
+        if self.breaker is not None:
+            self.breaker.record(False, now)
+
     def acquire(self, ex: Exchange) -> None:
         """Give ``ex`` a connection now (an idle one), later (a new one), or fail it."""
+        breaker = self.breaker
+        if breaker is not None and not breaker.allow(CLOCK.now):
+            retry_after = breaker.retry_after(CLOCK.now)
+            ex.fail(
+                503,
+                "circuit_open",
+                f"upstream {self.name!r} is failing; its circuit breaker is open",
+                headers=b"Retry-After: %d\r\n" % retry_after,
+            )
+            return
         endpoint = self.single
-        if endpoint is None or not endpoint.available:
-            endpoint = self.balancer.pick(ex)
+        if endpoint is None or not endpoint.available or ex.tried is not None:
+            candidates = self.available
+            tried = ex.tried
+            if tried is not None:
+                candidates = tuple(e for e in candidates if e not in tried) or candidates
+            endpoint = self.balancer.pick(ex, candidates)
         if endpoint is None:
             ex.fail(
                 503,
@@ -327,7 +421,9 @@ class Upstream:
             )
         except TimeoutError:
             self._connect_failed(endpoint)
-            ex.fail(
+            ex.upstream_failed(
+                endpoint,
+                "connect_failure",
                 504,
                 "upstream_connect_timeout",
                 f"connecting to {endpoint.label} took longer than {ex.connect_timeout:g}s",
@@ -336,7 +432,9 @@ class Upstream:
         except OSError as exc:
             self._connect_failed(endpoint)
             reason = exc.strerror or str(exc) or type(exc).__name__
-            ex.fail(
+            ex.upstream_failed(
+                endpoint,
+                "connect_failure",
                 502,
                 "upstream_connect_failed",
                 f"cannot connect to {endpoint.label}: {reason}",
@@ -377,7 +475,7 @@ class Upstream:
             ex = waiters.popleft()
             if ex.done:
                 continue
-            endpoint = self.balancer.pick(ex)
+            endpoint = self.balancer.pick(ex, self.available)
             if endpoint is None:
                 ex.fail(503, "no_endpoint", f"no endpoint of upstream {self.name!r} is available")
                 continue
@@ -415,11 +513,11 @@ class Upstream:
 
     def stats(self) -> dict[str, Any]:
         """Counters for metrics and the admin API."""
+        breaker = self.breaker
         return {
             "open": self.open,
             "queued": len(self.waiters),
-            "endpoints": {
-                e.label: {"open": e.open, "idle": len(e.idle), "available": e.available}
-                for e in self.endpoints
-            },
+            "circuit": breaker.state if breaker is not None else None,
+            "retry_budget": round(self.budget.tokens, 2),
+            "endpoints": {e.label: e.state() for e in self.endpoints},
         }
