@@ -8,7 +8,7 @@ import contextlib
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import httptools
 
@@ -117,8 +117,13 @@ class RawUpstream:
     records every request it received.
     """
 
+    # Every upstream a test starts, so that a fixture can close them even when the
+    # test fails early: uvloop cannot close its loop while a server is open.
+    instances: ClassVar[list[RawUpstream]] = []
+
     def __init__(self, handler: Handler | None = None) -> None:
         self.handler = handler or ok_handler
+        self.writers: set[asyncio.StreamWriter] = set()
         self.connections = 0
         self.open = 0
         self.requests: list[Message] = []
@@ -127,6 +132,7 @@ class RawUpstream:
         self.closed = asyncio.Event()
 
     async def start(self) -> RawUpstream:
+        RawUpstream.instances.append(self)
         self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
         self.port = self.server.sockets[0].getsockname()[1]
         return self
@@ -138,6 +144,7 @@ class RawUpstream:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
         self.open += 1
+        self.writers.add(writer)
         messages = MessageReader(reader, response=False)
         try:
             while True:
@@ -150,17 +157,22 @@ class RawUpstream:
                 if keep is False or not request.keep_alive:
                     break
         finally:
+            self.writers.discard(writer)
             self.open -= 1
             self.closed.set()
             # Never wait here: a failed test's teardown cancels this task.
             writer.transport.abort()
 
     async def close(self) -> None:
-        if self.server is not None:
-            self.server.close()
-            # Python 3.12+ waits for handlers; on 3.11 this returns at once.
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(self.server.wait_closed(), 1)
+        server, self.server = self.server, None
+        if server is None:
+            return
+        server.close()
+        for writer in list(self.writers):
+            writer.transport.abort()
+        # Python 3.12+ waits for handlers; on 3.11 this returns at once.
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(server.wait_closed(), 1)
 
 
 def response(

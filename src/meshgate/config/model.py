@@ -320,7 +320,15 @@ class StickySettings(_Model):
     cookie: str = "meshgate_sticky"
     """The cookie's name."""
     max_age: Duration | None = None
-    """The cookie's lifetime; unset for a session cookie."""
+    """The cookie's lifetime (at least 1s); unset for a session cookie. A cookie with
+    a lifetime is renewed with every response."""
+
+    @field_validator("max_age")
+    @classmethod
+    def _at_least_a_second(cls, value: float | None) -> float | None:
+        if value is not None and value < 1:
+            raise ValueError("max_age must be at least 1s (Max-Age=0 deletes the cookie)")
+        return value
 
     @field_validator("cookie")
     @classmethod

@@ -108,6 +108,7 @@ class Exchange:
 
     aborted = ""  # why a response was cut off after its head was sent
     attempts = 0  # retries made
+    has_body = False  # the request announced a body (Content-Length > 0 or chunked)
     tried: set[Endpoint] | None = None  # endpoints a retry must avoid
     replay: list[bytes] | None = None  # the body so far, kept to be sent again
     replay_size = 0
@@ -266,7 +267,7 @@ class Exchange:
         self.resp_started = True
         out = [status_line(status), headers, rt.via_resp, rt.rid_prefix, self.request_id]
         if self.set_cookie is not None:
-            out.append(self.set_cookie)
+            out.insert(2, self.set_cookie)  # a whole header line, among the others
         append = out.append
         if status == 101:
             append(b"\r\nConnection: Upgrade\r\nUpgrade: " + (upgrade or b"") + b"\r\n\r\n")
@@ -553,7 +554,9 @@ class Exchange:
             return
         route = self.route
         self.status = status
-        self.keep_alive = self.keep_alive and self.req_done
+        # A request whose body is still arriving ends the connection: what is left
+        # of it would otherwise be read and thrown away.
+        self.keep_alive = self.keep_alive and (self.req_done or not self.has_body)
         self.client.transport.write(
             error_response(
                 status,
@@ -1104,6 +1107,8 @@ class ClientConnection(asyncio.Protocol):
             fwd.append(b"Transfer-Encoding: " + chunked + b"\r\n")
         if chunked:
             ex.chunked_in = True
+        if chunked or (content_length is not None and content_length != b"0"):
+            ex.has_body = True
         retry = route.retry
         if (
             retry is not None

@@ -91,6 +91,8 @@ class Worker:
     async def serve(self, sock: socket.socket) -> asyncio.AbstractServer:
         """Accept connections on a bound, listening socket."""
         loop = asyncio.get_running_loop()
+        CLOCK.tick()  # the clock may have stood still while nothing was serving
+        self._last_tick = CLOCK.now
         server = await loop.create_server(lambda: ClientConnection(self), sock=sock)
         self.servers.append(server)
         if self._timer is None:
@@ -98,15 +100,20 @@ class Worker:
         return server
 
     def _tick(self) -> None:
+        previous = CLOCK.now
         now = CLOCK.tick()
+        # Hot-path stamps come from CLOCK, which lags real time by at most the gap
+        # since the last tick (longer than _TICK when the loop was busy): allowing
+        # that much slack means no timeout ever fires early.
+        slack = max(_TICK, now - previous)
         # Stamps on the hot path come from CLOCK, up to one tick old: allowing one
         # tick of slack means a timeout never fires early (at most one tick late).
         for ex in list(self.inflight):
             if ex.done:
                 self.inflight.discard(ex)
-            elif ex.deadline and now > ex.deadline + _TICK:
+            elif ex.deadline and now > ex.deadline + slack:
                 ex.timed_out("total")
-            elif ex.try_deadline and now > ex.try_deadline + _TICK and not ex.resp_started:
+            elif ex.try_deadline and now > ex.try_deadline + slack and not ex.resp_started:
                 endpoint = ex.endpoint
                 if endpoint is not None:
                     seconds = ex.route.retry.per_try  # type: ignore[union-attr]
@@ -117,18 +124,15 @@ class Worker:
                         "upstream_timeout",
                         f"{endpoint.label} did not answer within the per-try timeout {seconds:g}s",
                     )
-            elif now - ex.last_io > ex.read_timeout + _TICK:
+            elif now - ex.last_io > ex.read_timeout + slack:
                 ex.timed_out("read")
         rt = self.runtime
         elapsed = now - self._last_tick
         self._last_tick = now
         for upstream in rt.upstreams.values():
             if upstream.waiters:
-                upstream.expire_waiters(now, _TICK)
-            upstream.budget.tick(elapsed, upstream.sent)
-            upstream.sent = 0
-            if upstream.outlier is not None:
-                upstream.outlier.tick(now)
+                upstream.expire_waiters(now, slack)
+            upstream.tick(now, elapsed)
         self._ticks += 1
         if self._ticks % _SLOW_TICKS == 0:
             for conn in list(self.connections):

@@ -10,7 +10,6 @@ class here and an entry in :data:`BALANCERS`.
 from __future__ import annotations
 
 import hashlib
-import zlib
 from bisect import bisect_left
 from collections.abc import Callable, Sequence
 from random import random
@@ -48,7 +47,8 @@ def endpoint_id(label: str) -> str:
 
 class LeastRequest:
     """Power of two choices: of two random candidates, the one with the lower cost,
-    where cost = EWMA of its latency x (its requests in flight + 1) / its weight.
+    where cost = EWMA of its latency x (requests in flight + 1 + 4 x recent consecutive
+    failures) / its weight.
 
     Cheap (two random draws), and it steers load away from slow or busy endpoints
     without the herding of "always the least loaded".
@@ -69,8 +69,9 @@ class LeastRequest:
             j += 1
         a = candidates[i]
         b = candidates[j]
-        cost_a = a.ewma * (a.inflight + 1) * b.weight
-        cost_b = b.ewma * (b.inflight + 1) * a.weight
+        # Recent consecutive failures count as four requests in flight each.
+        cost_a = a.ewma * (a.inflight + 1 + 4 * a.failures) * b.weight
+        cost_b = b.ewma * (b.inflight + 1 + 4 * b.failures) * a.weight
         return a if cost_a <= cost_b else b
 
 
@@ -130,12 +131,11 @@ class ConsistentHash:
         self._header = hashing.header.lower().encode() if hashing and hashing.header else None
         self._cookie = hashing.cookie.encode() if hashing and hashing.cookie else None
         self._client_ip = bool(hashing and hashing.client_ip)
-        ring: list[tuple[int, int]] = []
-        for index, endpoint in enumerate(endpoints):
-            for v in range(_VNODES * endpoint.weight):
-                point = zlib.crc32(f"{endpoint.label}#{v}".encode())
-                ring.append((point, index))
-        ring.sort()
+        ring = sorted(
+            (_point(f"{endpoint.label}#{v}".encode()), index)
+            for index, endpoint in enumerate(endpoints)
+            for v in range(_VNODES * endpoint.weight)
+        )
         self._points = [p for p, _ in ring]
         self._owners = [i for _, i in ring]
         self._fallback = LeastRequest(settings, endpoints)
@@ -144,7 +144,7 @@ class ConsistentHash:
         """The bytes hashed for ``exchange``, or None when the request has none."""
         if self._client_ip:
             return exchange.client.peer_ip.encode()
-        headers = exchange.client.headers
+        headers = exchange.headers
         if self._header is not None:
             for name, value in headers:
                 if name.lower() == self._header:
@@ -158,13 +158,13 @@ class ConsistentHash:
         if not candidates:
             return None
         key = self.key(exchange)
-        if key is None:
+        if not key:
             return self._fallback.pick(exchange, candidates)
         endpoints = exchange.route.upstream.endpoints  # type: ignore[union-attr]
         allowed = set(map(id, candidates))
         points = self._points
         owners = self._owners
-        start = bisect_left(points, zlib.crc32(key))
+        start = bisect_left(points, _point(key))
         size = len(points)
         # Walk the ring from the key's point to the first allowed endpoint.
         for step in range(size):
@@ -174,12 +174,17 @@ class ConsistentHash:
         return candidates[0]  # pragma: no cover - every candidate is on the ring
 
 
+def _point(data: bytes) -> int:
+    """A position on the hash ring (64 bits of BLAKE2b: even, unlike CRC32)."""
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "big")
+
+
 class Sticky:
     """Sticky sessions: a cookie names the endpoint that served the client, and later
     requests carrying it go there while it is available. Without a usable cookie the
     request goes by least request, and the response sets the cookie."""
 
-    __slots__ = ("_by_id", "_cookie", "_fallback", "set_cookie")
+    __slots__ = ("_by_id", "_cookie", "_fallback", "_refresh", "set_cookie")
 
     def __init__(self, settings: UpstreamSettings, endpoints: Sequence[Endpoint]) -> None:
         sticky = settings.sticky
@@ -188,6 +193,9 @@ class Sticky:
         self._by_id = {endpoint_id(e.label).encode(): e for e in endpoints}
         self._fallback = LeastRequest(settings, endpoints)
         attrs = "; Path=/; HttpOnly; SameSite=Lax"
+        # A cookie with a lifetime is sent again with every response, so that an
+        # active session does not lose its endpoint when the first cookie expires.
+        self._refresh = bool(sticky and sticky.max_age is not None)
         if sticky and sticky.max_age is not None:
             attrs += f"; Max-Age={int(sticky.max_age)}"
         # The Set-Cookie line for each endpoint, built once.
@@ -197,10 +205,12 @@ class Sticky:
         }
 
     def pick(self, exchange: Exchange, candidates: Sequence[Endpoint]) -> Endpoint | None:
-        value = cookie_value(exchange.client.headers, self._cookie)
+        value = cookie_value(exchange.headers, self._cookie)
         if value is not None:
             endpoint = self._by_id.get(value)
             if endpoint is not None and endpoint in candidates:
+                if self._refresh:
+                    exchange.set_cookie = self.set_cookie[id(endpoint)]
                 return endpoint
         endpoint = self._fallback.pick(exchange, candidates)
         if endpoint is not None:
@@ -214,8 +224,8 @@ def cookie_value(headers: Sequence[tuple[bytes, bytes]], name: bytes) -> bytes |
         if header.lower() != b"cookie":
             continue
         for part in value.split(b";"):
-            key, sep, found = part.strip().partition(b"=")
-            if sep and key == name:
+            key, sep, found = part.partition(b"=")
+            if sep and key.strip() == name:
                 return found.strip().strip(b'"')
     return None
 

@@ -43,17 +43,22 @@ class OutlierDetector:
         self.settings = settings
         self._endpoints = tuple(endpoints)
         count = len(self._endpoints)
-        self._max_ejected = min(count - 1, count * settings.max_ejected_percent // 100)
+        percent = settings.max_ejected_percent
+        # At least one ejection is allowed when any is (3 endpoints at 10 % would
+        # otherwise never eject); never all of them.
+        self._max_ejected = min(count - 1, max(1 if percent else 0, count * percent // 100))
         self._changed = changed
 
     def failure(self, endpoint: Endpoint, now: float) -> None:
-        """An exchange with ``endpoint`` failed."""
-        endpoint.failures += 1
+        """An exchange with ``endpoint`` failed (its ``failures`` already counted it)."""
+        endpoint.clean_since = now
         if endpoint.failures < self.settings.consecutive_failures or endpoint.ejected_until:
             return
-        ejected = sum(1 for e in self._endpoints if e.ejected_until)
-        if ejected >= self._max_ejected:
+        endpoints = self._endpoints
+        if sum(1 for e in endpoints if e.ejected_until) >= self._max_ejected:
             return
+        if sum(1 for e in endpoints if e.available) <= 1:
+            return  # the last endpoint standing stays, whatever else took the others out
         settings = self.settings
         length = min(settings.max_ejection, settings.base_ejection * 2**endpoint.ejections)
         endpoint.ejections += 1
@@ -188,17 +193,17 @@ class RetryBudget:
     """Retries may be at most ``ratio`` of requests, plus ``min_per_second`` retries
     a second: a token bucket that each request sent fills by ``ratio`` (credited by
     the worker's sweep every 100 ms) and each retry drains by one. It holds at most
-    two seconds of the floor (at least 2 tokens), so that a quiet period does not bank
-    a retry storm: over any interval, retries <= ratio x requests + floor x seconds +
-    that cap."""
+    two seconds of the floor (at least 2 tokens) plus one second of ratio credit at the
+    current request rate, so that a quiet period does not bank a retry storm: over any
+    interval, retries <= ratio x requests + floor x seconds + that cap."""
 
-    __slots__ = ("_cap", "_floor", "_ratio", "tokens")
+    __slots__ = ("_base_cap", "_floor", "_ratio", "tokens")
 
     def __init__(self, settings: RetryBudgetSettings) -> None:
         self._ratio = settings.ratio
         self._floor = settings.min_per_second
-        self._cap = max(2.0, 2 * self._floor)
-        self.tokens = self._cap
+        self._base_cap = max(2.0, 2 * self._floor)
+        self.tokens = self._base_cap
 
     def try_spend(self) -> bool:
         """Take one retry from the budget; False when the budget is spent."""
@@ -209,5 +214,7 @@ class RetryBudget:
 
     def tick(self, seconds: float, requests: int) -> None:
         """Add ``ratio`` per request sent and the floor for ``seconds`` of time."""
-        tokens = self.tokens + self._floor * seconds + self._ratio * requests
-        self.tokens = tokens if tokens < self._cap else self._cap
+        credit = self._ratio * requests
+        cap = self._base_cap + (credit / seconds if seconds > 0 else credit)
+        tokens = self.tokens + self._floor * seconds + credit
+        self.tokens = tokens if tokens < cap else cap

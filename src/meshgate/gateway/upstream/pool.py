@@ -35,6 +35,7 @@ __all__ = ["Endpoint", "Upstream", "UpstreamConnection"]
 log = logging.getLogger("meshgate.gateway.upstream")
 
 _MAX_HEAD = 64 * 1024  # an upstream's response head larger than this is refused
+_FORGIVE_AFTER = 10.0  # seconds without failure after which an endpoint's count resets
 
 
 class Endpoint:
@@ -59,6 +60,7 @@ class Endpoint:
         "idle",
         "inflight",
         "label",
+        "last_failure",
         "open",
         "port",
         "shared_down",
@@ -83,6 +85,7 @@ class Endpoint:
         # Health: passive (consecutive failures, ejection), active (probes, via the
         # supervisor), shared (other gateway nodes), and drained by an operator.
         self.failures = 0
+        self.last_failure = 0.0
         self.ejected_until = 0.0
         self.ejections = 0
         self.clean_since = 0.0
@@ -355,6 +358,8 @@ class Upstream:
 
     def failed(self, endpoint: Endpoint, now: float) -> None:
         """An exchange with ``endpoint`` failed (connection, timeout or 5xx)."""
+        endpoint.failures += 1
+        endpoint.last_failure = now
         if self.outlier is not None:
             self.outlier.failure(endpoint, now)
         if self.breaker is not None:
@@ -480,6 +485,18 @@ class Upstream:
                 ex.fail(503, "no_endpoint", f"no endpoint of upstream {self.name!r} is available")
                 continue
             self.connect(endpoint, ex)
+
+    def tick(self, now: float, seconds: float) -> None:
+        """Per-sweep upkeep: retry budget, ejections that end, failures that fade."""
+        self.budget.tick(seconds, self.sent)
+        self.sent = 0
+        if self.outlier is not None:
+            self.outlier.tick(now)
+        for endpoint in self.endpoints:
+            # Failures weigh on least-request's choice; a quiet spell forgives them,
+            # so that an endpoint the balancer avoided is tried again.
+            if endpoint.failures and now - endpoint.last_failure > _FORGIVE_AFTER:
+                endpoint.failures = 0
 
     def expire_idle(self, now: float) -> None:
         """Close idle connections past the idle timeout (``now`` from the sweep)."""
