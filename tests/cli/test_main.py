@@ -131,7 +131,8 @@ def test_check_lists_every_problem_at_once(runner: CliRunner, tmp_path: Path) ->
         "  gateway.workers (line 3): Input should be greater than or equal to 0 (got -1)",
         (
             "  upstreams.orders.timeout (line 6): unknown key 'timeout' (did you mean "
-            "'timeouts'?); allowed keys: balancer, endpoints, idle_timeout, max_connections, "
+            "'timeouts'?); allowed keys: balancer, circuit_breaker, endpoints, hash, health, "
+            "idle_timeout, max_connections, retries, sticky, "
             "timeouts"
         ),
         (
