@@ -131,4 +131,38 @@ def create_admin_app(supervisor: Supervisor, token: AdminToken) -> FastAPI:
         result = await supervisor.reload_file()
         return JSONResponse(result, status_code=200 if result["ok"] else 400)
 
+    @app.get("/upstreams")
+    async def upstreams() -> dict[str, Any]:
+        return await supervisor.upstreams()
+
+    def _endpoint_change(upstream: str, endpoint: str, drained: bool) -> JSONResponse:
+        try:
+            supervisor.set_drained(upstream, endpoint, drained)
+        except KeyError:
+            known = {
+                name: [str(e.address) for e in up.endpoints]
+                for name, up in supervisor.config.upstreams.items()
+            }
+            return JSONResponse(
+                {
+                    "ok": False,
+                    "error": f"no endpoint {endpoint!r} in upstream {upstream!r}; "
+                    f"known endpoints: {known}",
+                },
+                status_code=404,
+            )
+        return JSONResponse(
+            {"ok": True, "upstream": upstream, "endpoint": endpoint, "drained": drained}
+        )
+
+    @app.post("/upstreams/{upstream}/endpoints/{endpoint}/drain")
+    async def drain(upstream: str, endpoint: str) -> JSONResponse:
+        """Take an endpoint out of rotation; requests in flight on it finish."""
+        return _endpoint_change(upstream, endpoint, True)
+
+    @app.post("/upstreams/{upstream}/endpoints/{endpoint}/enable")
+    async def enable(upstream: str, endpoint: str) -> JSONResponse:
+        """Put a drained endpoint back into rotation."""
+        return _endpoint_change(upstream, endpoint, False)
+
     return app

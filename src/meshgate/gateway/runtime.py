@@ -11,11 +11,17 @@ import ipaddress
 from functools import lru_cache
 from typing import TypeVar
 
-from meshgate.config.model import Config, RetrySettings, RouteSettings, TimeoutSettings
+from meshgate.config.model import (
+    Config,
+    RetrySettings,
+    RouteSettings,
+    TimeoutSettings,
+    UpstreamSettings,
+)
 from meshgate.gateway import http
 from meshgate.gateway.metrics import RouteStats, WorkerMetrics
 from meshgate.gateway.router import RouteMatch, Router
-from meshgate.gateway.upstream.pool import Upstream
+from meshgate.gateway.upstream.pool import Endpoint, Notify, Upstream
 
 __all__ = ["CompiledRoute", "Runtime"]
 
@@ -58,6 +64,33 @@ class RetryPolicy:
         self.backoff_max = settings.backoff_max
         self.buffer = settings.buffer
         self.idempotency_key = settings.idempotency_key
+
+
+def _upstream(
+    name: str, settings: UpstreamSettings, notify: Notify | None, previous: Runtime | None
+) -> Upstream:
+    """An upstream for a new configuration, keeping what a reload should keep.
+
+    An upstream whose settings did not change is the same object: its pools, health
+    and balancer state carry on. A changed one keeps the endpoints it still has, with
+    their pooled connections, load and health; new endpoints start fresh.
+    """
+    old = previous.upstreams.get(name) if previous is not None else None
+    if old is not None and old.settings == settings:
+        old.notify = notify
+        return old
+    kept = {e.label: e for e in old.endpoints} if old is not None else {}
+    endpoints = []
+    for endpoint_settings in settings.endpoints:
+        address = endpoint_settings.address
+        label = f"[{address.host}]:{address.port}" if ":" in address.host else str(address)
+        endpoint = kept.get(label)
+        if endpoint is None:
+            endpoint = Endpoint(address.host, address.port, endpoint_settings.weight)
+        else:
+            endpoint.weight = endpoint_settings.weight
+        endpoints.append(endpoint)
+    return Upstream(name, settings, endpoints, notify=notify)
 
 
 class CompiledRoute:
@@ -105,12 +138,20 @@ class CompiledRoute:
 class Runtime:
     """One compiled configuration, ready for the hot path."""
 
-    def __init__(self, config: Config, metrics: WorkerMetrics, scheme: str = "http") -> None:
+    def __init__(
+        self,
+        config: Config,
+        metrics: WorkerMetrics,
+        scheme: str = "http",
+        notify: Notify | None = None,
+        previous: Runtime | None = None,
+    ) -> None:
         gw = config.gateway
         self.config = config
         self.scheme = scheme.encode()
         self.upstreams: dict[str, Upstream] = {
-            name: Upstream(name, settings) for name, settings in config.upstreams.items()
+            name: _upstream(name, settings, notify, previous)
+            for name, settings in config.upstreams.items()
         }
         matches = []
         for index, route in enumerate(config.routes):
@@ -188,7 +229,12 @@ class Runtime:
         out += [b"Forwarded: ", forwarded + b", " + element if forwarded else element, b"\r\n"]
         return b"".join(out)
 
-    def close(self) -> None:
-        """Close every idle upstream connection of this runtime."""
+    def endpoints(self) -> frozenset[Endpoint]:
+        """Every endpoint of this runtime."""
+        return frozenset(e for u in self.upstreams.values() for e in u.endpoints)
+
+    def close(self, keep: frozenset[Endpoint] = frozenset()) -> None:
+        """Close this runtime's idle upstream connections, but those of ``keep``
+        (endpoints that a newer runtime carries on)."""
         for upstream in self.upstreams.values():
-            upstream.close()
+            upstream.close(keep)

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import uvicorn
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from meshgate.config.loader import loads
 from meshgate.config.model import Config
@@ -32,6 +33,8 @@ from meshgate.errors import ConfigError, SupervisorError
 from meshgate.gateway.admin import AdminToken, create_admin_app
 from meshgate.gateway.metrics import WorkerMetrics, merge_snapshots
 from meshgate.gateway.runtime import Runtime
+from meshgate.gateway.upstream.probe import Prober
+from meshgate.gateway.upstream.shared import SharedHealth
 from meshgate.gateway.worker import listen_socket, worker_main
 
 __all__ = ["Supervisor"]
@@ -97,6 +100,15 @@ class Supervisor:
         self.last_reload: float | None = None
         self.last_reload_error: str | None = None
         self.restart_pending: list[str] = []
+        self.reload_failures = 0
+        # Endpoint state the supervisor pushes to every worker, by (upstream, label):
+        # {"healthy": False} from active checks, {"drained": True} from an operator,
+        # {"remote_until": t} when another worker or gateway node ejected it.
+        self._flags: dict[tuple[str, str], dict[str, Any]] = {}
+        self.prober = Prober(self._on_probe)
+        self.shared = SharedHealth(self._on_shared)
+        self._watch: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
         self._slots = [_WorkerSlot(i) for i in range(self.worker_count)]
         self._ctx = multiprocessing.get_context("spawn")
         self._stopping = False
@@ -116,6 +128,13 @@ class Supervisor:
         """Bind, start the workers and the admin API; return once all are ready."""
         gw = self.config.gateway
         loop = asyncio.get_running_loop()
+        if any(u.health.shared is not None for u in self.config.upstreams.values()):
+            try:
+                import redis.asyncio  # noqa: F401, PLC0415 - only checking it is there
+            except ImportError:
+                raise SupervisorError(
+                    "health.shared needs Redis support: pip install 'meshgate[redis]'"
+                ) from None
         try:
             # An exclusive bind first: it fails if anything (another gateway's
             # SO_REUSEPORT workers included) holds the address, which SO_REUSEPORT
@@ -145,9 +164,11 @@ class Supervisor:
             await self.stop()
             raise
         self._started = True
+        self._configure_health()
+        self._watch = loop.create_task(self._watch_file())
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
-        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self.reload_file()))
+        loop.add_signal_handler(signal.SIGHUP, lambda: self._background(self.reload_file()))
 
     async def run(self) -> None:
         """Start, then serve until asked to stop; drain and exit."""
@@ -171,6 +192,10 @@ class Supervisor:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
+        if self._watch is not None:
+            self._watch.cancel()
+        self.prober.stop()
+        await self.shared.stop()
         for slot in self._slots:
             self._send(slot, ("drain",))
         deadline = time.monotonic() + self.config.gateway.drain_timeout + 5
@@ -244,8 +269,11 @@ class Supervisor:
                 message = control.recv()
                 kind = message[0]
                 if kind == "ready":
+                    self._sync(slot)
                     if slot.ready is not None and not slot.ready.done():
                         slot.ready.set_result(None)
+                elif kind == "ejected":
+                    self._on_ejected(slot, message[1], message[2], message[3])
                 elif kind == "reply":
                     fut = self._pending.pop(message[1], None)
                     if fut is not None and not fut.done():
@@ -337,7 +365,9 @@ class Supervisor:
             self._last_counts[index] = (pid, {"routes": snapshot.get("routes", [])})
         answered = {index for index, _ in replies}
         silent = [c for i, (_, c) in self._last_counts.items() if i not in answered]
-        return merge_snapshots([*self._retired_counts, *silent, *replies.values()])
+        merged = merge_snapshots([*self._retired_counts, *silent, *replies.values()])
+        merged["extra"] = self.reload_metrics()
+        return merged
 
     async def reload_file(self) -> dict[str, Any]:
         """Re-read the configuration file and apply it (SIGHUP)."""
@@ -384,10 +414,14 @@ class Supervisor:
         if restart:
             log.warning("changes to %s take effect when the gateway restarts", ", ".join(restart))
         self.restart_pending = sorted(set(self.restart_pending) | set(restart))
+        self._configure_health()
+        for slot in self._slots:
+            self._sync(slot)
         return {"ok": True, "reloads": self.reloads, "restart_required": restart}
 
     def _reload_failed(self, error: str) -> dict[str, Any]:
         self.last_reload_error = error
+        self.reload_failures += 1
         log.error("reload refused; the old configuration keeps serving:\n%s", error)
         return {"ok": False, "error": error}
 
@@ -412,6 +446,143 @@ class Supervisor:
                 for s in self._slots
             ],
         }
+
+    # -- endpoint health and drain
+
+    def _background(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def _configure_health(self) -> None:
+        self.prober.configure(self.config)
+        self.shared.configure(self.config)
+        # Forget state about endpoints the configuration no longer has.
+        known = {
+            (name, str(e.address))
+            for name, up in self.config.upstreams.items()
+            for e in up.endpoints
+        }
+        self._flags = {k: v for k, v in self._flags.items() if k in known}
+
+    def _set_flag(self, upstream: str, label: str, field: str, value: Any, skip: int = -1) -> None:
+        self._flags.setdefault((upstream, label), {})[field] = value
+        for slot in self._slots:
+            if slot.index != skip:
+                self._send(slot, ("endpoint", upstream, label, field, value))
+
+    def _sync(self, slot: _WorkerSlot) -> None:
+        """Send a (new or restarted, or reloaded) worker every endpoint flag."""
+        now = time.monotonic()
+        for (upstream, label), flags in self._flags.items():
+            for name, value in flags.items():
+                if name == "remote_until" and value <= now:
+                    continue
+                self._send(slot, ("endpoint", upstream, label, name, value))
+
+    def _on_probe(self, upstream: str, label: str, healthy: bool) -> None:
+        self._set_flag(upstream, label, "healthy", healthy)
+        self.shared.report_unhealthy(upstream, label, healthy)
+
+    def _on_ejected(self, slot: _WorkerSlot, upstream: str, label: str, until: float) -> None:
+        # One worker's outlier detector took it out: the others follow, and so do
+        # the other gateway nodes when health is shared.
+        self._set_flag(upstream, label, "remote_until", until, skip=slot.index)
+        self.shared.report(upstream, label, time.time() + (until - time.monotonic()))
+
+    def _on_shared(self, upstream: str, label: str, until: float) -> None:
+        self._set_flag(upstream, label, "remote_until", until)
+
+    def endpoint_exists(self, upstream: str, label: str) -> bool:
+        """Whether the configuration has ``label`` in ``upstream``."""
+        up = self.config.upstreams.get(upstream)
+        return up is not None and any(str(e.address) == label for e in up.endpoints)
+
+    def set_drained(self, upstream: str, label: str, drained: bool) -> None:
+        """Take ``label`` out of rotation (in-flight requests finish) or put it back.
+
+        Raises:
+            KeyError: no such upstream or endpoint.
+        """
+        if not self.endpoint_exists(upstream, label):
+            raise KeyError(f"{upstream}/{label}")
+        self._set_flag(upstream, label, "drained", drained)
+        log.warning("upstream %s: %s %s", upstream, label, "drained" if drained else "enabled")
+
+    async def upstreams(self) -> dict[str, Any]:
+        """Every endpoint's state, merged over the workers."""
+        replies = await self._ask_all("upstreams")
+        probes = self.prober.states()
+        out: dict[str, Any] = {}
+        for name, settings in self.config.upstreams.items():
+            endpoints = {}
+            for endpoint in settings.endpoints:
+                label = str(endpoint.address)
+                flags = self._flags.get((name, label), {})
+                probe = probes.get((name, label))
+                per_worker = [r[name]["endpoints"].get(label, {}) for r in replies if name in r]
+                endpoints[label] = {
+                    "available": all(w.get("available", True) for w in per_worker),
+                    "healthy": flags.get("healthy", True),
+                    "last_check_error": probe.last_error if probe is not None else None,
+                    "drained": flags.get("drained", False),
+                    "ejected_in_workers": sum(1 for w in per_worker if w.get("ejected")),
+                    "down_elsewhere": flags.get("remote_until", 0.0) > time.monotonic(),
+                    "inflight": sum(w.get("inflight", 0) for w in per_worker),
+                    "open_connections": sum(w.get("open", 0) for w in per_worker),
+                    "idle_connections": sum(w.get("idle", 0) for w in per_worker),
+                    "ewma_ms": max((w.get("ewma_ms", 0.0) for w in per_worker), default=0.0),
+                }
+            out[name] = {
+                "balancer": settings.balancer,
+                "circuit": sorted({r[name]["circuit"] for r in replies if name in r} - {None}),
+                "endpoints": endpoints,
+            }
+        return {"upstreams": out, "shared_health_error": self.shared.error}
+
+    async def _watch_file(self) -> None:
+        """Reload when the configuration file changes (checked every second)."""
+        path = Path(self.source)
+
+        def signature() -> tuple[float, int] | None:
+            try:
+                stat = path.stat()
+            except OSError:
+                return None
+            return (stat.st_mtime, stat.st_size)
+
+        last = signature()
+        while True:
+            await asyncio.sleep(1.0)
+            current = signature()
+            if current is not None and current != last:
+                last = current
+                log.info("%s changed; reloading", self.source)
+                await self.reload_file()
+
+    def reload_metrics(self) -> list[Metric]:
+        """Reload and worker-restart metrics, from the supervisor's own counters."""
+        reloads = CounterMetricFamily("meshgate_gateway_reloads", "Configuration reloads applied.")
+        reloads.add_metric([], self.reloads)
+        failed = CounterMetricFamily(
+            "meshgate_gateway_reload_failures", "Reloads refused (the old config kept serving)."
+        )
+        failed.add_metric([], self.reload_failures)
+        last = GaugeMetricFamily(
+            "meshgate_gateway_last_reload_timestamp_seconds",
+            "When the configuration was last reloaded (UNIX time; 0: never).",
+        )
+        last.add_metric([], self.last_reload or 0.0)
+        ok = GaugeMetricFamily(
+            "meshgate_gateway_last_reload_success",
+            "1 if the last reload attempt succeeded (or none was made), 0 if it was refused.",
+        )
+        ok.add_metric([], 0.0 if self.last_reload_error else 1.0)
+        restarts = CounterMetricFamily(
+            "meshgate_gateway_worker_restarts", "Worker processes restarted after exiting."
+        )
+        restarts.add_metric([], sum(s.restarts for s in self._slots))
+        return [reloads, failed, last, ok, restarts]
 
     # -- admin
 

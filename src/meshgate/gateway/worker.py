@@ -18,6 +18,7 @@ import logging
 import os
 import signal
 import socket
+from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -64,7 +65,9 @@ class Worker:
     def __init__(self, config: Config, *, index: int = 0, access_log: bool | None = None) -> None:
         self.index = index
         self.metrics = WorkerMetrics()
-        self.runtime = Runtime(config, self.metrics)
+        # Where health events (ejections) go: the supervisor, once connected.
+        self.events: Callable[[tuple[Any, ...]], None] | None = None
+        self.runtime = Runtime(config, self.metrics, notify=self._notify)
         self.connections: set[ClientConnection] = set()
         self.inflight: set[Exchange] = set()
         self.draining = False
@@ -80,6 +83,20 @@ class Worker:
         self._timer: asyncio.TimerHandle | None = None
         self._idle = asyncio.Event()
         self._retired: list[Runtime] = []
+
+    def _notify(self, event: str, upstream: str, label: str, value: float) -> None:
+        if self.events is not None:
+            self.events((event, upstream, label, value))
+
+    def set_endpoint_state(self, upstream: str, label: str, field: str, value: object) -> None:
+        """Apply a health or drain change pushed by the supervisor."""
+        target = self.runtime.upstreams.get(upstream)
+        if target is not None:
+            target.set_endpoint_state(label, field, value)
+
+    def upstream_stats(self) -> dict[str, Any]:
+        """Every upstream's pool, circuit and endpoint state, for the admin API."""
+        return {name: up.stats() for name, up in self.runtime.upstreams.items()}
 
     def next_request_id(self) -> bytes:
         """A new request id: 32 hex digits, unique per worker start and request."""
@@ -145,15 +162,16 @@ class Worker:
         self._timer = asyncio.get_running_loop().call_later(_TICK, self._tick)
 
     def apply(self, config: Config) -> None:
-        """Swap in a new configuration; requests in flight finish on the old one."""
+        """Swap in a new configuration; requests in flight finish on the old one.
+
+        Endpoints that stay keep their pooled connections and health; only the
+        idle connections of endpoints that went away are closed.
+        """
         old = self.runtime
-        self.runtime = Runtime(config, self.metrics)
+        self.runtime = Runtime(config, self.metrics, notify=self._notify, previous=old)
         self.reloads += 1
         self._retired.append(old)
-        # Old pools close their idle connections now; connections busy with an
-        # exchange return to the old pool when it ends and close after its idle
-        # timeout, or at once when their upstream says so.
-        old.close()
+        old.close(keep=self.runtime.endpoints())
         settings = config.gateway.access_log
         if settings != old.config.gateway.access_log:
             if self.access_log is not None:
@@ -305,7 +323,16 @@ async def _worker_async(  # noqa: PLR0917 - private, called once, positionally
                 control.send(("reply", message[1], {"ok": True, "reloads": worker.reloads}))
         elif kind == "drain":
             spawn_drain()
+        elif kind == "endpoint":
+            worker.set_endpoint_state(*message[1:5])
+        elif kind == "upstreams":
+            control.send(("reply", message[1], worker.upstream_stats()))
 
+    def send_event(event: tuple[Any, ...]) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            control.send(event)
+
+    worker.events = send_event
     loop.add_reader(control.fileno(), on_control)
     loop.add_signal_handler(signal.SIGTERM, spawn_drain)
     control.send(("ready", index, os.getpid()))

@@ -66,6 +66,9 @@ class OutlierDetector:
         endpoint.failures = 0
         endpoint.refresh()
         self._changed()
+        upstream = endpoint.upstream
+        if upstream is not None and upstream.notify is not None:
+            upstream.notify("ejected", upstream.name, endpoint.label, now + length)
 
     def tick(self, now: float) -> None:
         """Return endpoints whose ejection is over (called by the worker's sweep)."""

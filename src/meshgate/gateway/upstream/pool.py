@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
@@ -30,7 +30,10 @@ from meshgate.gateway.upstream.health import CircuitBreaker, OutlierDetector, Re
 if TYPE_CHECKING:
     from meshgate.gateway.server import Exchange
 
-__all__ = ["Endpoint", "Upstream", "UpstreamConnection"]
+__all__ = ["Endpoint", "Notify", "Upstream", "UpstreamConnection"]
+
+Notify = Callable[[str, str, str, float], None]
+"""(event, upstream, endpoint label, value): e.g. ("ejected", "users", "10.0.0.5:80", until)."""
 
 log = logging.getLogger("meshgate.gateway.upstream")
 
@@ -63,7 +66,7 @@ class Endpoint:
         "last_failure",
         "open",
         "port",
-        "shared_down",
+        "remote_until",
         "upstream",
         "weight",
     )
@@ -83,21 +86,22 @@ class Endpoint:
         self.inflight = 0
         self.ewma = 0.001
         # Health: passive (consecutive failures, ejection), active (probes, via the
-        # supervisor), shared (other gateway nodes), and drained by an operator.
+        # supervisor), out elsewhere (ejected by another worker or gateway node, until
+        # a monotonic time), and drained by an operator.
         self.failures = 0
         self.last_failure = 0.0
         self.ejected_until = 0.0
         self.ejections = 0
         self.clean_since = 0.0
         self.healthy = True
-        self.shared_down = False
+        self.remote_until = 0.0
         self.drained = False
         self.available = True
 
     def refresh(self) -> None:
         """Recompute :attr:`available` after a health or drain change."""
         self.available = (
-            self.healthy and not self.drained and not self.shared_down and not self.ejected_until
+            self.healthy and not self.drained and not self.remote_until and not self.ejected_until
         )
 
     def state(self) -> dict[str, Any]:
@@ -108,7 +112,7 @@ class Endpoint:
             "drained": self.drained,
             "ejected": bool(self.ejected_until),
             "ejections": self.ejections,
-            "shared_down": self.shared_down,
+            "down_elsewhere": bool(self.remote_until),
             "inflight": self.inflight,
             "ewma_ms": round(self.ewma * 1000, 3),
             "open": self.open,
@@ -209,7 +213,6 @@ class UpstreamConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.alive = False
         upstream = self.upstream
-        upstream.open -= 1
         self.endpoint.open -= 1
         ex = self.exchange
         if ex is not None:
@@ -304,7 +307,7 @@ class Upstream:
         "max_connections",
         "name",
         "name_bytes",
-        "open",
+        "notify",
         "outlier",
         "sent",
         "settings",
@@ -318,8 +321,12 @@ class Upstream:
         name: str,
         settings: UpstreamSettings,
         endpoints: Sequence[Endpoint] | None = None,
+        notify: Notify | None = None,
     ) -> None:
         self.name = name
+        # Tells the supervisor about local health events (ejections), so that other
+        # workers and gateway nodes can act on them.
+        self.notify = notify
         self.name_bytes = name.encode()
         self.settings = settings
         self.endpoints: tuple[Endpoint, ...] = tuple(
@@ -327,6 +334,11 @@ class Upstream:
             if endpoints is not None
             else [Endpoint(e.address.host, e.address.port, e.weight) for e in settings.endpoints]
         )
+        for endpoint in self.endpoints:
+            # Idle connections now belong to this upstream (they may come from the
+            # previous configuration's); busy ones return to their endpoint's pool.
+            for conn in endpoint.idle:
+                conn.upstream = self
         for endpoint in self.endpoints:
             endpoint.upstream = self
         self.balancer = BALANCERS[settings.balancer](settings, self.endpoints)
@@ -346,11 +358,16 @@ class Upstream:
         self.health_changed()
         self.max_connections = settings.max_connections
         self.idle_timeout = settings.idle_timeout
-        self.open = 0
         self.waiters: deque[Exchange] = deque()
         # Connect tasks in flight (the loop keeps only weak references to tasks).
         self.tasks: set[asyncio.Task[None]] = set()
         self.loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def open(self) -> int:
+        """Connections open to this upstream (its endpoints' counts: endpoints and
+        their pools can outlive an Upstream across reloads)."""
+        return sum(e.open for e in self.endpoints)
 
     def health_changed(self) -> None:
         """An endpoint's availability changed: rebuild the candidates balancers see."""
@@ -405,7 +422,6 @@ class Upstream:
 
     def connect(self, endpoint: Endpoint, ex: Exchange) -> None:
         """Open a new connection to ``endpoint`` for ``ex``."""
-        self.open += 1
         endpoint.open += 1
         loop = self.loop
         if loop is None:
@@ -452,7 +468,6 @@ class Upstream:
             ex.attach(conn, False)
 
     def _connect_failed(self, endpoint: Endpoint) -> None:
-        self.open -= 1
         endpoint.open -= 1
         self.slot_freed()
 
@@ -492,11 +507,43 @@ class Upstream:
         self.sent = 0
         if self.outlier is not None:
             self.outlier.tick(now)
+        changed = False
         for endpoint in self.endpoints:
+            if endpoint.remote_until and now >= endpoint.remote_until:
+                endpoint.remote_until = 0.0
+                endpoint.refresh()
+                changed = True
             # Failures weigh on least-request's choice; a quiet spell forgives them,
             # so that an endpoint the balancer avoided is tried again.
             if endpoint.failures and now - endpoint.last_failure > _FORGIVE_AFTER:
                 endpoint.failures = 0
+        if changed:
+            self.health_changed()
+
+    def endpoint(self, label: str) -> Endpoint | None:
+        """The endpoint at ``label`` (``host:port``), if this upstream has it."""
+        for endpoint in self.endpoints:
+            if endpoint.label == label:
+                return endpoint
+        return None
+
+    def set_endpoint_state(self, label: str, field: str, value: object) -> bool:
+        """Apply a health or drain change from the supervisor; False if no such endpoint."""
+        endpoint = self.endpoint(label)
+        if endpoint is None:
+            return False
+        if field == "healthy":
+            endpoint.healthy = bool(value)
+        elif field == "drained":
+            endpoint.drained = bool(value)
+        elif field == "remote_until":
+            until = float(value)  # type: ignore[arg-type]
+            endpoint.remote_until = until if until > CLOCK.now else 0.0
+        else:
+            raise ValueError(f"unknown endpoint field {field!r}")
+        endpoint.refresh()
+        self.health_changed()
+        return True
 
     def expire_idle(self, now: float) -> None:
         """Close idle connections past the idle timeout (``now`` from the sweep)."""
@@ -522,9 +569,11 @@ class Upstream:
                     "connections; raise max_connections or add endpoints",
                 )
 
-    def close(self) -> None:
-        """Close every idle connection (on shutdown)."""
+    def close(self, keep: frozenset[Endpoint] = frozenset()) -> None:
+        """Close every idle connection, but those of the endpoints in ``keep``."""
         for endpoint in self.endpoints:
+            if endpoint in keep:
+                continue
             while endpoint.idle:
                 endpoint.idle.pop().transport.close()
 
