@@ -212,7 +212,11 @@ async def echo_handler(
 class Client:
     """A raw HTTP/1.1 client connection, for exact control over bytes on the wire."""
 
+    # Every client a test opens, so that a fixture can close them after a failure.
+    instances: ClassVar[list[Client]] = []
+
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        Client.instances.append(self)
         self.reader = reader
         self.writer = writer
         self.responses = MessageReader(reader, response=True)

@@ -634,7 +634,8 @@ class Exchange:
             if status < 500:
                 endpoint.failures = 0
                 if upstream_time:
-                    endpoint.ewma += (upstream_time - endpoint.ewma) * 0.3
+                    ewma = endpoint.ewma
+                    endpoint.ewma = ewma + (upstream_time - ewma) * 0.3 if ewma else upstream_time
                 breaker = endpoint.upstream.breaker  # type: ignore[union-attr]
                 if breaker is not None:
                     breaker.record(True, CLOCK.now)

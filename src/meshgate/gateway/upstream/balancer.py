@@ -69,9 +69,11 @@ class LeastRequest:
             j += 1
         a = candidates[i]
         b = candidates[j]
-        # Recent consecutive failures count as four requests in flight each.
-        cost_a = a.ewma * (a.inflight + 1 + 4 * a.failures) * b.weight
-        cost_b = b.ewma * (b.inflight + 1 + 4 * b.failures) * a.weight
+        # Recent consecutive failures count as four requests in flight each. The
+        # 0.1 ms floor keeps a new endpoint (no latency measured yet: tried first, so
+        # that it gets measured) from escaping that weight.
+        cost_a = (a.ewma + 0.0001) * (a.inflight + 1 + 4 * a.failures) * b.weight
+        cost_b = (b.ewma + 0.0001) * (b.inflight + 1 + 4 * b.failures) * a.weight
         return a if cost_a <= cost_b else b
 
 

@@ -82,9 +82,10 @@ class Endpoint:
         self.open = 0
         self.upstream: Upstream | None = None
         # Load: requests in flight and an EWMA of response time (seconds), the
-        # least-request balancer's inputs. A new endpoint starts at 1 ms.
+        # least-request balancer's inputs. A new endpoint starts at 0: optimistic,
+        # so that it is tried (and measured) rather than ignored.
         self.inflight = 0
-        self.ewma = 0.001
+        self.ewma = 0.0
         # Health: passive (consecutive failures, ejection), active (probes, via the
         # supervisor), out elsewhere (ejected by another worker or gateway node, until
         # a monotonic time), and drained by an operator.
