@@ -195,6 +195,20 @@ SCENARIOS: dict[str, Scenario] = {
             "three",
             "three upstream instances balanced round robin (direct hits the first one)",
             upstreams=3,
+            meshgate_upstream={"balancer": "round_robin"},
+        ),
+        Scenario(
+            "p2c",
+            "three upstream instances; meshgate: power of two choices (least request over "
+            "an EWMA of latency) with passive health; HAProxy: random(2); nginx: round "
+            "robin, its fastest here (its 'random two least_conn' measured 2.5x slower, "
+            "which would flatter the ratio)",
+            upstreams=3,
+            meshgate_upstream={
+                "balancer": "least_request",
+                "health": {"passive": {"consecutive_failures": 5}},
+            },
+            haproxy_balance="random(2)",
         ),
     )
 }
