@@ -194,7 +194,8 @@ BAD_DOCUMENTS = [
     pytest.param(
         _edit("gateway:\n", "gatway:\n"),
         "gatway",
-        "unknown key 'gatway' (did you mean 'gateway'?); allowed keys: gateway, routes, upstreams",
+        "unknown key 'gatway' (did you mean 'gateway'?); "
+        "allowed keys: consumers, gateway, routes, upstreams",
         1,
         id="unknown-top-level-key",
     ),
@@ -229,7 +230,8 @@ BAD_DOCUMENTS = [
     pytest.param(
         _edit("upstream: users\n", "upstraem: users\n"),
         "routes[0].upstraem",
-        "(did you mean 'upstream'?); allowed keys: host_rewrite, match, name,",
+        "(did you mean 'upstream'?); "
+        "allowed keys: auth, cors, headers, host_rewrite, ip, match, mtls,",
         10,
         id="unknown-route-key",
     ),

@@ -102,6 +102,19 @@ def check(config: Config) -> Iterable[ConfigIssue]:
                     "use weight to give it more traffic",
                 )
             addresses[key] = j
+    tls = config.gateway.tls
+    for i, route in enumerate(config.routes):
+        if route.mtls and (tls is None or tls.client_ca is None):
+            yield ConfigIssue(
+                f"routes[{i}].mtls",
+                "mtls needs client certificates to check: set gateway.tls.client_ca",
+            )
+        if route.auth is not None and route.auth.api_key is not None and not config.consumers:
+            yield ConfigIssue(
+                f"routes[{i}].auth.api_key",
+                "API keys belong to consumers, and none is configured: add consumers "
+                "with api_keys (meshgate hash-key prints a key's stored form)",
+            )
     yield from _unreachable(config)
     if config.gateway.admin.listen == config.gateway.listen and config.gateway.listen.port:
         yield ConfigIssue(

@@ -247,7 +247,12 @@ class GatewaySettings(_Model):
     keepalive_timeout: Duration = 75.0
     """How long an idle client keep-alive connection is kept open."""
     header_timeout: Duration = 30.0
-    """How long a client may take to send a complete request head."""
+    """How long a client may take to send a complete request head (then 408)."""
+    body_timeout: Duration = 60.0
+    """The longest a client may go without sending body bytes while its request body
+    is expected (then 408)."""
+    tls: TlsSettings | None = None
+    """TLS termination on ``listen``."""
     drain_timeout: Duration = 30.0
     """On SIGTERM, how long in-flight requests may take before connections are closed."""
 
@@ -514,6 +519,8 @@ class UpstreamSettings(_Model):
     """How long an idle pooled connection is kept; keep it below the upstream's own."""
     timeouts: TimeoutSettings = Field(default_factory=TimeoutSettings)
     """Connect, read and total timeouts; a route may override them."""
+    tls: UpstreamTlsSettings | None = None
+    """Connect to the endpoints over TLS."""
 
     @model_validator(mode="after")
     def _balancer_settings(self) -> UpstreamSettings:
@@ -529,6 +536,323 @@ class UpstreamSettings(_Model):
         if self.balancer != "sticky" and self.sticky is not None:
             raise ValueError("sticky is only used with balancer: sticky")
         return self
+
+
+# ---------------------------------------------------------------------------- security
+
+
+class CertificateSettings(_Model):
+    """A certificate and its key, PEM files; chosen by SNI for its hosts."""
+
+    cert: str
+    """The certificate chain file (PEM)."""
+    key: str
+    """The private key file (PEM)."""
+    hosts: tuple[str, ...] = ()
+    """Server names (SNI) this certificate is for; the first certificate is also the
+    default for clients that send no or an unknown name."""
+
+    @field_validator("hosts", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: object) -> object:
+        return [value] if isinstance(value, str) else value
+
+
+class TlsSettings(_Model):
+    """TLS termination on the gateway's listener."""
+
+    certificates: tuple[CertificateSettings, ...] = Field(min_length=1)
+    """Certificates, chosen by SNI."""
+    min_version: Literal["1.2", "1.3"] = "1.2"
+    """The oldest TLS version accepted; older clients are refused in the handshake."""
+    client_ca: str | None = None
+    """A CA bundle (PEM) for client certificates; routes with ``mtls: true`` then
+    require a client certificate it signed."""
+    redirect_http: Address | None = None
+    """Also listen here for plain HTTP and redirect every request to HTTPS (308)."""
+
+
+class UpstreamTlsSettings(_Model):
+    """TLS to an upstream's endpoints."""
+
+    ca: str | None = None
+    """A CA bundle (PEM) to verify the endpoints with; the system's by default."""
+    verify: bool = True
+    """Verify the endpoints' certificates and names (turn off only for tests)."""
+    server_name: str | None = None
+    """The name to send (SNI) and verify; the endpoint's host by default."""
+    cert: str | None = None
+    """A client certificate (PEM) to present to the upstream."""
+    key: str | None = None
+    """The client certificate's key (PEM)."""
+
+    @model_validator(mode="after")
+    def _pair(self) -> UpstreamTlsSettings:
+        if (self.cert is None) != (self.key is None):
+            raise ValueError("give both cert and key for a client certificate, or neither")
+        return self
+
+
+class JwtKeySettings(_Model):
+    """One verification key: inline, from a file, or (for HMAC) a shared secret."""
+
+    kid: str | None = None
+    """The key id tokens name in their header; any key is tried when unset."""
+    pem: str | None = None
+    """A PEM public key (RSA, EC or Ed25519)."""
+    file: str | None = None
+    """A file holding a PEM public key."""
+    secret: SecretStr | None = None
+    """An HMAC secret (HS256)."""
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> JwtKeySettings:
+        given = [k for k in ("pem", "file", "secret") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of pem, file or secret")
+        return self
+
+
+_JWT_ALGORITHMS = ("HS256", "RS256", "ES256", "EdDSA")
+
+
+class JwtSettings(_Model):
+    """JWT bearer tokens (``Authorization: Bearer <token>``)."""
+
+    algorithms: tuple[Literal["HS256", "RS256", "ES256", "EdDSA"], ...] = Field(min_length=1)
+    """The only algorithms accepted: pinned, so that ``alg: none`` and HMAC signed
+    with a public key are refused."""
+    keys: tuple[JwtKeySettings, ...] = ()
+    """Verification keys."""
+    jwks_url: str | None = None
+    """A JWKS endpoint; keys are cached, refetched for an unknown ``kid`` (at most
+    every ``jwks_min_refresh``) and every ``jwks_refresh``."""
+    jwks_refresh: Duration = 600.0
+    """How long fetched keys are trusted before they are fetched again."""
+    jwks_min_refresh: Duration = 10.0
+    """The shortest time between two fetches (an unknown kid cannot flood the issuer)."""
+    issuer: str | None = None
+    """The required ``iss`` claim."""
+    audience: tuple[str, ...] = ()
+    """Accepted ``aud`` values (one must match)."""
+    leeway: Duration = 30.0
+    """Clock skew allowed for ``exp``, ``nbf`` and ``iat``."""
+    required_claims: tuple[str, ...] = ()
+    """Claims every token must have (``exp`` is always required)."""
+    forward_claims: dict[str, str] = Field(default_factory=dict)
+    """Claims sent to the upstream as headers: ``{sub: X-User-Id}``."""
+    strip_authorization: bool = False
+    """Remove the Authorization header before forwarding."""
+
+    @field_validator("audience", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: object) -> object:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("forward_claims")
+    @classmethod
+    def _header_names(cls, value: dict[str, str]) -> dict[str, str]:
+        for header in value.values():
+            if not _HEADER_NAME_RE.match(header):
+                raise ValueError(f"{header!r} is not a valid HTTP header name")
+        return value
+
+    @model_validator(mode="after")
+    def _keys(self) -> JwtSettings:
+        if not self.keys and self.jwks_url is None:
+            raise ValueError("give keys, a jwks_url, or both")
+        if self.jwks_url is not None and not self.jwks_url.startswith(("https://", "http://")):
+            raise ValueError(f"jwks_url {self.jwks_url!r} must be an http(s) URL")
+        hmac = "HS256" in self.algorithms
+        if hmac and len(self.algorithms) > 1:
+            raise ValueError(
+                "HS256 cannot be accepted together with public-key algorithms: a token "
+                "signed with the public key as an HMAC secret would pass; use separate routes"
+            )
+        for key in self.keys:
+            if hmac != (key.secret is not None):
+                raise ValueError(
+                    "HS256 needs secret keys; RS256, ES256 and EdDSA need pem or file keys"
+                )
+        return self
+
+
+class ApiKeySettings(_Model):
+    """API keys, read from a header or a query parameter, mapped to consumers."""
+
+    header: str | None = "X-API-Key"
+    """The header carrying the key."""
+    query: str | None = None
+    """A query parameter carrying the key (removed from the forwarded target)."""
+    consumer_header: str | None = "X-Consumer"
+    """The header that tells the upstream which consumer called (a client-sent one
+    is always removed); null sends none."""
+
+    @model_validator(mode="after")
+    def _somewhere(self) -> ApiKeySettings:
+        if self.header is None and self.query is None:
+            raise ValueError("give a header, a query parameter, or both")
+        return self
+
+
+class AuthSettings(_Model):
+    """Who may call a route."""
+
+    jwt: JwtSettings | None = None
+    """Accept JWT bearer tokens."""
+    api_key: ApiKeySettings | None = None
+    """Accept API keys of the configured consumers."""
+    anonymous: bool = False
+    """Let requests without credentials through (bad credentials are still refused)."""
+    scopes: tuple[str, ...] = ()
+    """Scopes every caller must have (a JWT's ``scope``/``scp``, a consumer's scopes)."""
+    roles: tuple[str, ...] = ()
+    """Roles of which the caller must have at least one (a JWT's ``roles``, a
+    consumer's roles)."""
+
+    @model_validator(mode="after")
+    def _some_method(self) -> AuthSettings:
+        if self.jwt is None and self.api_key is None:
+            raise ValueError("give jwt, api_key, or both")
+        return self
+
+
+class ConsumerSettings(_Model):
+    """A named API consumer and its keys."""
+
+    api_keys: tuple[str, ...] = Field(min_length=1)
+    """Its keys, stored hashed: ``sha256:<hex>`` (``meshgate hash-key`` prints it)."""
+    scopes: tuple[str, ...] = ()
+    """Scopes the consumer has."""
+    roles: tuple[str, ...] = ()
+    """Roles the consumer has."""
+
+    @field_validator("api_keys")
+    @classmethod
+    def _hashed(cls, keys: tuple[str, ...]) -> tuple[str, ...]:
+        for key in keys:
+            algo, _, digest = key.partition(":")
+            if algo != "sha256" or not re.fullmatch(r"[0-9a-f]{64}", digest):
+                raise ValueError(
+                    "API keys are stored hashed as 'sha256:<64 hex digits>'; "
+                    "print one with: meshgate hash-key"
+                )
+        return keys
+
+
+_RATE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*/\s*(s|sec|second|m|min|minute|h|hour)\s*$")
+
+
+def parse_rate(value: object) -> float:
+    """Requests per second from ``"100/s"``, ``"600/m"`` or ``"1000/h"``."""
+    if isinstance(value, str) and (m := _RATE_RE.match(value)):
+        unit = m.group(2)[0]
+        per = {"s": 1.0, "m": 60.0, "h": 3600.0}[unit]
+        rate = float(m.group(1)) / per
+        if rate <= 0:
+            raise ValueError("a rate must be above zero")
+        return rate
+    raise ValueError(f"{value!r} is not a rate; write it like '100/s', '600/m' or '1000/h'")
+
+
+class RateLimitSettings(_Model):
+    """GCRA rate limiting: ``rate`` sustained, ``burst`` extra at once."""
+
+    rate: Annotated[float, BeforeValidator(parse_rate)]
+    """The sustained rate: ``100/s``, ``600/m``, ``1000/h``."""
+    burst: int = Field(default=0, ge=0)
+    """Requests allowed above the rate at once."""
+    by: str = "ip"
+    """What is limited: ``route`` (everyone together), ``ip``, ``consumer`` (the
+    authenticated caller; else its IP), or ``header:<Name>``."""
+    redis: str | None = None
+    """Count in Redis (exact across workers and gateway nodes) instead of per worker."""
+    on_redis_error: Literal["open", "closed"] = "open"
+    """When Redis is unreachable: let requests through (open) or refuse them (closed)."""
+    key_prefix: str = "meshgate"
+    """Prefix of the Redis keys."""
+
+    @field_validator("by")
+    @classmethod
+    def _by(cls, value: str) -> str:
+        if value in ("route", "ip", "consumer"):
+            return value
+        if value.startswith("header:") and _HEADER_NAME_RE.match(value[7:]):
+            return value
+        raise ValueError(f"by {value!r}: use route, ip, consumer or header:<Name>")
+
+    @field_validator("redis")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("redis://", "unix://")):
+            raise ValueError(f"{value!r} is not a Redis URL; write redis://host:port/db")
+        return value
+
+
+class CorsSettings(_Model):
+    """CORS answered at the gateway: preflights never reach the upstream."""
+
+    allow_origins: tuple[str, ...] = Field(min_length=1)
+    """Allowed origins (``https://app.example.com``), or ``*``."""
+    allow_methods: tuple[str, ...] = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
+    """Methods a preflight allows."""
+    allow_headers: tuple[str, ...] = ("Authorization", "Content-Type")
+    """Request headers a preflight allows (``*`` for any)."""
+    expose_headers: tuple[str, ...] = ()
+    """Response headers the browser may read."""
+    allow_credentials: bool = False
+    """Allow cookies and credentials (not with ``*`` origins)."""
+    max_age: Duration = 600.0
+    """How long a browser may cache a preflight."""
+
+    @model_validator(mode="after")
+    def _credentials(self) -> CorsSettings:
+        if self.allow_credentials and "*" in self.allow_origins:
+            raise ValueError("allow_credentials cannot be used with the '*' origin; list them")
+        return self
+
+
+class HeaderRules(_Model):
+    """Header changes: add (or replace), remove, rename."""
+
+    add: dict[str, str] = Field(default_factory=dict)
+    """Headers to set (replacing any of the same name)."""
+    remove: tuple[str, ...] = ()
+    """Headers to remove."""
+    rename: dict[str, str] = Field(default_factory=dict)
+    """Headers to rename: ``{X-Old: X-New}``."""
+
+    @model_validator(mode="after")
+    def _names(self) -> HeaderRules:
+        names = [*self.add, *self.remove, *self.rename, *self.rename.values()]
+        for name in names:
+            if not _HEADER_NAME_RE.match(name):
+                raise ValueError(f"{name!r} is not a valid HTTP header name")
+        for value in self.add.values():
+            if "\r" in value or "\n" in value:
+                raise ValueError("header values cannot contain line breaks")
+        return self
+
+
+class HeaderPolicySettings(_Model):
+    """Header changes on the way in (request) and out (response)."""
+
+    request: HeaderRules = Field(default_factory=HeaderRules)
+    """Changes to the request sent upstream."""
+    response: HeaderRules = Field(default_factory=HeaderRules)
+    """Changes to the response sent to the client."""
+
+
+class IpFilterSettings(_Model):
+    """Client address allow and deny lists (CIDR)."""
+
+    allow: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    """Only these may call (when given)."""
+    deny: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    """These may not call (checked first)."""
+    forwarded: bool = False
+    """Check the client address from X-Forwarded-For when the peer is a trusted
+    proxy (gateway.trusted_proxies), rather than the peer's address."""
 
 
 # ---------------------------------------------------------------------------- routes
@@ -726,6 +1050,18 @@ class RouteSettings(_Model):
     retries: RetrySettings | None = None
     """Overrides the upstream's retry policy for this route, field by field (the retry
     budget stays the upstream's)."""
+    ip: IpFilterSettings | None = None
+    """Client address allow and deny lists."""
+    cors: CorsSettings | None = None
+    """CORS answered at the gateway."""
+    mtls: bool = False
+    """Require a client certificate signed by gateway.tls.client_ca."""
+    auth: AuthSettings | None = None
+    """Authentication and authorization; anyone may call when unset."""
+    rate_limit: RateLimitSettings | None = None
+    """Rate limiting."""
+    headers: HeaderPolicySettings | None = None
+    """Request and response header changes."""
 
     @field_validator("host_rewrite")
     @classmethod
@@ -737,6 +1073,16 @@ class RouteSettings(_Model):
             raise ValueError(
                 f"{value!r} is not a host name (optionally with ':port'); "
                 "write it as it should appear in the Host header, e.g. 'users.internal'"
+            )
+        return value
+
+    @field_validator("retries")
+    @classmethod
+    def _no_route_budget(cls, value: RetrySettings | None) -> RetrySettings | None:
+        if value is not None and "budget" in value.model_fields_set:
+            raise ValueError(
+                "the retry budget belongs to the upstream (all its routes share it); "
+                "set it under upstreams.<name>.retries.budget"
             )
         return value
 
@@ -778,6 +1124,8 @@ class Config(_Model):
     """The gateway process."""
     upstreams: dict[Name, UpstreamSettings] = Field(default_factory=dict)
     """Upstreams by name."""
+    consumers: dict[Name, ConsumerSettings] = Field(default_factory=dict)
+    """API consumers by name, with their hashed keys."""
     routes: tuple[RouteSettings, ...] = ()
     """Routes; see the routing docs for the order in which they are tried."""
 

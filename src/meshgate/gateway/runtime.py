@@ -19,6 +19,7 @@ from meshgate.config.model import (
     UpstreamSettings,
 )
 from meshgate.gateway import http
+from meshgate.gateway.filters import Chain, build_chain
 from meshgate.gateway.metrics import RouteStats, WorkerMetrics
 from meshgate.gateway.router import RouteMatch, Router
 from meshgate.gateway.upstream.pool import Endpoint, Notify, Upstream
@@ -97,6 +98,7 @@ class CompiledRoute:
     """What the data plane needs of a matched route."""
 
     __slots__ = (
+        "chain",
         "connect_timeout",
         "host_line",
         "name",
@@ -110,13 +112,14 @@ class CompiledRoute:
         "upstream",
     )
 
-    def __init__(
+    def __init__(  # noqa: PLR0917 - built in one place, by Runtime
         self,
         settings: RouteSettings,
         upstream: Upstream,
         timeouts: TimeoutSettings,
         stats: RouteStats,
         retries: RetrySettings,
+        chain: Chain | None = None,
     ) -> None:
         self.settings = settings
         self.name = settings.name
@@ -133,6 +136,7 @@ class CompiledRoute:
         self.read_timeout = timeouts.read
         self.total_timeout = timeouts.total
         self.retry = RetryPolicy(retries) if retries.attempts else None
+        self.chain = chain
 
 
 class Runtime:
@@ -159,7 +163,12 @@ class Runtime:
             timeouts = _merge(upstream.settings.timeouts, route.timeouts)
             retries = _merge(upstream.settings.retries, route.retries)
             compiled = CompiledRoute(
-                route, upstream, timeouts, metrics.route(route.name, route.upstream), retries
+                route,
+                upstream,
+                timeouts,
+                metrics.route(route.name, route.upstream),
+                retries,
+                build_chain(route, config),
             )
             matches.append(RouteMatch(route, index, compiled))
         self.router = Router(matches)

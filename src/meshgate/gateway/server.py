@@ -16,6 +16,7 @@ import asyncio
 import logging
 from bisect import bisect_left
 from collections import deque
+from collections.abc import Awaitable, Callable
 from random import random
 from time import perf_counter
 from typing import TYPE_CHECKING
@@ -24,6 +25,7 @@ from httptools import HttpParserCallbackError, HttpParserError, HttpParserUpgrad
 
 from meshgate.gateway import http
 from meshgate.gateway.clock import CLOCK
+from meshgate.gateway.filters import run_detached
 from meshgate.gateway.http import IDEMPOTENT_METHODS, error_response, status_line
 from meshgate.gateway.metrics import BUCKETS
 from meshgate.gateway.paths import PathError, normalize_path
@@ -112,7 +114,9 @@ class Exchange:
     tried: set[Endpoint] | None = None  # endpoints a retry must avoid
     replay: list[bytes] | None = None  # the body so far, kept to be sent again
     replay_size = 0
-    set_cookie: bytes | None = None  # a sticky-session cookie to set
+    resp_extra = b""  # header lines filters add to the response
+    set_cookie = b""  # a sticky-session cookie (the last endpoint picked sets it)
+    consumer: str | None = None  # the authenticated caller (set by the auth filter)
     try_deadline = 0.0  # the current try's per-try timeout
     body_buf: list[bytes] | None = None
     body_size = 0
@@ -153,17 +157,89 @@ class Exchange:
     # -- request side ---------------------------------------------------------
 
     def dispatch(self) -> None:
-        """Start the exchange: answer a prepared error, or ask the upstream for a connection."""
+        """Start the exchange: answer a prepared error, run the route's filters, then
+        ask the upstream for a connection."""
         error = self.error_bytes
         if error is not None:
             self.client.transport.write(error)
             self.finish()
             return
-        if self.expect_continue:
-            self.client.transport.write(_CONTINUE)
         route = self.route
         assert route is not None  # noqa: S101 - set whenever error_bytes is not
-        route.upstream.acquire(self)
+        chain = route.chain
+        if chain is not None:
+            verdict = chain.request(self)
+            if verdict is not None:
+                if type(verdict) is bytes:
+                    self._answer(verdict)
+                else:
+                    run_detached(self._await_filters(verdict))  # type: ignore[arg-type]
+                return
+        self._go()
+
+    def _go(self) -> None:
+        """Past the filters: invite the body if asked, and find a connection."""
+        if self.expect_continue:
+            # Only now: a request refused by a filter never had its body invited.
+            self.client.transport.write(_CONTINUE)
+        self.route.upstream.acquire(self)  # type: ignore[union-attr]
+
+    async def _await_filters(self, pending: Awaitable[bytes | None]) -> None:
+        try:
+            verdict = await pending
+        except Exception:
+            log.exception("a filter failed on route %s", self.route.name)  # type: ignore[union-attr]
+            verdict = None
+            if not self.done:
+                self.fail(500, "internal_error", "the gateway failed to handle the request")
+            return
+        if self.done:
+            return
+        if verdict is not None:
+            self._answer(verdict)
+        else:
+            self._go()
+
+    def _answer(self, response: bytes) -> None:
+        """Send a filter's own response (401, 429, a CORS preflight...) and end."""
+        self.resp_started = True
+        self.client.transport.write(response)
+        self.finish()
+
+    # -- filters change the upstream request through these --------------------------
+
+    def rewrite_request_headers(self, rewrite: Callable[[bytes], bytes]) -> None:
+        """Replace the forwarded header lines with ``rewrite(lines)`` (each line ends
+        in CRLF; the request line is kept)."""
+        head = self.head
+        if type(head) is tuple:
+            line, rest = head
+            self.head = (line, rewrite(rest[:-2]) + b"\r\n")
+        else:
+            assert type(head) is bytes  # noqa: S101 - narrowing for mypy
+            split = head.index(b"\r\n") + 2
+            self.head = head[:split] + rewrite(head[split:-2]) + b"\r\n"
+
+    def _request_line(self) -> bytes:
+        head = self.head
+        if isinstance(head, tuple):
+            return head[0]
+        return head[: head.index(b"\r\n") + 2]
+
+    def request_target(self) -> bytes:
+        """The target (path and query) the upstream request carries now."""
+        return self._request_line().split(b" ")[1]
+
+    def set_request_target(self, target: bytes) -> None:
+        """Forward ``target`` (path and query) instead of the one prepared."""
+        line = self._request_line()
+        method, _, rest = line.partition(b" ")
+        new_line = method + b" " + target + b" " + rest.rpartition(b" ")[2]
+        head = self.head
+        if isinstance(head, tuple):
+            self.head = (new_line, head[1])
+        else:
+            self.head = new_line + head[len(line) :]
 
     def attach(self, conn: UpstreamConnection, reused: bool) -> None:
         """Send the request on ``conn``: its head, then whatever body has arrived."""
@@ -171,7 +247,8 @@ class Exchange:
         self.reused = reused
         endpoint = self.endpoint = conn.endpoint
         endpoint.inflight += 1
-        conn.upstream.sent += 1  # feeds the retry budget
+        if not self.attempts and not self.retried:
+            conn.upstream.sent += 1  # a first try: it feeds the retry budget
         conn.exchange = self
         conn.requests += 1
         transport = conn.transport
@@ -265,9 +342,13 @@ class Exchange:
                 return
         self.status = status
         self.resp_started = True
+        route = self.route
+        chain = route.chain  # type: ignore[union-attr]
+        if chain is not None and chain.response_filters:
+            headers = chain.response(self, headers)
         out = [status_line(status), headers, rt.via_resp, rt.rid_prefix, self.request_id]
-        if self.set_cookie is not None:
-            out.insert(2, self.set_cookie)  # a whole header line, among the others
+        if self.resp_extra or self.set_cookie:
+            out.insert(2, self.resp_extra + self.set_cookie)  # whole lines, among the others
         append = out.append
         if status == 101:
             append(b"\r\nConnection: Upgrade\r\nUpgrade: " + (upgrade or b"") + b"\r\n\r\n")
@@ -413,6 +494,7 @@ class Exchange:
             self.t_up_end = perf_counter()
             self.finish()
             return
+        self._leave_endpoint(failed=conn.endpoint)
         self._abort_client("the upstream closed the connection mid-response")
 
     def on_upstream_error(self, conn: UpstreamConnection, detail: str) -> None:
@@ -760,6 +842,7 @@ class ClientConnection(asyncio.Protocol):
         "parser",
         "parsing",
         "paused",
+        "peer_cert",
         "peer_ip",
         "peer_trusted",
         "pending",
@@ -784,6 +867,7 @@ class ClientConnection(asyncio.Protocol):
         self.closing = False
         self.peer_ip = ""
         self.peer_trusted = False
+        self.peer_cert = False  # a client certificate the listener verified (mTLS)
         self.fwd: tuple[bytes, bytes, bytes] = (b"", b"", b"")
         self.host_cached = b""
         self.host_fwd = b""
@@ -801,6 +885,7 @@ class ClientConnection(asyncio.Protocol):
         ip = peer[0] if isinstance(peer, tuple) else "unix"
         self.peer_ip = ip
         self.peer_trusted = worker.runtime.is_trusted(ip)
+        self.peer_cert = bool(transport.get_extra_info("peercert"))
         self.idle_since = CLOCK.now
         self.fwd = worker.runtime.forwarded_lines(ip)
 
@@ -1153,7 +1238,7 @@ class ClientConnection(asyncio.Protocol):
         else:
             # The endpoint's address, known once a connection is chosen.
             ex.head = (fwd[0], b"".join(fwd[2:]))
-        if self.current is None and not ex.expect_continue:
+        if self.current is None and not ex.expect_continue and route.chain is None:
             self.current = ex
             route.upstream.acquire(ex)
         else:

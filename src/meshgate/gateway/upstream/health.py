@@ -155,7 +155,13 @@ class CircuitBreaker:
             self.trials_done = 0
             self.trial_failed = False
         if self.trials >= self.settings.half_open_requests:
-            return False
+            if now - self.opened_at < 2 * self.settings.open_for:
+                return False
+            # Trials that never came back with an outcome (the client left, no
+            # endpoint was free): start a new round rather than stay half-open.
+            self.opened_at = now - self.settings.open_for
+            self.trials = 0
+            self.trials_done = 0
         self.trials += 1
         return True
 

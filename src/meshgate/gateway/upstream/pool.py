@@ -496,7 +496,10 @@ class Upstream:
             ex = waiters.popleft()
             if ex.done:
                 continue
-            endpoint = self.balancer.pick(ex, self.available)
+            candidates = self.available
+            if ex.tried is not None:
+                candidates = tuple(e for e in candidates if e not in ex.tried) or candidates
+            endpoint = self.balancer.pick(ex, candidates)
             if endpoint is None:
                 ex.fail(503, "no_endpoint", f"no endpoint of upstream {self.name!r} is available")
                 continue
@@ -510,6 +513,11 @@ class Upstream:
             self.outlier.tick(now)
         changed = False
         for endpoint in self.endpoints:
+            if endpoint.ejected_until and now >= endpoint.ejected_until and self.outlier is None:
+                # Ejected under a configuration whose detector is gone: still ends.
+                endpoint.ejected_until = 0.0
+                endpoint.refresh()
+                changed = True
             if endpoint.remote_until and now >= endpoint.remote_until:
                 endpoint.remote_until = 0.0
                 endpoint.refresh()
@@ -539,6 +547,8 @@ class Upstream:
             endpoint.drained = bool(value)
         elif field == "remote_until":
             until = float(value)  # type: ignore[arg-type]
+            if until > CLOCK.now and endpoint.available and len(self.available) <= 1:
+                return True  # never take out the last endpoint standing
             endpoint.remote_until = until if until > CLOCK.now else 0.0
         else:
             raise ValueError(f"unknown endpoint field {field!r}")

@@ -44,6 +44,9 @@ class SharedHealth:
         self._upstreams: dict[str, tuple[str, str]] = {}  # name -> (url, prefix)
         self._clients: dict[str, Any] = {}
         self._local: dict[tuple[str, str], float] = {}  # (upstream, label) -> until (wall)
+        # Endpoints this node's active checks find unhealthy: their entries are
+        # refreshed while that lasts; ejections keep the end time they were given.
+        self._unhealthy: set[tuple[str, str]] = set()
         self._remote: dict[tuple[str, str], float] = {}
         self._task: asyncio.Task[None] | None = None
         self.error: str | None = None
@@ -72,6 +75,11 @@ class SharedHealth:
 
     def report_unhealthy(self, upstream: str, label: str, healthy: bool) -> None:
         """Active checks: out (refreshed while it lasts), or back."""
+        key = (upstream, label)
+        if healthy:
+            self._unhealthy.discard(key)
+        else:
+            self._unhealthy.add(key)
         self.report(upstream, label, None if healthy else time.time() + _ACTIVE_HOLD)
 
     async def stop(self) -> None:
@@ -159,10 +167,11 @@ class SharedHealth:
             while True:
                 now = time.time()
                 for key, until in list(self._local.items()):
-                    if until - now < _ACTIVE_HOLD / 2 and key[0] in self._upstreams:
-                        # Still out: keep the entry alive (actively unhealthy endpoints
-                        # are refreshed until they come back).
+                    if key in self._unhealthy:
+                        # Still failing its checks: keep the entry alive.
                         self._local[key] = max(until, now + _ACTIVE_HOLD)
+                    elif until <= now:
+                        del self._local[key]  # an ejection that is over
                 for upstream in self._upstreams:
                     try:
                         await self._publish(upstream)

@@ -1,0 +1,454 @@
+"""Authentication (JWT bearer tokens, API keys) and authorization (scopes, roles).
+
+Answers 401 with ``WWW-Authenticate`` for missing or bad credentials and 403 for a
+valid caller without permission. A JWT's signature is verified once: the verified
+claims are cached by the token's exact bytes (bounded), and ``exp``/``nbf`` are
+checked on every use, so that a repeated token costs a dictionary lookup instead of
+an RSA verification. Algorithms are pinned per route: ``alg: none`` and a token
+signed with a public key as an HMAC secret are refused. Tokens and keys are never
+logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote_to_bytes
+
+import jwt
+from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
+
+from meshgate.config.model import AuthSettings, Config, JwtSettings
+from meshgate.gateway.filters import Verdict, reply
+
+if TYPE_CHECKING:
+    from meshgate.gateway.server import Exchange
+
+__all__ = ["AuthFilter", "hash_api_key"]
+
+log = logging.getLogger("meshgate.gateway.auth")
+
+_CACHE_SIZE = 10_000
+_REALM = b'Bearer realm="meshgate"'
+
+
+def hash_api_key(key: str) -> str:
+    """How an API key is stored in the configuration: ``sha256:<hex>``."""
+    return "sha256:" + hashlib.sha256(key.encode()).hexdigest()
+
+
+class _Refused(Exception):  # noqa: N818 - control flow inside this module
+    def __init__(self, status: int, error: str, detail: str, challenge: bytes = b"") -> None:
+        super().__init__(detail)
+        self.status, self.error, self.detail, self.challenge = status, error, detail, challenge
+
+
+class _Identity:
+    """A verified caller: who, what it may do, and the header lines that say so."""
+
+    __slots__ = ("exp", "lines", "nbf", "roles", "scopes", "subject")
+
+    def __init__(  # noqa: PLR0917 - a record, built in two places
+        self,
+        subject: str | None,
+        scopes: frozenset[str],
+        roles: frozenset[str],
+        lines: bytes,
+        exp: float = 0.0,
+        nbf: float = 0.0,
+    ) -> None:
+        self.subject = subject
+        self.scopes = scopes
+        self.roles = roles
+        self.lines = lines
+        self.exp = exp
+        self.nbf = nbf
+
+
+def _claim_values(value: Any) -> list[str]:
+    if isinstance(value, str):
+        return value.split()
+    if isinstance(value, list):
+        return [str(v) for v in value]
+    return []
+
+
+def _header_value(value: Any) -> bytes | None:
+    """A claim as a header value; None when it cannot be one safely."""
+    if isinstance(value, bool):
+        text = "true" if value else "false"
+    elif isinstance(value, str | int | float):
+        text = str(value)
+    elif isinstance(value, list) and all(isinstance(v, str | int) for v in value):
+        text = ",".join(str(v) for v in value)
+    else:
+        return None
+    if any(c in text for c in "\r\n\0") or not text.isprintable():
+        return None
+    return text.encode("utf-8")
+
+
+class _KeySet:
+    """Verification keys: configured ones, plus those fetched from a JWKS URL."""
+
+    def __init__(self, settings: JwtSettings) -> None:
+        self.settings = settings
+        self.static: dict[str | None, list[Any]] = {}
+        for key in settings.keys:
+            material: Any
+            if key.secret is not None:
+                material = key.secret.get_secret_value().encode()
+            else:
+                pem = key.pem if key.pem is not None else Path(key.file or "").read_text()
+                material = _load_pem(pem)
+            self.static.setdefault(key.kid, []).append(material)
+        self.fetched: dict[str, Any] = {}
+        self._fetched_at = 0.0
+        self._fetching: asyncio.Task[None] | None = None
+
+    def candidates(self, kid: str | None) -> list[Any]:
+        if kid is not None:
+            found = self.static.get(kid) or ([self.fetched[kid]] if kid in self.fetched else [])
+            # A configured key without a kid matches any kid.
+            return found or self.static.get(None, [])
+        keys = [k for group in self.static.values() for k in group]
+        return keys + list(self.fetched.values())
+
+    def stale(self) -> bool:
+        url = self.settings.jwks_url
+        return url is not None and time.monotonic() - self._fetched_at > self.settings.jwks_refresh
+
+    def may_fetch(self) -> bool:
+        return (
+            self.settings.jwks_url is not None
+            and time.monotonic() - self._fetched_at >= self.settings.jwks_min_refresh
+        )
+
+    async def fetch(self) -> None:
+        """Fetch the JWKS (one fetch at a time; others wait for it)."""
+        if self._fetching is None or self._fetching.done():
+            self._fetching = asyncio.ensure_future(self._fetch())
+        await asyncio.shield(self._fetching)
+
+    async def _fetch(self) -> None:
+        import httpx  # noqa: PLC0415 - only routes with a JWKS URL need it
+
+        url = self.settings.jwks_url or ""
+        self._fetched_at = time.monotonic()
+        try:
+            async with httpx.AsyncClient(timeout=5.0) as client:
+                response = await client.get(url)
+                response.raise_for_status()
+                document = response.json()
+        except (httpx.HTTPError, ValueError) as exc:
+            log.warning("cannot fetch the JWKS at %s: %s", url, exc)
+            return
+        keys: dict[str, Any] = {}
+        for jwk in document.get("keys", []) if isinstance(document, dict) else []:
+            try:
+                kid = jwk["kid"]
+                keys[kid] = _load_jwk(jwk)
+            except (KeyError, ValueError, TypeError, jwt.InvalidKeyError) as exc:
+                log.warning("skipping a JWKS key from %s: %s", url, exc)
+        self.fetched = keys
+
+
+def _load_pem(pem: str) -> Any:
+    from cryptography.hazmat.primitives.serialization import load_pem_public_key  # noqa: PLC0415
+
+    data = pem.encode()
+    if b"CERTIFICATE" in data:
+        from cryptography.x509 import load_pem_x509_certificate  # noqa: PLC0415
+
+        return load_pem_x509_certificate(data).public_key()
+    return load_pem_public_key(data)
+
+
+def _load_jwk(jwk: dict[str, Any]) -> Any:
+    kty = jwk.get("kty")
+    text = json.dumps(jwk)
+    if kty == "RSA":
+        return RSAAlgorithm.from_jwk(text)
+    if kty == "EC":
+        return ECAlgorithm.from_jwk(text)
+    if kty == "OKP":
+        return OKPAlgorithm.from_jwk(text)
+    raise ValueError(f"unsupported key type {kty!r}")
+
+
+class _Jwt:
+    def __init__(self, settings: JwtSettings) -> None:
+        self.settings = settings
+        self.keys = _KeySet(settings)
+        self.algorithms = list(settings.algorithms)
+        self.audience = list(settings.audience) or None
+        self.require = ["exp", *settings.required_claims]
+        self.forward = {claim: header.encode() for claim, header in settings.forward_claims.items()}
+        self.cache: dict[bytes, _Identity] = {}
+
+    def cached(self, token: bytes, now: float) -> _Identity | None:
+        identity = self.cache.get(token)
+        if identity is None:
+            return None
+        leeway = self.settings.leeway
+        if now > identity.exp + leeway:
+            raise _Refused(401, "invalid_token", "the token has expired", _challenge("expired"))
+        if identity.nbf and now < identity.nbf - leeway:
+            raise _Refused(401, "invalid_token", "the token is not valid yet", _challenge("nbf"))
+        return identity
+
+    def verify(self, token: bytes, keys: list[Any]) -> _Identity:
+        text = token.decode("ascii", "replace")
+        settings = self.settings
+        last: Exception | None = None
+        for key in keys:
+            try:
+                claims = jwt.decode(
+                    text,
+                    key=key,
+                    algorithms=self.algorithms,
+                    audience=self.audience,
+                    issuer=settings.issuer,
+                    leeway=settings.leeway,
+                    options={"require": self.require, "verify_aud": self.audience is not None},
+                )
+            except jwt.InvalidSignatureError as exc:
+                last = exc
+                continue
+            except jwt.ExpiredSignatureError:
+                raise _Refused(
+                    401, "invalid_token", "the token has expired", _challenge("expired")
+                ) from None
+            except jwt.PyJWTError as exc:
+                raise _Refused(
+                    401, "invalid_token", f"the token is invalid: {exc}", _challenge("invalid")
+                ) from None
+            return self._identity(claims)
+        detail = "no key verifies the token's signature" if last else "no key for the token"
+        raise _Refused(401, "invalid_token", detail, _challenge("signature"))
+
+    def _identity(self, claims: dict[str, Any]) -> _Identity:
+        lines = []
+        for claim, header in self.forward.items():
+            if claim in claims:
+                value = _header_value(claims[claim])
+                if value is not None:
+                    lines.append(header + b": " + value + b"\r\n")
+        scopes = frozenset(_claim_values(claims.get("scope")) + _claim_values(claims.get("scp")))
+        sub = claims.get("sub")
+        return _Identity(
+            str(sub) if sub is not None else None,
+            scopes,
+            frozenset(_claim_values(claims.get("roles"))),
+            b"".join(lines),
+            float(claims.get("exp", 0)),
+            float(claims.get("nbf", 0)),
+        )
+
+    def remember(self, token: bytes, identity: _Identity) -> None:
+        cache = self.cache
+        if len(cache) >= _CACHE_SIZE:
+            # Evict the older half (dicts keep insertion order).
+            for stale in list(cache)[: _CACHE_SIZE // 2]:
+                del cache[stale]
+        cache[token] = identity
+
+
+def _challenge(kind: str) -> bytes:
+    description = {
+        "expired": "the token has expired",
+        "nbf": "the token is not valid yet",
+        "signature": "the signature does not verify",
+        "invalid": "the token is invalid",
+    }[kind]
+    return _REALM + b', error="invalid_token", error_description="' + description.encode() + b'"'
+
+
+class AuthFilter:
+    """A route's authentication and authorization."""
+
+    name = "auth"
+
+    def __init__(self, settings: AuthSettings, config: Config) -> None:
+        self.settings = settings
+        self._jwt = _Jwt(settings.jwt) if settings.jwt is not None else None
+        api = settings.api_key
+        self._api_header = api.header.lower().encode() if api and api.header else None
+        self._api_query = api.query.encode() if api and api.query else None
+        consumer_header = api.consumer_header if api else None
+        self._consumer_header = consumer_header.encode() if consumer_header else None
+        self._consumers: dict[str, _Identity] = {}
+        for name, consumer in config.consumers.items():
+            line = b""
+            if self._consumer_header is not None:
+                line = self._consumer_header + b": " + name.encode() + b"\r\n"
+            identity = _Identity(name, frozenset(consumer.scopes), frozenset(consumer.roles), line)
+            for key in consumer.api_keys:
+                self._consumers[key.partition(":")[2]] = identity
+        self._scopes = frozenset(settings.scopes)
+        self._roles = frozenset(settings.roles)
+        # Headers the gateway vouches for are never taken from the client.
+        owned = [h.lower() for h in (settings.jwt.forward_claims.values() if settings.jwt else ())]
+        if consumer_header:
+            owned.append(consumer_header.lower())
+        if settings.jwt is not None and settings.jwt.strip_authorization:
+            owned.append("authorization")
+        self._owned = frozenset(o.encode() for o in owned)
+
+    def request(self, exchange: Exchange) -> Verdict:
+        token = api_key = None
+        for name, value in exchange.headers:
+            low = name.lower()
+            if low == b"authorization" and self._jwt is not None:
+                scheme, _, rest = value.partition(b" ")
+                if scheme.lower() == b"bearer":
+                    token = rest.strip()
+            elif low == self._api_header:
+                api_key = value.strip()
+        if api_key is None and self._api_query is not None:
+            api_key = self._query_key(exchange)
+        try:
+            if token is not None and self._jwt is not None:
+                identity = self._jwt.cached(token, time.time())
+                if identity is None:
+                    return self._verify_jwt(exchange, token)
+                return self._admit(exchange, identity)
+            if api_key is not None:
+                return self._admit(exchange, self._api_identity(api_key))
+        except _Refused as refused:
+            return self._refuse(exchange, refused)
+        if self.settings.anonymous:
+            self._strip_owned(exchange, b"")
+            return None
+        return reply(
+            exchange,
+            401,
+            "unauthorized",
+            "this route needs credentials: " + self._wanted(),
+            headers=b"WWW-Authenticate: " + _REALM + b"\r\n",
+        )
+
+    def _wanted(self) -> str:
+        wanted = []
+        if self._jwt is not None:
+            wanted.append("a bearer token (Authorization: Bearer <JWT>)")
+        if self._api_header is not None:
+            wanted.append(f"an API key in {self.settings.api_key.header}")  # type: ignore[union-attr]
+        if self._api_query is not None:
+            wanted.append(f"an API key in the {self._api_query.decode()} query parameter")
+        return " or ".join(wanted)
+
+    def _verify_jwt(self, exchange: Exchange, token: bytes) -> Verdict:
+        jwt_auth = self._jwt
+        assert jwt_auth is not None  # noqa: S101 - checked by the caller
+        try:
+            header = jwt.get_unverified_header(token.decode("ascii", "replace"))
+        except jwt.PyJWTError as exc:
+            return self._refuse(
+                exchange,
+                _Refused(401, "invalid_token", f"malformed token: {exc}", _challenge("invalid")),
+            )
+        alg = header.get("alg")
+        if alg not in jwt_auth.algorithms:
+            return self._refuse(
+                exchange,
+                _Refused(
+                    401,
+                    "invalid_token",
+                    f"tokens signed with {alg!r} are not accepted here",
+                    _challenge("invalid"),
+                ),
+            )
+        kid = header.get("kid")
+        keys = jwt_auth.keys.candidates(kid if isinstance(kid, str) else None)
+        if (not keys and jwt_auth.keys.may_fetch()) or jwt_auth.keys.stale():
+            return self._fetch_then_verify(exchange, token, kid if isinstance(kid, str) else None)
+        return self._verified(exchange, token, keys)
+
+    async def _fetch_then_verify(
+        self, exchange: Exchange, token: bytes, kid: str | None
+    ) -> bytes | None:
+        jwt_auth = self._jwt
+        assert jwt_auth is not None  # noqa: S101
+        await jwt_auth.keys.fetch()
+        return self._verified(exchange, token, jwt_auth.keys.candidates(kid))
+
+    def _verified(self, exchange: Exchange, token: bytes, keys: list[Any]) -> bytes | None:
+        jwt_auth = self._jwt
+        assert jwt_auth is not None  # noqa: S101
+        try:
+            identity = jwt_auth.verify(token, keys)
+        except _Refused as refused:
+            return self._refuse(exchange, refused)
+        jwt_auth.remember(token, identity)
+        return self._admit(exchange, identity)
+
+    def _api_identity(self, key: bytes) -> _Identity:
+        identity = self._consumers.get(hashlib.sha256(key).hexdigest())
+        if identity is None:
+            raise _Refused(
+                401,
+                "invalid_api_key",
+                "the API key is not valid",
+                _REALM + b', error="invalid_token", error_description="unknown API key"',
+            )
+        return identity
+
+    def _query_key(self, exchange: Exchange) -> bytes | None:
+        url = exchange.url
+        q = url.find(b"?")
+        if q < 0:
+            return None
+        prefix = self._api_query + b"="  # type: ignore[operator]
+        found = None
+        kept = []
+        for param in url[q + 1 :].split(b"&"):
+            if found is None and param.startswith(prefix):
+                found = unquote_to_bytes(param[len(prefix) :])
+            else:
+                kept.append(param)
+        if found is None:
+            return None
+        # The key never reaches the upstream (nor its logs): forward the target
+        # without it.
+        path = exchange.request_target().split(b"?", 1)[0]
+        rest = b"&".join(kept)
+        exchange.set_request_target(path + (b"?" + rest if rest else b""))
+        return found
+
+    def _admit(self, exchange: Exchange, identity: _Identity) -> bytes | None:
+        if self._scopes and not self._scopes <= identity.scopes:
+            missing = ", ".join(sorted(self._scopes - identity.scopes))
+            return reply(exchange, 403, "forbidden", f"the caller lacks the scope(s) {missing}")
+        if self._roles and not self._roles & identity.roles:
+            wanted = ", ".join(sorted(self._roles))
+            return reply(exchange, 403, "forbidden", f"the caller needs one of the roles {wanted}")
+        exchange.consumer = identity.subject
+        self._strip_owned(exchange, identity.lines)
+        return None
+
+    def _strip_owned(self, exchange: Exchange, lines: bytes) -> None:
+        owned = self._owned
+        if not owned and not lines:
+            return
+
+        def rewrite(block: bytes) -> bytes:
+            if owned:
+                kept = [
+                    line
+                    for line in block.split(b"\r\n")
+                    if line and line.split(b":", 1)[0].strip().lower() not in owned
+                ]
+                block = b"\r\n".join(kept) + b"\r\n" if kept else b""
+            return block + lines
+
+        exchange.rewrite_request_headers(rewrite)
+
+    def _refuse(self, exchange: Exchange, refused: _Refused) -> bytes:
+        headers = b"WWW-Authenticate: " + refused.challenge + b"\r\n" if refused.challenge else b""
+        return reply(exchange, refused.status, refused.error, refused.detail, headers=headers)
