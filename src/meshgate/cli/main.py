@@ -113,6 +113,26 @@ def gateway(
         raise typer.Exit(1) from None
 
 
+@app.command("hash-key")
+def hash_key(
+    key: Annotated[
+        str | None,
+        typer.Argument(help="The API key; a new random one is made when omitted."),
+    ] = None,
+) -> None:
+    """Print an API key's stored form (sha256:...) for a consumer's api_keys."""
+    import secrets  # noqa: PLC0415
+
+    from meshgate.gateway.filters.auth import hash_api_key  # noqa: PLC0415
+
+    if key is None:
+        key = secrets.token_urlsafe(32)
+        err.print("new API key (give it to the consumer; it is not stored):", highlight=False)
+        out.print(key, highlight=False)
+        err.print("its stored form, for the configuration:", highlight=False)
+    out.print(hash_api_key(key), highlight=False)
+
+
 @app.command("demo-upstream")
 def demo_upstream(
     listen: Annotated[str, typer.Option(help="host:port to listen on.")] = "127.0.0.1:9001",

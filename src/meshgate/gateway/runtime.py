@@ -193,6 +193,7 @@ class Runtime:
         self.max_body = limits.max_body_bytes
         self.decode_slashes = gw.decode_encoded_slashes
         self.header_timeout = gw.header_timeout
+        self.body_timeout = gw.body_timeout
         self.keepalive_timeout = gw.keepalive_timeout
         self._trusted = gw.trusted_proxies
         self.is_trusted = lru_cache(maxsize=4096)(self._is_trusted)

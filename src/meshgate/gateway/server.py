@@ -829,6 +829,7 @@ class ClientConnection(asyncio.Protocol):
     """One client connection: parses requests and runs their exchanges in order."""
 
     __slots__ = (
+        "body_seen",
         "closing",
         "current",
         "fwd",
@@ -862,6 +863,7 @@ class ClientConnection(asyncio.Protocol):
         self.headers: list[tuple[bytes, bytes]] = []
         self.head_size = 0
         self.head_started = 0.0
+        self.body_seen = 0.0
         self.idle_since = 0.0
         self.paused = 0
         self.closing = False
@@ -903,6 +905,8 @@ class ClientConnection(asyncio.Protocol):
             if size == 0:
                 self.head_started = CLOCK.now  # a request head begins
             self.head_size = size + len(data)
+        else:
+            self.body_seen = CLOCK.now  # body bytes: the client is not stalling
         try:
             self.parser.feed_data(data)
         except HttpParserUpgrade as exc:
@@ -1028,6 +1032,7 @@ class ClientConnection(asyncio.Protocol):
                     f"the request head is larger than {rt.max_head} bytes",
                 )
         self.head_size = -1
+        self.body_seen = CLOCK.now
         if ex is None or self.closing:
             # After a request that ends the connection, later pipelined ones are
             # not answered (RFC 9112 section 9.6).
@@ -1345,8 +1350,19 @@ class ClientConnection(asyncio.Protocol):
             transport.close()
 
     def expire(self, now: float, rt: Runtime) -> None:
-        """Close the connection if it idled or sent its head too slowly (sweep)."""
-        if self.current is not None or self.tunnel is not None:
+        """Close the connection if it idled, or sent its head or body too slowly (sweep)."""
+        if self.tunnel is not None:
+            return
+        ex = self.parsing
+        if (
+            ex is not None
+            and self.head_size < 0
+            and not self.paused  # not waiting for the client while we hold it back
+            and now - self.body_seen > rt.body_timeout + 0.1
+        ):
+            self._refuse(408, "request_timeout", "the request body stopped arriving")
+            return
+        if self.current is not None:
             return
         if self.head_size > 0:
             if now - self.head_started > rt.header_timeout + 0.1:

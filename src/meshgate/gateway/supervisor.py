@@ -16,6 +16,7 @@ import itertools
 import logging
 import multiprocessing
 import signal
+import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -28,11 +29,12 @@ import uvicorn
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from meshgate.config.loader import loads
-from meshgate.config.model import Config
+from meshgate.config.model import Address, Config
 from meshgate.errors import ConfigError, SupervisorError
 from meshgate.gateway.admin import AdminToken, create_admin_app
 from meshgate.gateway.metrics import WorkerMetrics, merge_snapshots
 from meshgate.gateway.runtime import Runtime
+from meshgate.gateway.tls import TlsTerminator
 from meshgate.gateway.upstream.probe import Prober
 from meshgate.gateway.upstream.shared import SharedHealth
 from meshgate.gateway.worker import listen_socket, worker_main
@@ -66,6 +68,14 @@ def _restart_only_changes(old: Config, new: Config) -> list[str]:
         changed.append("gateway.workers")
     if old.gateway.admin != new.gateway.admin:
         changed.append("gateway.admin")
+    old_tls, new_tls = old.gateway.tls, new.gateway.tls
+    if (old_tls is None) != (new_tls is None):
+        changed.append("gateway.tls")
+    elif old_tls is not None and new_tls is not None:
+        if old_tls.client_ca != new_tls.client_ca:
+            changed.append("gateway.tls.client_ca")
+        if old_tls.redirect_http != new_tls.redirect_http:
+            changed.append("gateway.tls.redirect_http")
     return changed
 
 
@@ -95,6 +105,8 @@ class Supervisor:
         self.log_level = log_level
         self.port = 0
         self.admin_port = 0
+        self.redirect_port = 0
+        self._redirect: socket.socket | None = None
         self.started = time.time()
         self.reloads = 0
         self.last_reload: float | None = None
@@ -136,19 +148,22 @@ class Supervisor:
                     "health.shared needs Redis support: pip install 'meshgate[redis]'"
                 ) from None
         try:
-            # An exclusive bind first: it fails if anything (another gateway's
-            # SO_REUSEPORT workers included) holds the address, which SO_REUSEPORT
-            # alone would silently share.
-            probe = listen_socket(gw.listen.host, gw.listen.port, reuse_port=False, listen=False)
-            port = probe.getsockname()[1]
-            probe.close()
-            self._reservation = listen_socket(gw.listen.host, port, listen=False)
-        except OSError as exc:
-            raise SupervisorError(
-                f"cannot listen on {gw.listen}: {exc.strerror}; "
-                "pick another gateway.listen or stop what uses it"
-            ) from None
+            # Everything a worker will build, built here first: a bad certificate
+            # is a configuration error, not a worker that dies while starting.
+            Runtime(self.config, WorkerMetrics()).close()
+            if gw.tls is not None:
+                TlsTerminator(gw.tls)
+        except ConfigError as exc:
+            raise SupervisorError(str(exc)) from None
+        self._reservation = self._reserve(gw.listen, "gateway.listen")
         self.port = self._reservation.getsockname()[1]
+        if gw.tls is not None and gw.tls.redirect_http is not None:
+            try:
+                self._redirect = self._reserve(gw.tls.redirect_http, "gateway.tls.redirect_http")
+            except SupervisorError:
+                self._reservation.close()
+                raise
+            self.redirect_port = self._redirect.getsockname()[1]
         await self._start_admin()
         try:
             for slot in self._slots:
@@ -169,6 +184,23 @@ class Supervisor:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
         loop.add_signal_handler(signal.SIGHUP, lambda: self._background(self.reload_file()))
+
+    @staticmethod
+    def _reserve(address: Address, where: str) -> socket.socket:
+        """Hold ``address`` for the workers' SO_REUSEPORT listeners."""
+        try:
+            # An exclusive bind first: it fails if anything (another gateway's
+            # SO_REUSEPORT workers included) holds the address, which SO_REUSEPORT
+            # alone would silently share.
+            probe = listen_socket(address.host, address.port, reuse_port=False, listen=False)
+            port = probe.getsockname()[1]
+            probe.close()
+            return listen_socket(address.host, port, listen=False)
+        except OSError as exc:
+            raise SupervisorError(
+                f"cannot listen on {address}: {exc.strerror}; "
+                f"pick another {where} or stop what uses it"
+            ) from None
 
     async def run(self) -> None:
         """Start, then serve until asked to stop; drain and exit."""
@@ -216,6 +248,8 @@ class Supervisor:
                 with contextlib.suppress(asyncio.CancelledError):
                     await self._admin_task
         self._reservation.close()
+        if self._redirect is not None:
+            self._redirect.close()
         self._stopped.set()
 
     # -- workers
@@ -234,6 +268,7 @@ class Supervisor:
                 "port": self.port,
                 "control": child,
                 "log_level": self.log_level,
+                "redirect_port": self.redirect_port,
             },
             name=f"meshgate-worker-{slot.index}",
             # Never outlive the supervisor, even when it fails before a clean stop.
@@ -391,6 +426,10 @@ class Supervisor:
             # Compile here first: what would fail in a worker fails before any
             # worker has swapped, so the workers never disagree.
             Runtime(config, WorkerMetrics()).close()
+            if config.gateway.tls is not None:
+                TlsTerminator(config.gateway.tls)
+        except ConfigError as exc:
+            return self._reload_failed(str(exc))
         except Exception as exc:
             log.exception("the configuration validated but did not compile")
             return self._reload_failed(f"the configuration cannot be compiled: {exc}")

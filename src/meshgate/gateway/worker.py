@@ -28,8 +28,10 @@ from meshgate.errors import ConfigError
 from meshgate.gateway.accesslog import AccessLog
 from meshgate.gateway.clock import CLOCK
 from meshgate.gateway.metrics import WorkerMetrics
+from meshgate.gateway.redirect import RedirectProtocol
 from meshgate.gateway.runtime import Runtime
 from meshgate.gateway.server import ClientConnection, Exchange
+from meshgate.gateway.tls import TlsTerminator
 
 __all__ = ["Worker", "listen_socket", "worker_main"]
 
@@ -67,7 +69,9 @@ class Worker:
         self.metrics = WorkerMetrics()
         # Where health events (ejections) go: the supervisor, once connected.
         self.events: Callable[[tuple[Any, ...]], None] | None = None
-        self.runtime = Runtime(config, self.metrics, notify=self._notify)
+        tls = config.gateway.tls
+        self.tls = TlsTerminator(tls) if tls is not None else None
+        self.runtime = Runtime(config, self.metrics, self._scheme, notify=self._notify)
         self.connections: set[ClientConnection] = set()
         self.inflight: set[Exchange] = set()
         self.draining = False
@@ -83,6 +87,10 @@ class Worker:
         self._timer: asyncio.TimerHandle | None = None
         self._idle = asyncio.Event()
         self._retired: list[Runtime] = []
+
+    @property
+    def _scheme(self) -> str:
+        return "https" if self.tls is not None else "http"
 
     def _notify(self, event: str, upstream: str, label: str, value: float) -> None:
         if self.events is not None:
@@ -110,11 +118,21 @@ class Worker:
         loop = asyncio.get_running_loop()
         CLOCK.tick()  # the clock may have stood still while nothing was serving
         self._last_tick = CLOCK.now
-        server = await loop.create_server(lambda: ClientConnection(self), sock=sock)
+        server = await loop.create_server(
+            lambda: ClientConnection(self),
+            sock=sock,
+            ssl=self.tls.context if self.tls is not None else None,
+        )
         self.servers.append(server)
         if self._timer is None:
             self._timer = loop.call_later(_TICK, self._tick)
         return server
+
+    async def serve_redirect(self, sock: socket.socket, https_port: int) -> None:
+        """Answer plain HTTP on ``sock`` with redirects to HTTPS on ``https_port``."""
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(lambda: RedirectProtocol(https_port), sock=sock)
+        self.servers.append(server)
 
     def _tick(self) -> None:
         previous = CLOCK.now
@@ -168,7 +186,12 @@ class Worker:
         idle connections of endpoints that went away are closed.
         """
         old = self.runtime
-        self.runtime = Runtime(config, self.metrics, notify=self._notify, previous=old)
+        tls = config.gateway.tls
+        if self.tls is not None and tls is not None:
+            self.tls.update(tls)  # raises before anything changed if a file is bad
+        self.runtime = Runtime(
+            config, self.metrics, self._scheme, notify=self._notify, previous=old
+        )
         self.reloads += 1
         self._retired.append(old)
         old.close(keep=self.runtime.endpoints())
@@ -248,6 +271,7 @@ def _tune_malloc() -> None:
 
 def worker_main(
     *,
+    redirect_port: int = 0,
     index: int,
     config_text: str,
     source: str,
@@ -270,17 +294,27 @@ def worker_main(
     except ImportError:  # pragma: no cover
         runner = asyncio.run
     with contextlib.suppress(KeyboardInterrupt):
-        runner(_worker_async(index, config_text, source, host, port, control))
+        runner(_worker_async(index, config_text, source, host, port, control, redirect_port))
 
 
 async def _worker_async(  # noqa: PLR0917 - private, called once, positionally
-    index: int, config_text: str, source: str, host: str, port: int, control: Connection
+    index: int,
+    config_text: str,
+    source: str,
+    host: str,
+    port: int,
+    control: Connection,
+    redirect_port: int = 0,
 ) -> None:
     loop = asyncio.get_running_loop()
     config = loads(config_text, source)
     worker = Worker(config, index=index)
     sock = listen_socket(host, port)
     await worker.serve(sock)
+    tls = config.gateway.tls
+    if tls is not None and tls.redirect_http is not None:
+        redirect = tls.redirect_http
+        await worker.serve_redirect(listen_socket(redirect.host, redirect_port), port)
     done = asyncio.Event()
     tasks: set[asyncio.Task[None]] = set()
 

@@ -24,6 +24,7 @@ from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
 
 from meshgate.config.model import UpstreamSettings
 from meshgate.gateway.clock import CLOCK
+from meshgate.gateway.tls import upstream_context
 from meshgate.gateway.upstream.balancer import BALANCERS
 from meshgate.gateway.upstream.health import CircuitBreaker, OutlierDetector, RetryBudget
 
@@ -311,8 +312,10 @@ class Upstream:
         "notify",
         "outlier",
         "sent",
+        "server_name",
         "settings",
         "single",
+        "ssl",
         "tasks",
         "waiters",
     )
@@ -355,6 +358,9 @@ class Upstream:
         breaker = settings.circuit_breaker
         self.breaker = CircuitBreaker(breaker) if breaker is not None else None
         self.budget = RetryBudget(settings.retries.budget)
+        tls = settings.tls
+        self.ssl = upstream_context(tls, f"upstreams.{name}.tls") if tls is not None else None
+        self.server_name = tls.server_name if tls is not None else None
         self.sent = 0  # requests sent since the last sweep (for the retry budget)
         self.health_changed()
         self.max_connections = settings.max_connections
@@ -437,7 +443,11 @@ class Upstream:
         try:
             _, conn = await asyncio.wait_for(
                 loop.create_connection(
-                    lambda: UpstreamConnection(self, endpoint), endpoint.host, endpoint.port
+                    lambda: UpstreamConnection(self, endpoint),
+                    endpoint.host,
+                    endpoint.port,
+                    ssl=self.ssl,
+                    server_hostname=(self.server_name or endpoint.host) if self.ssl else None,
                 ),
                 ex.connect_timeout,
             )
