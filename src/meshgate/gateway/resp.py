@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -30,12 +31,18 @@ def command(*parts: bytes) -> bytes:
     return b"".join(out)
 
 
+_Decide = Callable[[Any], Any]
+"""Turns a reply (or a :class:`RedisError`) into the result its future gets."""
+
+
 class _Protocol(asyncio.Protocol):
     def __init__(self, client: RespClient) -> None:
         self.client = client
         self.transport: asyncio.Transport | None = None
         self.buffer = bytearray()
-        self.waiting: deque[asyncio.Future[Any]] = deque()
+        # (future, decide or None, sent at): replies come back in this order.
+        self.waiting: deque[tuple[asyncio.Future[Any], _Decide | None, float]] = deque()
+        self.timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -50,22 +57,33 @@ class _Protocol(asyncio.Protocol):
             if parsed is None:
                 break
             value, pos = parsed
-            future = waiting.popleft()
-            if not future.done():
-                if isinstance(value, RedisError):
-                    future.set_exception(value)
-                else:
-                    future.set_result(value)
+            future, decide, _ = waiting.popleft()
+            _settle(future, decide, value)
         if pos:
             del buffer[:pos]
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.client.lost(self)
+        if self.timer is not None:
+            self.timer.cancel()
         error = RedisError(f"the connection to Redis closed: {exc or 'EOF'}")
         while self.waiting:
-            future = self.waiting.popleft()
-            if not future.done():
-                future.set_exception(error)
+            future, decide, _ = self.waiting.popleft()
+            _settle(future, decide, error)
+
+
+def _settle(future: asyncio.Future[Any], decide: _Decide | None, value: Any) -> None:
+    if future.done():
+        return
+    if decide is not None:
+        try:
+            future.set_result(decide(value))
+        except Exception as exc:  # noqa: BLE001 - handed to whoever awaits
+            future.set_exception(exc)
+    elif isinstance(value, RedisError):
+        future.set_exception(value)
+    else:
+        future.set_result(value)
 
 
 def _line_end(buffer: bytearray, pos: int) -> int:
@@ -154,12 +172,48 @@ class RespClient:
         except (OSError, TimeoutError) as exc:
             raise RedisError(f"cannot reach Redis at {self._host}:{self._port}: {exc}") from None
 
-    def _send(self, protocol: _Protocol, frame: bytes) -> asyncio.Future[Any]:
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        protocol.waiting.append(future)
+    def _send(
+        self, protocol: _Protocol, frame: bytes, decide: _Decide | None = None
+    ) -> asyncio.Future[Any]:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        now = loop.time()
+        protocol.waiting.append((future, decide, now))
+        if protocol.timer is None:
+            protocol.timer = loop.call_at(now + self.timeout, self._check, protocol)
         assert protocol.transport is not None  # noqa: S101 - set on connection
         protocol.transport.write(frame)
         return future
+
+    def _check(self, protocol: _Protocol) -> None:
+        """One timer per connection watches the oldest unanswered command."""
+        protocol.timer = None
+        if not protocol.waiting:
+            return
+        loop = asyncio.get_running_loop()
+        oldest = protocol.waiting[0][2]
+        if loop.time() - oldest >= self.timeout:
+            # A reply that comes later would be matched to the wrong request:
+            # drop the connection, failing everything on it.
+            if protocol.transport is not None:
+                protocol.transport.abort()
+            return
+        protocol.timer = loop.call_at(oldest + self.timeout, self._check, protocol)
+
+    def send(self, frame: bytes, decide: _Decide) -> asyncio.Future[Any]:
+        """Send an encoded command; the future gets ``decide(reply)``, where the reply
+        may be a :class:`RedisError` (an error reply, Redis unreachable or too slow)."""
+        protocol = self._protocol
+        if protocol is not None:
+            return self._send(protocol, frame, decide)
+        return asyncio.ensure_future(self._send_connected(frame, decide))
+
+    async def _send_connected(self, frame: bytes, decide: _Decide) -> Any:
+        try:
+            protocol = await self._connection()
+        except RedisError as exc:
+            return decide(exc)
+        return await self._send(protocol, frame, decide)
 
     async def call(self, frame: bytes) -> Any:
         """Send one encoded command and return its reply.
@@ -170,13 +224,7 @@ class RespClient:
         protocol = self._protocol
         if protocol is None:
             protocol = await self._connection()
-        future = self._send(protocol, frame)
-        try:
-            return await asyncio.wait_for(future, self.timeout)
-        except TimeoutError:
-            # A reply that comes later would be matched to the wrong request.
-            self.close()
-            raise RedisError(f"Redis did not answer within {self.timeout:g}s") from None
+        return await self._send(protocol, frame)
 
     def close(self) -> None:
         """Drop the connection (the next call reconnects)."""

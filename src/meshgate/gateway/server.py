@@ -16,7 +16,7 @@ import asyncio
 import logging
 from bisect import bisect_left
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from random import random
 from time import perf_counter
 from typing import TYPE_CHECKING
@@ -25,7 +25,7 @@ from httptools import HttpParserCallbackError, HttpParserError, HttpParserUpgrad
 
 from meshgate.gateway import http
 from meshgate.gateway.clock import CLOCK
-from meshgate.gateway.filters import run_detached
+from meshgate.gateway.filters import PENDING
 from meshgate.gateway.http import IDEMPOTENT_METHODS, error_response, status_line
 from meshgate.gateway.metrics import BUCKETS
 from meshgate.gateway.paths import PathError, normalize_path
@@ -168,45 +168,35 @@ class Exchange:
         assert route is not None  # noqa: S101 - set whenever error_bytes is not
         chain = route.chain
         if chain is not None:
-            verdict = chain.request(self)
+            verdict = chain.run(self)
             if verdict is not None:
-                if type(verdict) is bytes:
-                    self._answer(verdict)
-                else:
-                    run_detached(self._await_filters(verdict))  # type: ignore[arg-type]
-                return
-        self._go()
+                if verdict is not PENDING:
+                    self.answer(verdict)  # type: ignore[arg-type]
+                return  # else the chain calls filters_passed() or answer() later
+        self.filters_passed()
 
-    def _go(self) -> None:
+    def filters_passed(self) -> None:
         """Past the filters: invite the body if asked, and find a connection."""
         if self.expect_continue:
             # Only now: a request refused by a filter never had its body invited.
             self.client.transport.write(_CONTINUE)
         self.route.upstream.acquire(self)  # type: ignore[union-attr]
 
-    async def _await_filters(self, pending: Awaitable[bytes | None]) -> None:
-        try:
-            verdict = await pending
-        except Exception:
-            log.exception("a filter failed on route %s", self.route.name)  # type: ignore[union-attr]
-            verdict = None
-            if not self.done:
-                self.fail(500, "internal_error", "the gateway failed to handle the request")
-            return
-        if self.done:
-            return
-        if verdict is not None:
-            self._answer(verdict)
-        else:
-            self._go()
-
-    def _answer(self, response: bytes) -> None:
+    def answer(self, response: bytes) -> None:
         """Send a filter's own response (401, 429, a CORS preflight...) and end."""
         self.resp_started = True
         self.client.transport.write(response)
         self.finish()
 
     # -- filters change the upstream request through these --------------------------
+
+    def append_request_lines(self, lines: bytes) -> None:
+        """Add header lines (each ending in CRLF) to the upstream request."""
+        head = self.head
+        if isinstance(head, tuple):
+            self.head = (head[0], head[1][:-2] + lines + b"\r\n")
+        else:
+            self.head = head[:-2] + lines + b"\r\n"
 
     def rewrite_request_headers(self, rewrite: Callable[[bytes], bytes]) -> None:
         """Replace the forwarded header lines with ``rewrite(lines)`` (each line ends

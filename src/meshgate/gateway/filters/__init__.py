@@ -17,7 +17,9 @@ rate_limit, headers; a route without filters has no chain and pays nothing.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Sequence
+from functools import partial
 from typing import TYPE_CHECKING, Protocol
 
 from meshgate.gateway.http import error_response
@@ -26,7 +28,9 @@ if TYPE_CHECKING:
     from meshgate.config.model import Config, RouteSettings
     from meshgate.gateway.server import Exchange
 
-__all__ = ["Chain", "Filter", "Verdict", "build_chain", "reply"]
+__all__ = ["PENDING", "Chain", "Filter", "Verdict", "build_chain", "reply"]
+
+log = logging.getLogger("meshgate.gateway.filters")
 
 Verdict = bytes | Awaitable[bytes | None] | None
 """What a filter's request phase returns: go on, answer, or wait for either."""
@@ -78,7 +82,13 @@ def reply(
 
 
 class Chain:
-    """A route's filters, in order; itself a filter."""
+    """A route's filters, in order.
+
+    :meth:`run` goes through them until one answers or waits. A filter that waits
+    returns an :class:`asyncio.Future` (cheap: resumed by a callback) or any other
+    awaitable (run as a task); the chain then resumes from the next filter when it
+    completes and reports the outcome to the exchange.
+    """
 
     name = "chain"
 
@@ -92,38 +102,50 @@ class Chain:
             if hasattr(f, "response")
         )
 
-    def request(self, exchange: Exchange) -> Verdict:
+    def run(self, exchange: Exchange, start: int = 0) -> object:
+        """None (all passed), bytes (the answer), or :data:`PENDING`: the exchange
+        hears later, through ``exchange.filters_passed()`` or ``exchange.answer()``."""
         filters = self.filters
-        for index, item in enumerate(filters):
-            verdict = item.request(exchange)
+        for index in range(start, len(filters)):
+            verdict = filters[index].request(exchange)
             if verdict is None:
                 continue
-            if type(verdict) is bytes:
+            if isinstance(verdict, bytes):
                 return verdict
-            return self._rest(exchange, verdict, index + 1)  # type: ignore[arg-type]
+            waiting: asyncio.Future[bytes | None] = (
+                verdict if isinstance(verdict, asyncio.Future) else asyncio.ensure_future(verdict)
+            )
+            waiting.add_done_callback(partial(self._resume, exchange, index + 1))
+            return PENDING
         return None
 
-    async def _rest(
-        self, exchange: Exchange, pending: Awaitable[bytes | None], start: int
-    ) -> bytes | None:
-        verdict = await pending
-        if verdict is not None:
-            return verdict
-        for item in self.filters[start:]:
-            step = item.request(exchange)
-            if step is None:
-                continue
-            if type(step) is bytes:
-                return step
-            result: bytes | None = await step  # type: ignore[misc]
-            if result is not None:
-                return result
-        return None
+    def _resume(self, exchange: Exchange, start: int, done: asyncio.Future[bytes | None]) -> None:
+        if exchange.done:
+            return
+        try:
+            verdict = done.result()
+        except Exception:
+            log.exception("a filter failed on route %s", exchange.route.name)  # type: ignore[union-attr]
+            exchange.fail(500, "internal_error", "the gateway failed to handle the request")
+            return
+        outcome: object = verdict
+        if outcome is None:
+            outcome = self.run(exchange, start)
+            if outcome is PENDING:
+                return
+        if outcome is None:
+            exchange.filters_passed()
+        else:
+            exchange.answer(outcome)  # type: ignore[arg-type]
 
     def response(self, exchange: Exchange, headers: bytes) -> bytes:
         for item in self.response_filters:
             headers = item.response(exchange, headers)
         return headers
+
+
+PENDING = object()
+"""What :meth:`Chain.run` returns when a filter is waiting."""
 
 
 def build_chain(route: RouteSettings, config: Config) -> Chain | None:
@@ -148,14 +170,3 @@ def build_chain(route: RouteSettings, config: Config) -> Chain | None:
     if route.headers is not None:
         filters.append(HeaderFilter(route.headers))
     return Chain(filters) if filters else None
-
-
-def run_detached(coro: Awaitable[None]) -> asyncio.Task[None]:
-    """Run ``coro`` as a task kept alive until it ends."""
-    task: asyncio.Task[None] = asyncio.ensure_future(coro)
-    _TASKS.add(task)
-    task.add_done_callback(_TASKS.discard)
-    return task
-
-
-_TASKS: set[asyncio.Task[None]] = set()

@@ -22,12 +22,13 @@ import hashlib
 import logging
 import math
 import time
+from functools import partial
 from typing import TYPE_CHECKING
 
 from meshgate.config.model import Config, RateLimitSettings
 from meshgate.gateway.filters import Verdict, reply
 from meshgate.gateway.filters.ip import client_address
-from meshgate.gateway.resp import RedisError, RespClient, command
+from meshgate.gateway.resp import RedisError, RespClient
 
 if TYPE_CHECKING:
     from meshgate.gateway.server import Exchange
@@ -86,11 +87,18 @@ class RateLimitFilter:
         self.redis_errors = 0
         self._last_warning = 0.0
         if settings.redis is not None:
-            prefix = f"{{{settings.key_prefix}:rl:{route}:".encode()
-            self._key_prefix = prefix
+            self._key_prefix = f"{{{settings.key_prefix}:rl:{route}:".encode()
             emission_us = str(max(1, round(self._emission * 1_000_000))).encode()
             tolerance_us = str(round(self._tolerance * 1_000_000)).encode()
-            self._args = (emission_us, tolerance_us)
+            # The command, pre-encoded around the one part that varies: the key.
+            args = b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in (emission_us, tolerance_us))
+            self._evalsha = b"*5\r\n$7\r\nEVALSHA\r\n$40\r\n" + _SCRIPT_SHA + b"\r\n$1\r\n1\r\n"
+            self._eval = b"*5\r\n$4\r\nEVAL\r\n$%d\r\n%s\r\n$1\r\n1\r\n" % (
+                len(GCRA_SCRIPT),
+                GCRA_SCRIPT,
+            )
+            self._args_frame = args
+            self._script_loaded = False
             self._client = _client(settings.redis)
 
     # -- keys
@@ -136,20 +144,22 @@ class RateLimitFilter:
         if len(self._tat) >= _MAX_LOCAL_KEYS:
             self._tat.clear()
 
-    async def _redis(self, exchange: Exchange, key: bytes) -> bytes | None:
-        frame = command(b"EVALSHA", _SCRIPT_SHA, b"1", self._key_prefix + key + b"}", *self._args)
-        try:
-            try:
-                result = await self._client.call(frame)
-            except RedisError as exc:
-                if not str(exc).startswith("NOSCRIPT"):
-                    raise
-                result = await self._client.call(
-                    command(b"EVAL", GCRA_SCRIPT, b"1", self._key_prefix + key + b"}", *self._args)
-                )
-        except RedisError as exc:
-            return self._redis_failed(exchange, exc)
-        allowed, remaining, retry_us, reset_us = result
+    def _redis(self, exchange: Exchange, key: bytes) -> Verdict:
+        full = self._key_prefix + key + b"}"
+        # EVAL until Redis has the script cached; then only its SHA1 goes over.
+        head = self._evalsha if self._script_loaded else self._eval
+        self._script_loaded = True
+        frame = head + b"$%d\r\n%s\r\n" % (len(full), full) + self._args_frame
+        return self._client.send(frame, partial(self._decide, exchange))
+
+    def _decide(self, exchange: Exchange, result: object) -> bytes | None:
+        """The verdict from Redis's reply (called as the reply is read)."""
+        if isinstance(result, RedisError):
+            if str(result).startswith("NOSCRIPT"):
+                self._script_loaded = False  # Redis restarted: send the script again
+            return self._redis_failed(exchange, result)
+        reply: list[int] = result  # type: ignore[assignment]
+        allowed, remaining, retry_us, reset_us = reply
         if not allowed:
             return self._refuse(exchange, retry_us / 1_000_000, reset_us / 1_000_000)
         self._headers(exchange, remaining, reset_us / 1_000_000)
