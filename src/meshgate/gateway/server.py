@@ -117,6 +117,7 @@ class Exchange:
     resp_extra = b""  # header lines filters add to the response
     set_cookie = b""  # a sticky-session cookie (the last endpoint picked sets it)
     consumer: str | None = None  # the authenticated caller (set by the auth filter)
+    spoofed = False  # the client sent a header the auth filter owns
     try_deadline = 0.0  # the current try's per-try timeout
     body_buf: list[bytes] | None = None
     body_size = 0

@@ -302,8 +302,12 @@ class AuthFilter:
 
     def request(self, exchange: Exchange) -> Verdict:
         token = api_key = None
+        owned = self._owned
+        spoofed = False
         for name, value in exchange.headers:
             low = name.lower()
+            if low in owned:
+                spoofed = True  # a header only the gateway may set (or strip)
             if low == b"authorization" and self._jwt is not None:
                 scheme, _, rest = value.partition(b" ")
                 if scheme.lower() == b"bearer":
@@ -312,6 +316,7 @@ class AuthFilter:
                 api_key = value.strip()
         if api_key is None and self._api_query is not None:
             api_key = self._query_key(exchange)
+        exchange.spoofed = spoofed
         try:
             if token is not None and self._jwt is not None:
                 identity = self._jwt.cached(token, time.time())
@@ -434,7 +439,10 @@ class AuthFilter:
 
     def _strip_owned(self, exchange: Exchange, lines: bytes) -> None:
         owned = self._owned
-        if not owned and not lines:
+        if not exchange.spoofed:
+            # Nothing to remove (the usual case): just add the identity's lines.
+            if lines:
+                exchange.append_request_lines(lines)
             return
 
         def rewrite(block: bytes) -> bytes:

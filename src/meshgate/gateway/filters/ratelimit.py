@@ -48,7 +48,8 @@ if now < tat - tolerance then
   return {0, 0, tat - tolerance - now, tat - now}
 end
 local new_tat = tat + emission
-redis.call('SET', KEYS[1], new_tat, 'PX', math.ceil((new_tat - now) / 1000) + 1)
+-- %.0f: a plain integer (tostring would write 1.79e+15 and lose the microseconds)
+redis.call('SET', KEYS[1], string.format('%.0f', new_tat), 'PX', math.ceil((new_tat - now) / 1000) + 1)
 return {1, math.floor((now + tolerance + emission - new_tat) / emission), 0, new_tat - now}
 """
 """Returns {allowed, remaining, retry after (us), until the bucket is full (us)}."""
@@ -92,8 +93,8 @@ class RateLimitFilter:
             tolerance_us = str(round(self._tolerance * 1_000_000)).encode()
             # The command, pre-encoded around the one part that varies: the key.
             args = b"".join(b"$%d\r\n%s\r\n" % (len(a), a) for a in (emission_us, tolerance_us))
-            self._evalsha = b"*5\r\n$7\r\nEVALSHA\r\n$40\r\n" + _SCRIPT_SHA + b"\r\n$1\r\n1\r\n"
-            self._eval = b"*5\r\n$4\r\nEVAL\r\n$%d\r\n%s\r\n$1\r\n1\r\n" % (
+            self._evalsha = b"*6\r\n$7\r\nEVALSHA\r\n$40\r\n" + _SCRIPT_SHA + b"\r\n$1\r\n1\r\n"
+            self._eval = b"*6\r\n$4\r\nEVAL\r\n$%d\r\n%s\r\n$1\r\n1\r\n" % (
                 len(GCRA_SCRIPT),
                 GCRA_SCRIPT,
             )
@@ -133,7 +134,8 @@ class RateLimitFilter:
         if len(tats) >= _MAX_LOCAL_KEYS:
             self._forget(now)
         tats[key] = new_tat
-        remaining = int((now + self._tolerance + self._emission - new_tat) / self._emission)
+        # The epsilon absorbs float rounding (2.0 must not come out as 1.9999...).
+        remaining = int((now + self._tolerance + self._emission - new_tat) / self._emission + 1e-9)
         self._headers(exchange, remaining, new_tat - now)
         return None
 
