@@ -20,7 +20,7 @@ def test_command_framing() -> None:
         (b"+OK\r\n", b"OK", 5),
         (b"$3\r\nabc\r\n", b"abc", 9),
         (b"$-1\r\n", None, 5),
-        (b"*2\r\n:1\r\n:-5\r\n", [1, -5], 12),
+        (b"*2\r\n:1\r\n:-5\r\n", [1, -5], 13),
         (b"*0\r\n", [], 4),
     ],
 )

@@ -49,7 +49,8 @@ if now < tat - tolerance then
 end
 local new_tat = tat + emission
 -- %.0f: a plain integer (tostring would write 1.79e+15 and lose the microseconds)
-redis.call('SET', KEYS[1], string.format('%.0f', new_tat), 'PX', math.ceil((new_tat - now) / 1000) + 1)
+local ttl = math.ceil((new_tat - now) / 1000) + 1
+redis.call('SET', KEYS[1], string.format('%.0f', new_tat), 'PX', ttl)
 return {1, math.floor((now + tolerance + emission - new_tat) / emission), 0, new_tat - now}
 """
 """Returns {allowed, remaining, retry after (us), until the bucket is full (us)}."""
