@@ -111,13 +111,20 @@ class _KeySet:
         self._fetched_at = 0.0
         self._fetching: asyncio.Task[None] | None = None
 
-    def candidates(self, kid: str | None) -> list[Any]:
+    def candidates(self, kid: str | None, alg: str | None = None) -> list[Any]:
+        """Keys that may have signed a token with ``kid`` and ``alg``: only keys of the
+        algorithm's type (an EC key is never tried on an RS256 token)."""
         if kid is not None:
             found = self.static.get(kid) or ([self.fetched[kid]] if kid in self.fetched else [])
             # A configured key without a kid matches any kid.
-            return found or self.static.get(None, [])
-        keys = [k for group in self.static.values() for k in group]
-        return keys + list(self.fetched.values())
+            keys = found or self.static.get(None, [])
+        else:
+            keys = [k for group in self.static.values() for k in group]
+            keys += self.fetched.values()
+        if alg is None:
+            return keys
+        kind = _KEY_TYPES[alg]
+        return [k for k in keys if isinstance(k, kind)]
 
     def stale(self) -> bool:
         url = self.settings.jwks_url
@@ -156,6 +163,20 @@ class _KeySet:
             except (KeyError, ValueError, TypeError, jwt.InvalidKeyError) as exc:
                 log.warning("skipping a JWKS key from %s: %s", url, exc)
         self.fetched = keys
+
+
+def _key_types() -> dict[str, type | tuple[type, ...]]:
+    from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa  # noqa: PLC0415
+
+    return {
+        "HS256": bytes,
+        "RS256": rsa.RSAPublicKey,
+        "ES256": ec.EllipticCurvePublicKey,
+        "EdDSA": (ed25519.Ed25519PublicKey, ed448.Ed448PublicKey),
+    }
+
+
+_KEY_TYPES = _key_types()
 
 
 def _load_pem(pem: str) -> Any:
@@ -217,7 +238,9 @@ class _Jwt:
                     leeway=settings.leeway,
                     options={"require": self.require, "verify_aud": self.audience is not None},
                 )
-            except jwt.InvalidSignatureError as exc:
+            except (jwt.InvalidSignatureError, jwt.InvalidKeyError, TypeError, ValueError) as exc:
+                # Not this key (a library may reject a key of the wrong shape with
+                # TypeError); the next one may verify it.
                 last = exc
                 continue
             except jwt.ExpiredSignatureError:
@@ -314,8 +337,12 @@ class AuthFilter:
                     token = rest.strip()
             elif low == self._api_header:
                 api_key = value.strip()
-        if api_key is None and self._api_query is not None:
-            api_key = self._query_key(exchange)
+        if self._api_query is not None:
+            # Always taken out of the forwarded target, even when a header also
+            # carries a key: the key never reaches the upstream.
+            from_query = self._query_key(exchange)
+            if api_key is None:
+                api_key = from_query
         exchange.spoofed = spoofed
         try:
             if token is not None and self._jwt is not None:
@@ -370,18 +397,19 @@ class AuthFilter:
                 ),
             )
         kid = header.get("kid")
-        keys = jwt_auth.keys.candidates(kid if isinstance(kid, str) else None)
+        kid = kid if isinstance(kid, str) else None
+        keys = jwt_auth.keys.candidates(kid, alg)
         if (not keys and jwt_auth.keys.may_fetch()) or jwt_auth.keys.stale():
-            return self._fetch_then_verify(exchange, token, kid if isinstance(kid, str) else None)
+            return self._fetch_then_verify(exchange, token, kid, alg)
         return self._verified(exchange, token, keys)
 
     async def _fetch_then_verify(
-        self, exchange: Exchange, token: bytes, kid: str | None
+        self, exchange: Exchange, token: bytes, kid: str | None, alg: str
     ) -> bytes | None:
         jwt_auth = self._jwt
         assert jwt_auth is not None  # noqa: S101
         await jwt_auth.keys.fetch()
-        return self._verified(exchange, token, jwt_auth.keys.candidates(kid))
+        return self._verified(exchange, token, jwt_auth.keys.candidates(kid, alg))
 
     def _verified(self, exchange: Exchange, token: bytes, keys: list[Any]) -> bytes | None:
         jwt_auth = self._jwt
@@ -413,8 +441,9 @@ class AuthFilter:
         found = None
         kept = []
         for param in url[q + 1 :].split(b"&"):
-            if found is None and param.startswith(prefix):
-                found = unquote_to_bytes(param[len(prefix) :])
+            if param.startswith(prefix):
+                if found is None:
+                    found = unquote_to_bytes(param[len(prefix) :])
             else:
                 kept.append(param)
         if found is None:
