@@ -16,7 +16,8 @@ _HOST_CHARS = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-
 class RedirectProtocol(asyncio.Protocol):
     """Answers ``308 Permanent Redirect`` to the same host and target over HTTPS."""
 
-    def __init__(self, https_port: int) -> None:
+    def __init__(self, https_port: int, timeout: float = 10.0) -> None:
+        self._timeout = timeout
         self._suffix = b"" if https_port == 443 else b":%d" % https_port
         self._parser = HttpRequestParser(self)
         self._transport: asyncio.Transport | None = None
@@ -26,6 +27,11 @@ class RedirectProtocol(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = transport  # type: ignore[assignment]
+        # A redirect needs one short request: a client that sends none is dropped.
+        self._timer = asyncio.get_running_loop().call_later(self._timeout, transport.close)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._timer.cancel()
 
     def data_received(self, data: bytes) -> None:
         self._size += len(data)

@@ -1060,6 +1060,11 @@ class ClientConnection(asyncio.Protocol):
                 if lname[:6] != b"proxy-":
                     append(name + b": " + value + b"\r\n")
             elif kind == http.HOST:
+                if host:
+                    # Two Host headers: which one counts is ambiguous (RFC 9112 3.2).
+                    self._prepare_error(ex, 400, "bad_host", "more than one Host header")
+                    self._start(ex)
+                    return
                 host = value
             elif special is None:
                 special = [(kind, value)]
@@ -1085,7 +1090,12 @@ class ClientConnection(asyncio.Protocol):
         # Without a Connection header, llhttp's keep-alive answer is the version:
         # HTTP/1.1 keeps alive unless told to close, HTTP/1.0 closes unless told
         # to keep alive. Only with one is the (slower) version string needed.
-        ex.http10 = parser.get_http_version() != "1.1" if has_connection else not keep_alive
+        http10 = parser.get_http_version() != "1.1" if has_connection else not keep_alive
+        ex.http10 = http10
+        if chunked and http10:
+            # Transfer-Encoding in HTTP/1.0 may be a smuggling attempt: the
+            # connection closes after this request (RFC 9112 section 6.1).
+            keep_alive = False
         ex.keep_alive = keep_alive
         if upgrade or not keep_alive:
             # An upgrade either becomes a tunnel or ends the connection.
@@ -1276,7 +1286,7 @@ class ClientConnection(asyncio.Protocol):
         ex.status = status
         # A refused request may still have a body on the wire; only a request
         # without one leaves the connection in a known state.
-        close = status in (400, 413, 414, 431) or not ex.keep_alive
+        close = status in (400, 408, 413, 414, 431) or not ex.keep_alive
         if close:
             ex.keep_alive = False
             self.closing = True

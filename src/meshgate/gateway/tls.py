@@ -65,18 +65,23 @@ class TlsTerminator:
 
     def __init__(self, settings: TlsSettings) -> None:
         self.settings = settings
+        # The listener's base context: its certificate is the fallback until the
+        # SNI callback has run, which switches every handshake to a context of
+        # the current configuration (so reloads reach the base settings too).
         self.context = _server_context(settings, settings.certificates[0], 0)
-        self._by_name, self._wildcards = self._maps(settings)
+        self._default, self._by_name, self._wildcards = self._maps(settings)
         self.context.sni_callback = self._choose
 
     def _maps(
         self, settings: TlsSettings
-    ) -> tuple[dict[str, ssl.SSLContext], list[tuple[str, ssl.SSLContext]]]:
-        """The contexts by exact name and by wildcard suffix (longest first)."""
+    ) -> tuple[ssl.SSLContext, dict[str, ssl.SSLContext], list[tuple[str, ssl.SSLContext]]]:
+        """The default context, and the contexts by exact name and by wildcard
+        suffix (longest first)."""
         by_name: dict[str, ssl.SSLContext] = {}
         wildcards: list[tuple[str, ssl.SSLContext]] = []
+        default = _server_context(settings, settings.certificates[0], 0)
         for index, cert in enumerate(settings.certificates):
-            context = self.context if index == 0 else _server_context(settings, cert, index)
+            context = default if index == 0 else _server_context(settings, cert, index)
             for pattern in cert.hosts:
                 host = pattern.lower().rstrip(".")
                 if host.startswith("*."):
@@ -84,7 +89,7 @@ class TlsTerminator:
                 else:
                     by_name.setdefault(host, context)
         wildcards.sort(key=lambda item: -len(item[0]))
-        return by_name, wildcards
+        return default, by_name, wildcards
 
     def update(self, settings: TlsSettings) -> None:
         """Use ``settings`` (certificates changed on reload) for new handshakes.
@@ -94,26 +99,29 @@ class TlsTerminator:
         """
         if settings == self.settings:
             return
-        _server_context(settings, settings.certificates[0], 0)  # validates the files
-        maps = self._maps(settings)
+        maps = self._maps(settings)  # loads (and so validates) every file first
         _load_chain(self.context, settings.certificates[0], "gateway.tls.certificates[0]")
         self.context.minimum_version = _VERSIONS[settings.min_version]
+        # OpenSSL keeps the verify mode of the context a handshake started on.
+        self.context.verify_mode = ssl.CERT_OPTIONAL if settings.client_ca else ssl.CERT_NONE
         self.settings = settings
-        self._by_name, self._wildcards = maps
+        self._default, self._by_name, self._wildcards = maps
 
     def _choose(
         self, connection: ssl.SSLObject | ssl.SSLSocket, name: str | None, _: ssl.SSLContext
     ) -> None:
-        if not name:
-            return
-        name = name.lower().rstrip(".")
-        context = self._by_name.get(name)
-        if context is None:
-            for suffix, candidate in self._wildcards:
-                if name.endswith(suffix) and len(name) > len(suffix):
-                    context = candidate
-                    break
-        if context is not None and context is not connection.context:
+        context = None
+        if name:
+            name = name.lower().rstrip(".")
+            context = self._by_name.get(name)
+            if context is None:
+                for suffix, candidate in self._wildcards:
+                    if name.endswith(suffix) and len(name) > len(suffix):
+                        context = candidate
+                        break
+        # Without a match (or without SNI) the first certificate's current context.
+        context = context or self._default
+        if context is not connection.context:
             connection.context = context
 
 

@@ -122,6 +122,7 @@ class Worker:
             lambda: ClientConnection(self),
             sock=sock,
             ssl=self.tls.context if self.tls is not None else None,
+            ssl_handshake_timeout=self.runtime.header_timeout if self.tls is not None else None,
         )
         self.servers.append(server)
         if self._timer is None:
@@ -131,7 +132,8 @@ class Worker:
     async def serve_redirect(self, sock: socket.socket, https_port: int) -> None:
         """Answer plain HTTP on ``sock`` with redirects to HTTPS on ``https_port``."""
         loop = asyncio.get_running_loop()
-        server = await loop.create_server(lambda: RedirectProtocol(https_port), sock=sock)
+        timeout = self.runtime.header_timeout
+        server = await loop.create_server(lambda: RedirectProtocol(https_port, timeout), sock=sock)
         self.servers.append(server)
 
     def _tick(self) -> None:
