@@ -552,7 +552,7 @@ BAD_DOCUMENTS = [
     pytest.param(
         _edit("{listen: 127.0.0.1:9901}", "{listen: 0.0.0.0:9901}"),
         "gateway.admin",
-        "bind it to 127.0.0.1, or set allow_insecure_remote: true",
+        "give it a certificate (tls: {cert, key}), or set allow_insecure_remote: true",
         4,
         id="admin-on-non-loopback",
     ),

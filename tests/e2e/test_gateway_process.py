@@ -9,16 +9,20 @@ import os
 import re
 import signal
 import socket
+import ssl
 import stat
 import subprocess
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
+import trustme
 
 from tests.e2e.conftest import (
     TOKEN,
@@ -428,6 +432,63 @@ def test_generated_admin_token_is_written_to_a_private_file(
     assert gw.admin("GET", "/status", token=token).status_code == 200
     assert gw.admin("GET", "/status", token=None).status_code == 401
     assert gw.admin("GET", "/status", token=TOKEN).status_code == 401
+
+
+def test_admin_api_over_tls(
+    start_gateway: GatewayFactory, demo_upstream: DemoUpstream, tmp_path: Path
+) -> None:
+    ca = trustme.CA()
+    leaf = ca.issue_cert("127.0.0.1")
+    cert, key, ca_file = tmp_path / "admin.pem", tmp_path / "admin.key", tmp_path / "ca.pem"
+    leaf.cert_chain_pems[0].write_to_path(str(cert))
+    leaf.private_key_pem.write_to_path(str(key))
+    ca.cert_pem.write_to_path(str(ca_file))
+    admin = f"{{listen: '127.0.0.1:0', token: '{TOKEN}', tls: {{cert: '{cert}', key: '{key}'}}}}"
+    gw = start_gateway(gateway_config(demo_upstream.address, admin=admin), workers=1)
+    assert f"admin on https://127.0.0.1:{gw.admin_port}" in gw.ready_line
+    url = f"https://127.0.0.1:{gw.admin_port}/status"
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    res = httpx.get(url, headers=auth, verify=ssl.create_default_context(cafile=ca_file))
+    assert res.status_code == 200, res.text
+    assert res.json()["workers"]
+    assert httpx.get(url, verify=ssl.create_default_context(cafile=ca_file)).status_code == 401
+    # Plain HTTP on the TLS port gets no admin answer.
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(f"http://127.0.0.1:{gw.admin_port}/status", headers=auth, timeout=5)
+    # TLS 1.1 is refused.
+    old = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    old.load_verify_locations(cafile=ca_file)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        old.minimum_version = old.maximum_version = ssl.TLSVersion.TLSv1_1
+    with pytest.raises((httpx.ConnectError, ssl.SSLError)):
+        httpx.get(url, headers=auth, verify=old)
+
+
+def test_admin_on_a_remote_address_needs_tls(tmp_path: Path) -> None:
+    config = gateway_config("127.0.0.1:1", admin="{listen: '0.0.0.0:0'}")
+    proc, _ = run_gateway_expecting_failure(config, tmp_path)
+    assert proc.returncode != 0
+    assert "gateway.admin" in proc.stderr
+    assert "give it a certificate (tls: {cert, key})" in proc.stderr
+
+
+def test_admin_tls_with_a_missing_key_fails_clearly(
+    tmp_path: Path, demo_upstream: DemoUpstream
+) -> None:
+    ca = trustme.CA()
+    cert = tmp_path / "admin.pem"
+    ca.issue_cert("127.0.0.1").cert_chain_pems[0].write_to_path(str(cert))
+    missing = tmp_path / "nope.key"
+    admin = (
+        f"{{listen: '127.0.0.1:0', token: '{TOKEN}', tls: {{cert: '{cert}', key: '{missing}'}}}}"
+    )
+    proc, _ = run_gateway_expecting_failure(
+        gateway_config(demo_upstream.address, admin=admin), tmp_path
+    )
+    assert proc.returncode != 0
+    assert "gateway.admin.tls.key" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
 
 
 # ---------------------------------------------------------------------------- startup errors

@@ -96,10 +96,12 @@ def gateway(
     async def serve() -> None:
         gw = supervisor.config.gateway
         token = supervisor.token
+        scheme = "https" if gw.tls is not None else "http"
+        admin_scheme = "https" if gw.admin.tls is not None else "http"
         err.print(
-            f"meshgate {__version__}: gateway on http://{gw.listen.host}:{supervisor.port} "
+            f"meshgate {__version__}: gateway on {scheme}://{gw.listen.host}:{supervisor.port} "
             f"({supervisor.worker_count} workers); admin on "
-            f"http://{gw.admin.listen.host}:{supervisor.admin_port}",
+            f"{admin_scheme}://{gw.admin.listen.host}:{supervisor.admin_port}",
             highlight=False,
         )
         if token is not None and token.path is not None:

@@ -176,6 +176,9 @@ class AdminSettings(_Model):
 
     listen: Address = Field(default_factory=lambda: Address(host="127.0.0.1", port=9901))
     """Where the admin API listens. Keep it on loopback unless it is behind TLS."""
+    tls: CertificateSettings | None = None
+    """Serve the admin API over HTTPS (TLS 1.2 or newer) with this certificate;
+    needed to listen on a non-loopback address."""
     token: SecretStr | None = None
     """The bearer token the admin API requires. When unset, the token is read from
     ``token_file``, or generated and written there (mode 0600)."""
@@ -187,10 +190,12 @@ class AdminSettings(_Model):
 
     @model_validator(mode="after")
     def _loopback_unless_allowed(self) -> AdminSettings:
-        if not self.listen.is_loopback and not self.allow_insecure_remote:
+        remote = not self.listen.is_loopback
+        if remote and self.tls is None and not self.allow_insecure_remote:
             raise ValueError(
                 f"the admin API on {self.listen} would be reachable from other machines "
-                "without TLS; bind it to 127.0.0.1, or set allow_insecure_remote: true"
+                "without TLS; bind it to 127.0.0.1, give it a certificate (tls: {cert, key}), "
+                "or set allow_insecure_remote: true"
             )
         if self.token is not None and len(self.token.get_secret_value()) < 16:
             raise ValueError("the admin token is too short; use at least 16 characters")

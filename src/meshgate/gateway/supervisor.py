@@ -34,7 +34,7 @@ from meshgate.errors import ConfigError, SupervisorError
 from meshgate.gateway.admin import AdminToken, create_admin_app
 from meshgate.gateway.metrics import WorkerMetrics, merge_snapshots
 from meshgate.gateway.runtime import Runtime
-from meshgate.gateway.tls import TlsTerminator
+from meshgate.gateway.tls import TlsTerminator, admin_context
 from meshgate.gateway.upstream.probe import Prober
 from meshgate.gateway.upstream.shared import SharedHealth
 from meshgate.gateway.worker import listen_socket, worker_main
@@ -638,8 +638,21 @@ class Supervisor:
         self.admin_port = sock.getsockname()[1]
         self.token = AdminToken.resolve(admin, self.admin_port)
         app = create_admin_app(self, self.token)
+        context = None
+        if admin.tls is not None:
+            try:
+                context = admin_context(admin.tls)
+            except ConfigError as exc:
+                sock.close()
+                self._reservation.close()
+                raise SupervisorError(str(exc)) from None
         config = uvicorn.Config(
-            app, log_level="warning", access_log=False, lifespan="off", loop="none"
+            app,
+            log_level="warning",
+            access_log=False,
+            lifespan="off",
+            loop="none",
+            ssl_context_factory=None if context is None else lambda _config, _default: context,
         )
         self._admin = _EmbeddedServer(config)
         self._admin_task = asyncio.get_running_loop().create_task(self._admin.serve([sock]))

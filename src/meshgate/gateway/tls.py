@@ -18,7 +18,7 @@ from pathlib import Path
 from meshgate.config.model import CertificateSettings, TlsSettings, UpstreamTlsSettings
 from meshgate.errors import ConfigError, ConfigIssue
 
-__all__ = ["TlsTerminator", "upstream_context"]
+__all__ = ["TlsTerminator", "admin_context", "upstream_context"]
 
 # TLS 1.2 suites with forward secrecy and AEAD; TLS 1.3 suites are all such already.
 _CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:DHE+CHACHA20:!aNULL:!eNULL:!MD5:!DSS"
@@ -123,6 +123,16 @@ class TlsTerminator:
         context = context or self._default
         if context is not connection.context:
             connection.context = context
+
+
+def admin_context(cert: CertificateSettings) -> ssl.SSLContext:
+    """The admin listener's server context (same floor and ciphers as the gateway's)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.set_ciphers(_CIPHERS)
+    context.options |= ssl.OP_NO_COMPRESSION
+    _load_chain(context, cert, "gateway.admin.tls")
+    return context
 
 
 def upstream_context(settings: UpstreamTlsSettings, path: str) -> ssl.SSLContext:
