@@ -336,10 +336,21 @@ class Exchange:
         route = self.route
         chain = route.chain  # type: ignore[union-attr]
         if chain is not None and chain.response_filters:
-            headers = chain.response(self, headers)
-        out = [status_line(status), headers, rt.via_resp, rt.rid_prefix, self.request_id]
-        if self.resp_extra or self.set_cookie:
-            out.insert(2, self.resp_extra + self.set_cookie)  # whole lines, among the others
+            # Header rules see every line, the gateway's own included; the
+            # upstream's Connection line goes first (the gateway states its own).
+            if connection is not None:
+                headers = http.drop_connection(headers)
+                connection = None
+            block = b"".join(
+                (headers, self.resp_extra, self.set_cookie, rt.via_resp, rt.rid_prefix)
+            )
+            block = chain.response(self, block + self.request_id + b"\r\n")
+            # The last line's CRLF comes with what is appended below.
+            out = [status_line(status)[:-2], b"\r\n" + block[:-2] if block else b""]
+        else:
+            out = [status_line(status), headers, rt.via_resp, rt.rid_prefix, self.request_id]
+            if self.resp_extra or self.set_cookie:
+                out.insert(2, self.resp_extra + self.set_cookie)  # whole lines, among the others
         append = out.append
         if status == 101:
             append(b"\r\nConnection: Upgrade\r\nUpgrade: " + (upgrade or b"") + b"\r\n\r\n")
@@ -640,7 +651,9 @@ class Exchange:
                 route=route.name if route is not None else None,
                 upstream=route.upstream.name if route is not None else None,
                 close=not self.keep_alive,
-                extra_headers=headers,
+                # Lines filters added (CORS, RateLimit) belong on errors too: a
+                # browser must be able to read a 502 from an allowed origin.
+                extra_headers=headers + self.resp_extra,
             )
         )
         self.finish()
@@ -876,6 +889,10 @@ class ClientConnection(asyncio.Protocol):
         worker.connections.add(self)
         peer = transport.get_extra_info("peername")
         ip = peer[0] if isinstance(peer, tuple) else "unix"
+        if ip[:7] == "::ffff:" and "." in ip:
+            # An IPv4 client of a dual-stack listener: judged (allow and deny
+            # lists, trusted proxies, rate-limit keys) by its IPv4 address.
+            ip = ip[7:]
         self.peer_ip = ip
         self.peer_trusted = worker.runtime.is_trusted(ip)
         self.peer_cert = bool(transport.get_extra_info("peercert"))

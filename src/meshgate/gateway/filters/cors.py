@@ -58,12 +58,16 @@ class CorsFilter:
     def request(self, exchange: Exchange) -> Verdict:
         origin = _header(exchange, b"origin")
         if origin is None:
+            # The answer depends on Origin, so caches must key on it even here.
+            exchange.resp_extra += b"Vary: Origin\r\n"
             return None
         requested = _header(exchange, b"access-control-request-method")
         if exchange.method == b"OPTIONS" and requested is not None:
             return self._preflight(exchange, origin, requested)
         if self._allowed(origin):
             exchange.resp_extra += self._origin_lines(origin) + self._credentials + self._expose
+        else:
+            exchange.resp_extra += b"Vary: Origin\r\n"
         return None
 
     def _preflight(self, exchange: Exchange, origin: bytes, method: bytes) -> bytes:

@@ -1,0 +1,368 @@
+"""Rate limiting (GCRA) over real sockets: counted in the worker, and in a real Redis.
+
+Clients connect from different loopback addresses (127.0.0.1, 127.0.0.2, ...) to be
+different client IPs. Every Redis key a test writes lives under a prefix unique to it
+and is deleted at teardown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import socket
+import uuid
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+
+from meshgate.config import loads
+from meshgate.errors import ConfigError
+from meshgate.gateway.filters import ratelimit
+from meshgate.gateway.filters.auth import hash_api_key
+from meshgate.gateway.filters.ratelimit import RateLimitFilter
+from meshgate.gateway.worker import Worker
+from tests.conftest import require_services
+from tests.helpers import Client, Message, RawUpstream, free_port, gateway_yaml, run_gateway
+
+REDIS_URL = "redis://127.0.0.1:6379/0"
+
+POLICY = '"meshgate";q=3;w=1'
+"""``rate: 5/s, burst: 2``: 3 requests at once, refilled within 1 s."""
+
+_RATELIMIT_RE = re.compile(r'^"meshgate";r=(?P<r>\d+);t=(?P<t>\d+)$')
+
+
+# ---------------------------------------------------------------------------- helpers
+
+
+def _redis_reachable() -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", 6379), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.fixture
+def redis_prefix() -> Iterator[str]:
+    """A key prefix unique to this test; its keys are deleted at teardown."""
+    if not _redis_reachable():
+        if require_services():
+            pytest.fail("Redis is not reachable at 127.0.0.1:6379 (MESHGATE_REQUIRE_SERVICES=1)")
+        pytest.skip("Redis is not reachable at 127.0.0.1:6379; start one to run this test")
+    import redis
+
+    prefix = f"meshgate-test-{uuid.uuid4().hex}"
+    yield prefix
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        # Keys are hash-tagged for Redis Cluster: "{<prefix>:rl:<route>:<key>}".
+        keys = list(client.scan_iter(match=f"{{{prefix}:*"))
+        if keys:
+            client.delete(*keys)
+    finally:
+        client.close()
+
+
+@pytest.fixture(params=["local", pytest.param("redis", marks=pytest.mark.services)])
+def backend(request: pytest.FixtureRequest) -> str:
+    """Where the limit counts: the rate_limit keys that select it (appended to a mapping)."""
+    if request.param == "local":
+        return ""
+    prefix = request.getfixturevalue("redis_prefix")
+    return f", redis: '{REDIS_URL}', key_prefix: '{prefix}'"
+
+
+@pytest.fixture(autouse=True)
+async def _fresh_redis_clients() -> AsyncIterator[None]:
+    """Close the pipelined Redis clients a test opened. In a worker process one client
+    per URL lives as long as the process and its one event loop; each test has its
+    own loop, so a client left over would hold a connection of a closed loop."""
+    yield
+    for client in ratelimit._CLIENTS.values():
+        client.close()
+    ratelimit._CLIENTS.clear()
+
+
+def limited_route(by: str = "ip", extra: str = "", *, rate: str = "5/s", burst: int = 2) -> str:
+    return (
+        f"  - {{name: api, upstream: up, "
+        f"rate_limit: {{rate: '{rate}', burst: {burst}, by: '{by}'{extra}}}}}\n"
+    )
+
+
+async def connect_from(port: int, ip: str) -> Client:
+    """A client connection from the loopback address ``ip`` (any of 127.0.0.0/8)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=(ip, 0))
+    return Client(reader, writer)
+
+
+def rate_limit_filter(worker: Worker, route: str = "api") -> RateLimitFilter:
+    """The rate-limit filter the worker built for ``route``."""
+    match = next(r for r in worker.runtime.router.routes if r.name == route)
+    chain = match.target.chain  # type: ignore[attr-defined]
+    return next(f for f in chain.filters if isinstance(f, RateLimitFilter))
+
+
+def ratelimit_header(res: Message) -> tuple[int, int]:
+    """``r`` (remaining) and ``t`` (seconds until full) of the RateLimit header."""
+    value = res.header("RateLimit")
+    assert value is not None, res.headers
+    found = _RATELIMIT_RE.match(value)
+    assert found is not None, value
+    return int(found["r"]), int(found["t"])
+
+
+def remaining(res: Message) -> int:
+    return ratelimit_header(res)[0]
+
+
+async def statuses(
+    client: Client, count: int, headers: list[tuple[str, str]] | None = None
+) -> list[int]:
+    return [(await client.request("GET", "/", headers)).status for _ in range(count)]
+
+
+# ---------------------------------------------------------------------------- exactness
+
+
+async def test_burst_plus_one_pass_then_429(backend: str) -> None:
+    up = await RawUpstream().start()
+    config = gateway_yaml({"up": [up.address]}, limited_route(extra=backend))
+    async with run_gateway(config) as (_, port):
+        client = await Client.connect(port)
+        # Back to back, well within one emission interval (200 ms): no refill between.
+        replies = [await client.request("GET", f"/{i}") for i in range(10)]
+        await client.close()
+
+    assert [r.status for r in replies] == [200] * 3 + [429] * 7
+    assert len(up.requests) == 3
+    passed, refused = replies[:3], replies[3:]
+    for res in passed:
+        assert res.header("RateLimit-Policy") == POLICY
+        assert 0 < ratelimit_header(res)[1] <= 1
+    assert [remaining(r) for r in passed] == [2, 1, 0]
+    for res in refused:
+        assert res.header("RateLimit-Policy") == POLICY
+        assert remaining(res) == 0
+        retry_after = res.header("Retry-After")
+        assert retry_after is not None
+        assert int(retry_after) >= 1
+        body = json.loads(res.body)
+        assert body["error"] == "rate_limited"
+        assert body["route"] == "api"
+        assert res.header("X-Request-ID") is not None
+        assert res.header("Content-Type") == "application/json"
+    await up.close()
+
+
+async def test_one_more_passes_after_one_emission_interval(backend: str) -> None:
+    up = await RawUpstream().start()
+    config = gateway_yaml({"up": [up.address]}, limited_route(extra=backend))
+    async with run_gateway(config) as (_, port):
+        client = await Client.connect(port)
+        assert await statuses(client, 5) == [200, 200, 200, 429, 429]
+        # GCRA refills one request every 1/rate = 200 ms, not the whole burst at once.
+        await asyncio.sleep(0.25)
+        res = await client.request("GET", "/")
+        assert res.status == 200
+        assert remaining(res) == 0
+        assert (await client.request("GET", "/")).status == 429
+        await client.close()
+    assert len(up.requests) == 4
+    await up.close()
+
+
+# ---------------------------------------------------------------------------- keys
+
+
+async def test_by_header_counts_each_value_apart(backend: str) -> None:
+    up = await RawUpstream().start()
+    config = gateway_yaml({"up": [up.address]}, limited_route("header:X-User", backend))
+    async with run_gateway(config) as (_, port):
+        client = await Client.connect(port)
+        alice, bob = [("X-User", "alice")], [("x-user", "bob")]
+        assert await statuses(client, 4, alice) == [200, 200, 200, 429]
+        assert await statuses(client, 4, bob) == [200, 200, 200, 429]
+        # Requests without the header share one bucket of their own.
+        assert await statuses(client, 4) == [200, 200, 200, 429]
+        assert await statuses(client, 1, alice) == [429]
+        # The same value from another address is the same bucket.
+        other = await connect_from(port, "127.0.0.2")
+        assert await statuses(other, 1, bob) == [429]
+        await client.close()
+        await other.close()
+    assert len(up.requests) == 9
+    await up.close()
+
+
+async def test_by_route_shares_one_bucket_across_clients(backend: str) -> None:
+    up = await RawUpstream().start()
+    config = gateway_yaml({"up": [up.address]}, limited_route("route", backend))
+    async with run_gateway(config) as (_, port):
+        clients = [await connect_from(port, f"127.0.0.{i}") for i in (1, 2, 3)]
+        got = [(await c.request("GET", "/")).status for c in clients]
+        got += [(await c.request("GET", "/")).status for c in clients]
+        for client in clients:
+            await client.close()
+    assert got == [200, 200, 200, 429, 429, 429]
+    await up.close()
+
+
+async def test_by_ip_counts_each_client_address_apart(backend: str) -> None:
+    up = await RawUpstream().start()
+    config = gateway_yaml({"up": [up.address]}, limited_route("ip", backend))
+    async with run_gateway(config) as (_, port):
+        first = await connect_from(port, "127.0.0.1")
+        second = await connect_from(port, "127.0.0.2")
+        again = await connect_from(port, "127.0.0.1")  # another connection, same address
+        assert await statuses(first, 3) == [200, 200, 200]
+        assert await statuses(again, 1) == [429]
+        assert await statuses(second, 4) == [200, 200, 200, 429]
+        for client in (first, second, again):
+            await client.close()
+    await up.close()
+
+
+async def test_by_ip_uses_forwarded_address_from_trusted_proxy(backend: str) -> None:
+    up = await RawUpstream().start()
+    config = gateway_yaml(
+        {"up": [up.address]}, limited_route("ip", backend), "trusted_proxies: [127.0.0.0/8]"
+    )
+    async with run_gateway(config) as (_, port):
+        client = await Client.connect(port)
+        one = [("X-Forwarded-For", "203.0.113.1")]
+        two = [("X-Forwarded-For", "203.0.113.2, 127.0.0.5")]  # the rightmost untrusted hop
+        assert await statuses(client, 4, one) == [200, 200, 200, 429]
+        assert await statuses(client, 4, two) == [200, 200, 200, 429]
+        await client.close()
+    await up.close()
+
+
+KEYS = {"alice": "alice-key-0123456789", "bob": "bob-key-0123456789"}
+
+
+def consumer_config(upstream: str, backend: str) -> str:
+    route = (
+        "  - name: api\n"
+        "    upstream: up\n"
+        "    auth: {api_key: {}, anonymous: true}\n"
+        f"    rate_limit: {{rate: '5/s', burst: 2, by: consumer{backend}}}\n"
+    )
+    consumers = "".join(
+        f"  {name}: {{api_keys: ['{hash_api_key(key)}']}}\n" for name, key in KEYS.items()
+    )
+    return gateway_yaml({"up": [upstream]}, route) + f"consumers:\n{consumers}"
+
+
+async def test_by_consumer_counts_each_consumer_and_falls_back_to_ip(backend: str) -> None:
+    up = await RawUpstream().start()
+    async with run_gateway(consumer_config(up.address, backend)) as (_, port):
+        home = await connect_from(port, "127.0.0.1")
+        away = await connect_from(port, "127.0.0.2")
+        alice = [("X-API-Key", KEYS["alice"])]
+        bob = [("X-API-Key", KEYS["bob"])]
+        # A consumer's bucket follows it from address to address.
+        assert await statuses(home, 2, alice) == [200, 200]
+        assert await statuses(away, 2, alice) == [200, 429]
+        assert await statuses(home, 4, bob) == [200, 200, 200, 429]
+        # Without credentials the client's address is the key, apart from consumers'.
+        assert await statuses(home, 4) == [200, 200, 200, 429]
+        assert await statuses(away, 4) == [200, 200, 200, 429]
+        for client in (home, away):
+            await client.close()
+    assert [r.header("X-Consumer") for r in up.requests[:3]] == ["alice", "alice", "alice"]
+    assert len(up.requests) == 12
+    await up.close()
+
+
+# ---------------------------------------------------------------------------- redis
+
+
+@pytest.mark.services
+async def test_redis_keys_are_hash_tagged_and_expire(redis_prefix: str) -> None:
+    import redis.asyncio as redis
+
+    up = await RawUpstream().start()
+    extra = f", redis: '{REDIS_URL}', key_prefix: '{redis_prefix}'"
+    config = gateway_yaml({"up": [up.address]}, limited_route(extra=extra))
+    async with run_gateway(config) as (worker, port):
+        client = await Client.connect(port)
+        assert await statuses(client, 4) == [200, 200, 200, 429]
+        await client.close()
+        assert rate_limit_filter(worker).redis_errors == 0
+    store = redis.Redis.from_url(REDIS_URL)
+    try:
+        key = f"{{{redis_prefix}:rl:api:ip:127.0.0.1}}"
+        assert [k.decode() async for k in store.scan_iter(match=f"{{{redis_prefix}:*")] == [key]
+        # The bucket is full again 600 ms after the first request: the key goes with it.
+        assert 0 < await store.pttl(key) <= 601
+    finally:
+        await store.aclose()
+    await up.close()
+
+
+@pytest.mark.parametrize("on_error", ["open", "closed"])
+async def test_redis_unreachable(on_error: str) -> None:
+    up = await RawUpstream().start()
+    extra = f", redis: 'redis://127.0.0.1:{free_port()}/0', on_redis_error: {on_error}"
+    config = gateway_yaml({"up": [up.address]}, limited_route(extra=extra))
+    async with run_gateway(config) as (worker, port):
+        limiter = rate_limit_filter(worker)
+        assert limiter.redis_errors == 0
+        client = await Client.connect(port)
+        replies = [await client.request("GET", f"/{i}") for i in range(5)]
+        await client.close()
+        assert limiter.redis_errors == 5
+
+    if on_error == "open":
+        # More than the burst allows: nothing is counted while Redis is away.
+        assert [r.status for r in replies] == [200] * 5
+        assert len(up.requests) == 5
+        assert all(r.header("RateLimit") is None for r in replies)
+    else:
+        assert [r.status for r in replies] == [503] * 5
+        assert up.requests == []
+        for res in replies:
+            assert json.loads(res.body)["error"] == "rate_limiter_unavailable"
+            assert res.header("Retry-After") == "1"
+    await up.close()
+
+
+@pytest.mark.services
+async def test_redis_mode_is_shared_between_workers(redis_prefix: str) -> None:
+    """Two workers (two gateway nodes, as far as Redis can tell) count in one bucket."""
+    up = await RawUpstream().start()
+    extra = f", redis: '{REDIS_URL}', key_prefix: '{redis_prefix}'"
+    config = gateway_yaml({"up": [up.address]}, limited_route("route", extra))
+    async with run_gateway(config) as (_, first), run_gateway(config) as (_, second):
+        a = await Client.connect(first)
+        b = await Client.connect(second)
+        got = [(await c.request("GET", "/")).status for c in (a, b, a, b, a, b)]
+        await a.close()
+        await b.close()
+    assert got == [200, 200, 200, 429, 429, 429]
+    await up.close()
+
+
+# ---------------------------------------------------------------------------- config
+
+
+@pytest.mark.parametrize(
+    ("settings", "path", "fragment"),
+    [
+        ("{rate: fast}", "routes[0].rate_limit.rate", "write it like '100/s'"),
+        ("{rate: 0/s}", "routes[0].rate_limit.rate", "above zero"),
+        ("{rate: 5/s, burst: -1}", "routes[0].rate_limit.burst", ""),
+        ("{rate: 5/s, by: cookie}", "routes[0].rate_limit.by", "header:<Name>"),
+        ("{rate: 5/s, by: 'header:Bad Name'}", "routes[0].rate_limit.by", "header:<Name>"),
+        ("{rate: 5/s, redis: 'http://x'}", "routes[0].rate_limit.redis", "redis://host:port"),
+        ("{rate: 5/s, on_redis_error: maybe}", "routes[0].rate_limit.on_redis_error", ""),
+    ],
+)
+def test_invalid_settings_are_config_errors(settings: str, path: str, fragment: str) -> None:
+    route = f"  - {{name: api, upstream: up, rate_limit: {settings}}}\n"
+    with pytest.raises(ConfigError) as info:
+        loads(gateway_yaml({"up": ["127.0.0.1:9"]}, route))
+    assert any(i.path == path and fragment in i.message for i in info.value.issues), str(info.value)
