@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import gc
+import weakref
 
 from meshgate.config import loads
-from tests.helpers import Client, RawUpstream, run_gateway
+from meshgate.gateway.runtime import Runtime
+from tests.helpers import Client, Message, RawUpstream, response, run_gateway
 
 
 def doc(endpoints: list[str], extra_route: bool = False, read: str = "60s") -> str:
@@ -89,3 +92,47 @@ async def test_drained_endpoint_gets_no_new_requests() -> None:
         await client.close()
     assert len(a.requests) == 10
     assert len(b.requests) == 10
+
+
+async def test_reloads_keep_no_old_configuration_alive() -> None:
+    up = await RawUpstream().start()
+    async with run_gateway(doc([up.address])) as (worker, port):
+        client = await Client.connect(port)
+        assert (await client.request("GET", "/")).status == 200
+        old: list[weakref.ref[Runtime]] = []
+        for i in range(50):
+            old.append(weakref.ref(worker.runtime))
+            # The upstream changes every time, its endpoint (and pooled connection) stays.
+            worker.apply(loads(doc([up.address], read=f"{10 + i}s")))
+            assert (await client.request("GET", "/")).status == 200
+        await client.close()
+        gc.collect()
+        alive = [ref for ref in old if ref() is not None]
+        assert alive == [], f"{len(alive)} of 50 replaced configurations still in memory"
+    assert up.connections == 1
+
+
+async def test_endpoint_removed_mid_request_closes_its_connection_after_it() -> None:
+    release = asyncio.Event()
+
+    async def slow(req: Message, reader: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        await release.wait()
+        w.write(response(200, b"late"))
+
+    b = await RawUpstream(slow).start()
+    async with run_gateway(doc([b.address])) as (worker, port):
+        client = await Client.connect(port)
+        pending = asyncio.ensure_future(client.request("GET", "/"))
+        while not b.requests:
+            await asyncio.sleep(0.01)
+        a = await RawUpstream().start()
+        worker.apply(loads(doc([a.address])))
+        assert b.open == 1  # in use: the request finishes on the old configuration
+        release.set()
+        assert (await pending).body == b"late"
+        # Then the connection to the removed endpoint closes, not pooled for ever.
+        await asyncio.wait_for(b.closed.wait(), 5)
+        assert b.open == 0
+        assert (await client.request("GET", "/")).status == 200
+        await client.close()
+    assert len(a.requests) == 1

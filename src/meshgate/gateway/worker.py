@@ -32,6 +32,7 @@ from meshgate.gateway.redirect import RedirectProtocol
 from meshgate.gateway.runtime import Runtime
 from meshgate.gateway.server import ClientConnection, Exchange
 from meshgate.gateway.tls import TlsTerminator
+from meshgate.gateway.upstream.pool import Endpoint
 
 __all__ = ["Worker", "listen_socket", "worker_main"]
 
@@ -86,7 +87,9 @@ class Worker:
         self._last_tick = CLOCK.now
         self._timer: asyncio.TimerHandle | None = None
         self._idle = asyncio.Event()
-        self._retired: list[Runtime] = []
+        # Endpoints a reload removed that still had connections in use: their
+        # connections close as the exchanges on them end.
+        self._orphans: set[Endpoint] = set()
 
     @property
     def _scheme(self) -> str:
@@ -174,9 +177,10 @@ class Worker:
         if self._ticks % _SLOW_TICKS == 0:
             for conn in list(self.connections):
                 conn.expire(now, rt)
-            for runtime in (rt, *self._retired):
-                for upstream in runtime.upstreams.values():
-                    upstream.expire_idle(now - _TICK)
+            for upstream in rt.upstreams.values():
+                upstream.expire_idle(now - _TICK)
+            if self._orphans:
+                self._close_orphans()
         if self.access_log is not None:
             self.access_log.flush()
         self._timer = asyncio.get_running_loop().call_later(_TICK, self._tick)
@@ -195,14 +199,23 @@ class Worker:
             config, self.metrics, self._scheme, notify=self._notify, previous=old
         )
         self.reloads += 1
-        self._retired.append(old)
-        old.close(keep=self.runtime.endpoints())
+        live = self.runtime.endpoints()
+        old.close(keep=live)
+        self._orphans |= old.endpoints() - live
+        self._orphans -= live  # an endpoint removed once and added back
+        self._close_orphans()
         settings = config.gateway.access_log
         if settings != old.config.gateway.access_log:
             if self.access_log is not None:
                 self.access_log.close()
             self.access_log = AccessLog(settings.path, self.index) if settings.enabled else None
-        self._retired = [r for r in self._retired if any(u.open for u in r.upstreams.values())]
+
+    def _close_orphans(self) -> None:
+        for endpoint in list(self._orphans):
+            while endpoint.idle:
+                endpoint.idle.pop().transport.close()
+            if not endpoint.open:
+                self._orphans.discard(endpoint)
 
     def connection_closed(self, conn: ClientConnection) -> None:
         if self.draining and not self.connections:
@@ -245,8 +258,7 @@ class Worker:
         for server in self.servers:
             server.close()
         self.runtime.close()
-        for runtime in self._retired:
-            runtime.close()
+        self._close_orphans()
         if self.access_log is not None:
             self.access_log.close()
             self.access_log = None

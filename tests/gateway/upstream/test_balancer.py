@@ -23,7 +23,7 @@ from meshgate.gateway.upstream.balancer import (
     cookie_value,
     endpoint_id,
 )
-from meshgate.gateway.upstream.pool import Endpoint
+from meshgate.gateway.upstream.pool import Endpoint, Upstream
 
 if TYPE_CHECKING:
     from meshgate.gateway.server import Exchange
@@ -643,3 +643,55 @@ def test_sticky_cookie_is_the_exchanges_own_with_pipelining() -> None:
 )
 def test_cookie_value(headers: Headers, expected: bytes | None) -> None:
     assert cookie_value(headers, b"session") == expected
+
+
+# ------------------------------------------------------------------- failures and staleness
+
+
+@pytest.mark.usefixtures("seeded")
+def test_failures_steer_least_request_only_without_passive_health() -> None:
+    endpoints = _endpoints(1, 1, 1)
+    c = endpoints[2]
+    for endpoint in endpoints:
+        endpoint.ewma = 0.01
+    c.failures = 2
+    # Without outlier detection, failures are the only defence: c is avoided.
+    plain = LeastRequest(_settings("least_request", "health: {passive: null}"), endpoints)
+    assert _counts(lambda: plain.pick(_exchange(), endpoints), 3000)[c.label] == 0
+    # With it, c keeps its share, so that its failures add up to an ejection
+    # (steering away would keep a dead endpoint "available" for ever).
+    detected = LeastRequest(_settings("least_request"), endpoints)
+    counts = _counts(lambda: detected.pick(_exchange(), endpoints), 3000)
+    assert 850 <= counts[c.label] <= 1150, counts
+
+
+def test_stale_latency_is_refreshed_from_the_best_peer() -> None:
+    upstream = Upstream("up", _settings("least_request"), _endpoints(1, 1, 1))
+    a, b, c = upstream.endpoints
+    a.ewma, b.ewma, c.ewma = 0.0002, 0.0003, 0.015  # c answered one slow request
+    upstream.tick(100.0, 0.1)
+    # a and b keep being measured; c, avoided, is not.
+    for step in range(1, 12):
+        a.ewma = 0.0002 + step * 1e-7
+        b.ewma = 0.0003 + step * 1e-7
+        upstream.tick(100.0 + step * 0.1, 0.1)
+    assert c.ewma == pytest.approx(a.ewma)
+    assert a.ewma == pytest.approx(0.0002 + 11e-7)  # measured ones are left alone
+    # Once refreshed, c competes: least request gives it a share again.
+    balancer = LeastRequest(_settings("least_request"), upstream.endpoints)
+    counts = _counts(lambda: balancer.pick(_exchange(), upstream.endpoints), 300)
+    assert counts[c.label] > 50, counts
+
+
+def test_latency_is_not_refreshed_while_it_is_measured_or_all_idle() -> None:
+    upstream = Upstream("up", _settings("least_request"), _endpoints(1, 1))
+    a, b = upstream.endpoints
+    a.ewma, b.ewma = 0.001, 0.02
+    for step in range(30):
+        b.ewma = 0.02 + step * 1e-6  # b is slow, and measured as such
+        upstream.tick(200.0 + step * 0.1, 0.1)
+    assert b.ewma == pytest.approx(0.02 + 29e-6)
+    # Nothing measured at all (an idle upstream): nothing to compare with.
+    for step in range(30):
+        upstream.tick(300.0 + step * 0.1, 0.1)
+    assert (a.ewma, b.ewma) == (0.001, pytest.approx(0.02 + 29e-6))

@@ -47,17 +47,19 @@ def endpoint_id(label: str) -> str:
 
 class LeastRequest:
     """Power of two choices: of two random candidates, the one with the lower cost,
-    where cost = EWMA of its latency x (requests in flight + 1 + 4 x recent consecutive
-    failures) / its weight.
+    where cost = EWMA of its latency x (requests in flight + 1) / its weight.
 
     Cheap (two random draws), and it steers load away from slow or busy endpoints
-    without the herding of "always the least loaded".
+    without the herding of "always the least loaded". Without passive health checks,
+    recent consecutive failures count as four requests in flight each, so that a
+    failing endpoint that answers fast does not draw traffic; with them, the outlier
+    detector ejects it instead (steering away would keep it from ever being ejected).
     """
 
-    __slots__ = ()
+    __slots__ = ("_penalty",)
 
     def __init__(self, settings: UpstreamSettings, endpoints: Sequence[Endpoint]) -> None:
-        pass
+        self._penalty = 4 if settings.health.passive is None else 0
 
     def pick(self, exchange: Exchange, candidates: Sequence[Endpoint]) -> Endpoint | None:
         n = len(candidates)
@@ -69,11 +71,11 @@ class LeastRequest:
             j += 1
         a = candidates[i]
         b = candidates[j]
-        # Recent consecutive failures count as four requests in flight each. The
-        # 0.1 ms floor keeps a new endpoint (no latency measured yet: tried first, so
-        # that it gets measured) from escaping that weight.
-        cost_a = (a.ewma + 0.0001) * (a.inflight + 1 + 4 * a.failures) * b.weight
-        cost_b = (b.ewma + 0.0001) * (b.inflight + 1 + 4 * b.failures) * a.weight
+        # The 0.1 ms floor keeps a new endpoint (no latency measured yet: tried first,
+        # so that it gets measured) from escaping the weight of its load.
+        penalty = self._penalty
+        cost_a = (a.ewma + 0.0001) * (a.inflight + 1 + penalty * a.failures) * b.weight
+        cost_b = (b.ewma + 0.0001) * (b.inflight + 1 + penalty * b.failures) * a.weight
         return a if cost_a <= cost_b else b
 
 

@@ -40,6 +40,7 @@ log = logging.getLogger("meshgate.gateway.upstream")
 
 _MAX_HEAD = 64 * 1024  # an upstream's response head larger than this is refused
 _FORGIVE_AFTER = 10.0  # seconds without failure after which an endpoint's count resets
+_STALE_AFTER = 1.0  # seconds without a latency sample after which an EWMA is refreshed
 
 
 class Endpoint:
@@ -57,6 +58,7 @@ class Endpoint:
         "ejected_until",
         "ejections",
         "ewma",
+        "ewma_seen",
         "failures",
         "healthy",
         "host",
@@ -87,6 +89,8 @@ class Endpoint:
         # so that it is tried (and measured) rather than ignored.
         self.inflight = 0
         self.ewma = 0.0
+        # The EWMA as the sweep last saw it, and since when (to find stale ones).
+        self.ewma_seen = (0.0, 0.0)
         # Health: passive (consecutive failures, ejection), active (probes, via the
         # supervisor), out elsewhere (ejected by another worker or gateway node, until
         # a monotonic time), and drained by an operator.
@@ -536,8 +540,40 @@ class Upstream:
             # so that an endpoint the balancer avoided is tried again.
             if endpoint.failures and now - endpoint.last_failure > _FORGIVE_AFTER:
                 endpoint.failures = 0
+        self._refresh_stale_latency(now)
         if changed:
             self.health_changed()
+
+    def _refresh_stale_latency(self, now: float) -> None:
+        """Give an endpoint whose latency went unmeasured for a while the best
+        current latency of its peers.
+
+        Least request steers away from a slow endpoint, and so stops measuring it:
+        one slow response would otherwise starve it for good. After
+        :data:`_STALE_AFTER` it competes again, so one request re-measures it; if it
+        is still slow, that answer steers traffic away again.
+        """
+        best = 0.0
+        stale = None
+        for endpoint in self.endpoints:
+            ewma = endpoint.ewma
+            seen, since = endpoint.ewma_seen
+            if ewma != seen:
+                endpoint.ewma_seen = (ewma, now)
+                if ewma and (not best or ewma < best):
+                    best = ewma
+            elif ewma and now - since > _STALE_AFTER:
+                if stale is None:
+                    stale = [endpoint]
+                else:
+                    stale.append(endpoint)
+            elif ewma and (not best or ewma < best):
+                best = ewma
+        if stale is not None and best:
+            for endpoint in stale:
+                if endpoint.ewma > best:
+                    endpoint.ewma = best
+                endpoint.ewma_seen = (endpoint.ewma, now)
 
     def endpoint(self, label: str) -> Endpoint | None:
         """The endpoint at ``label`` (``host:port``), if this upstream has it."""
