@@ -465,6 +465,24 @@ def test_admin_api_over_tls(
         httpx.get(url, headers=auth, verify=old)
 
 
+def test_config_endpoint_masks_passwords(
+    start_gateway: GatewayFactory, demo_upstream: DemoUpstream
+) -> None:
+    config = gateway_config(demo_upstream.address).replace(
+        f"endpoints: ['{demo_upstream.address}']",
+        f"endpoints: ['{demo_upstream.address}'], "
+        "health: {shared: {redis: 'redis://:hunter2-secret@127.0.0.1:1/0'}}",
+    )
+    assert "hunter2" in config
+    gw = start_gateway(config, workers=1)
+    res = gw.admin("GET", "/config")
+    assert res.status_code == 200, res.text
+    assert "hunter2" not in res.text
+    shared = res.json()["upstreams"]["up"]["health"]["shared"]
+    assert shared["redis"] == "redis://:***@127.0.0.1:1/0"
+    assert "hunter2" not in gw.stderr_path.read_text()
+
+
 def test_admin_on_a_remote_address_needs_tls(tmp_path: Path) -> None:
     config = gateway_config("127.0.0.1:1", admin="{listen: '0.0.0.0:0'}")
     proc, _ = run_gateway_expecting_failure(config, tmp_path)

@@ -162,6 +162,31 @@ async def test_transfer_encoding_in_http10_closes_the_connection() -> None:
     await up.close()
 
 
+@pytest.mark.parametrize(
+    "raw",
+    [
+        pytest.param(b"GET /old\r\n\r\n", id="http-0.9"),
+        pytest.param(b"GET /old HTTP/0.9\r\nHost: x\r\n\r\n", id="http-0.9-with-version"),
+        pytest.param(b"GET /old HTTP/2.0\r\nHost: x\r\n\r\n", id="http-2.0-as-text"),
+        pytest.param(
+            b"GET /old HTTP/2.0\r\nHost: x\r\nConnection: keep-alive\r\n\r\n",
+            id="http-2.0-keep-alive",
+        ),
+    ],
+)
+async def test_other_http_versions_are_505_and_never_forwarded(raw: bytes) -> None:
+    up = await RawUpstream().start()
+    async with run_gateway(gateway_yaml({"up": [up.address]}, ROUTE)) as (_, port):
+        bad = await Client.connect(port)
+        await bad.send(raw + SMUGGLED)
+        res = await refused_with(bad, 505)
+        assert json.loads(res.body)["error"] == "http_version_not_supported"
+        await bad.close()
+        await served_meanwhile(port)
+    assert [r.target for r in up.requests] == ["/fine"]
+    await up.close()
+
+
 async def test_upgrade_refused_by_upstream_does_not_forward_what_followed() -> None:
     # Bytes after an Upgrade request are only tunnelled once the upstream agreed
     # (101); a 200 instead must not let them through as a second request.

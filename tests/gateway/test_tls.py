@@ -19,7 +19,10 @@ import pytest
 import trustme
 
 from meshgate.config import loads
+from meshgate.config.model import UpstreamTlsSettings
 from meshgate.errors import ConfigError
+from meshgate.gateway.tls import upstream_context
+from meshgate.gateway.upstream.probe import Prober, probe_once
 from meshgate.gateway.worker import Worker, listen_socket
 from tests.helpers import Client, Message, RawUpstream, build_request, response, run_gateway
 
@@ -457,6 +460,28 @@ async def test_reload_serves_the_new_certificate(pki: Pki, certs: Certs, name: s
     await up.close()
 
 
+@pytest.mark.parametrize("name", [API, ADMIN])
+async def test_reload_rereads_certificates_renewed_in_place(
+    pki: Pki, certs: Certs, name: str
+) -> None:
+    # Renewal tools (certbot, cert-manager) replace the files under the same paths.
+    up = await RawUpstream().start()
+    text = config(up.address, tls={"certificates": certs.settings()})
+    async with run_gateway(text) as (worker, port):
+        old = certs.api if name == API else certs.admin
+        client = await tls_connect(port, client_context(pki), name)
+        assert peer_der(client) == old.der
+        await client.close()
+        renewed = pki.issue(name)
+        renewed.leaf.cert_chain_pems[0].write_to_path(old.cert)
+        renewed.leaf.private_key_pem.write_to_path(old.key)
+        worker.apply(loads(text, "same.yaml"))  # the same configuration
+        client = await tls_connect(port, client_context(pki), name)
+        assert peer_der(client) == renewed.der
+        await client.close()
+    await up.close()
+
+
 @pytest.mark.parametrize(
     ("index", "field", "problem"),
     [
@@ -683,6 +708,60 @@ async def test_upstream_tls_verified_with_the_configured_ca(pki: Pki) -> None:
     await up.close()
 
 
+async def test_active_checks_of_a_tls_upstream_use_its_tls(pki: Pki) -> None:
+    up = await TlsUpstream(upstream_server_context(pki.issue("127.0.0.1"))).start()
+    good = upstream_context(UpstreamTlsSettings(ca=pki.ca_file(pki.ca)), "tls")
+    assert await probe_once("127.0.0.1", up.port, "/h", 2.0, context=good) is None
+    wrong = upstream_context(UpstreamTlsSettings(ca=pki.ca_file(pki.other_ca)), "tls")
+    error = await probe_once("127.0.0.1", up.port, "/h", 2.0, context=wrong)
+    assert error is not None
+    assert error.startswith("TLS handshake failed"), error
+
+    changes: list[tuple[str, str, bool]] = []
+    prober = Prober(lambda u, label, healthy: changes.append((u, label, healthy)))
+    health = {
+        "active": {"path": "/h", "interval": "100ms", "timeout": "100ms", "unhealthy_threshold": 1}
+    }
+    text = json.dumps(
+        {
+            "upstreams": {
+                "up": {
+                    "endpoints": [up.address],
+                    "tls": {"ca": pki.ca_file(pki.ca)},
+                    "health": health,
+                }
+            }
+        }
+    )
+    prober.configure(loads(text))
+    try:
+        await asyncio.sleep(0.5)
+        state = prober.states()[("up", up.address)]
+        assert state.checks >= 2
+        assert (state.healthy, state.last_error, changes) == (True, None, [])
+    finally:
+        prober.stop()
+    await up.close()
+
+
+async def test_reload_changing_upstream_tls_drops_connections_made_under_the_old(
+    pki: Pki,
+) -> None:
+    up = await TlsUpstream(upstream_server_context(pki.issue("127.0.0.1"))).start()
+    async with run_gateway(config(up.address, upstream_tls={"verify": False})) as (worker, port):
+        client = await Client.connect(port)
+        assert (await client.request("GET", "/a")).status == 200  # pooled, unverified
+        # Now verified against a CA that did not sign the upstream's certificate.
+        strict = config(up.address, upstream_tls={"ca": pki.ca_file(pki.other_ca)})
+        worker.apply(loads(strict, "strict.yaml"))
+        res = await client.request("GET", "/b")
+        assert res.status == 502, res.body
+        assert "certificate verify failed" in json.loads(res.body)["detail"]
+        await client.close()
+    assert [r.target for r in up.requests] == ["/a"]
+    await up.close()
+
+
 async def test_upstream_tls_with_the_system_cas_is_502(pki: Pki) -> None:
     up = await TlsUpstream(upstream_server_context(pki.issue("127.0.0.1"))).start()
     async with run_gateway(config(up.address, upstream_tls={})) as (_, port):
@@ -760,3 +839,21 @@ async def test_upstream_requiring_a_client_certificate_refuses_one_without(pki: 
         assert not worker.inflight
     assert up.requests == []
     await up.close()
+
+
+@pytest.mark.parametrize(("written", "version"), [("1.2", "1.2"), ("1.3", "1.3"), ("'1.3'", "1.3")])
+def test_min_version_may_be_written_as_a_number(written: str, version: str) -> None:
+    text = (
+        "gateway:\n  tls:\n    certificates: [{cert: a.pem, key: a.key}]\n"
+        f"    min_version: {written}\n"
+    )
+    tls = loads(text).gateway.tls
+    assert tls is not None
+    assert tls.min_version == version
+
+
+def test_min_version_other_numbers_are_refused() -> None:
+    text = "gateway:\n  tls:\n    certificates: [{cert: a.pem, key: a.key}]\n    min_version: 1.1\n"
+    with pytest.raises(ConfigError) as info:
+        loads(text)
+    assert info.value.issues[0].path == "gateway.tls.min_version"

@@ -48,6 +48,10 @@ __all__ = [
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 _HEADER_NAME_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
+_FRAMING_HEADERS = frozenset(
+    ("content-length", "transfer-encoding", "connection", "upgrade", "keep-alive", "te", "trailer")
+)
+"""Headers that frame the message or the connection: only the gateway sets them."""
 _HOST_RE = re.compile(r"^(\*\.)?([A-Za-z0-9-]+\.)*[A-Za-z0-9-]+\.?$")
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*(?:([KMG])(i)?)?B?\s*$", re.IGNORECASE)
@@ -570,6 +574,15 @@ class TlsSettings(_Model):
     """Certificates, chosen by SNI."""
     min_version: Literal["1.2", "1.3"] = "1.2"
     """The oldest TLS version accepted; older clients are refused in the handshake."""
+
+    @field_validator("min_version", mode="before")
+    @classmethod
+    def _version_number(cls, value: object) -> object:
+        # YAML reads an unquoted 1.2 as a number.
+        if isinstance(value, float | int) and not isinstance(value, bool):
+            return f"{value:.1f}"
+        return value
+
     client_ca: str | None = None
     """A CA bundle (PEM) for client certificates; routes with ``mtls: true`` then
     require a client certificate it signed."""
@@ -810,6 +823,13 @@ class CorsSettings(_Model):
     max_age: Duration = 600.0
     """How long a browser may cache a preflight."""
 
+    @field_validator(
+        "allow_origins", "allow_methods", "allow_headers", "expose_headers", mode="before"
+    )
+    @classmethod
+    def _one_or_many(cls, value: object) -> object:
+        return [value] if isinstance(value, str) else value
+
     @model_validator(mode="after")
     def _credentials(self) -> CorsSettings:
         if self.allow_credentials and "*" in self.allow_origins:
@@ -833,9 +853,15 @@ class HeaderRules(_Model):
         for name in names:
             if not _HEADER_NAME_RE.match(name):
                 raise ValueError(f"{name!r} is not a valid HTTP header name")
-        for value in self.add.values():
+        for name, value in self.add.items():
             if "\r" in value or "\n" in value:
-                raise ValueError("header values cannot contain line breaks")
+                raise ValueError(f"the value of {name!r} contains a line break; remove it")
+        for name in names:
+            if name.lower() in _FRAMING_HEADERS:
+                raise ValueError(
+                    f"{name!r} frames the message and is managed by the gateway; "
+                    "header rules cannot change it"
+                )
         return self
 
 
@@ -847,9 +873,24 @@ class HeaderPolicySettings(_Model):
     response: HeaderRules = Field(default_factory=HeaderRules)
     """Changes to the response sent to the client."""
 
+    @model_validator(mode="after")
+    def _host(self) -> HeaderPolicySettings:
+        rules = self.request
+        if any(n.lower() == "host" for n in (*rules.add, *rules.remove, *rules.rename)):
+            raise ValueError(
+                "request rules cannot change Host; use the route's host_rewrite "
+                "or preserve_host instead"
+            )
+        return self
+
 
 class IpFilterSettings(_Model):
     """Client address allow and deny lists (CIDR)."""
+
+    @field_validator("allow", "deny", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: object) -> object:
+        return [value] if isinstance(value, str) else value
 
     allow: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
     """Only these may call (when given)."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hmac
 import os
+import re
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,21 @@ if TYPE_CHECKING:
     from meshgate.gateway.supervisor import Supervisor
 
 __all__ = ["AdminToken", "create_admin_app"]
+
+
+_URL_PASSWORD = re.compile(r"^([a-z][a-z0-9+.-]*://[^:/@]*:)[^@]*@", re.IGNORECASE)
+
+
+def redact(value: Any) -> Any:
+    """``value`` (a JSON document) with the passwords of URLs replaced by ``***``
+    (secret fields are already masked by their model)."""
+    if isinstance(value, str):
+        return _URL_PASSWORD.sub(r"\1***@", value)
+    if isinstance(value, dict):
+        return {key: redact(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [redact(item) for item in value]
+    return value
 
 
 @dataclass(frozen=True)
@@ -108,7 +124,8 @@ def create_admin_app(supervisor: Supervisor, token: AdminToken) -> FastAPI:
 
     @app.get("/config")
     async def config() -> dict[str, Any]:
-        return supervisor.config.model_dump(mode="json")
+        shown: dict[str, Any] = redact(supervisor.config.model_dump(mode="json"))
+        return shown
 
     @app.post("/config/validate")
     async def validate(text: Annotated[str, Depends(_body_text)]) -> JSONResponse:

@@ -80,7 +80,10 @@ def _upstream(
     if old is not None and old.settings == settings:
         old.notify = notify
         return old
-    kept = {e.label: e for e in old.endpoints} if old is not None else {}
+    # Connections made under other TLS settings (plain, or verified otherwise)
+    # must not serve the new ones: with a TLS change every endpoint starts afresh.
+    same_tls = old is not None and old.settings.tls == settings.tls
+    kept = {e.label: e for e in old.endpoints} if old is not None and same_tls else {}
     endpoints = []
     for endpoint_settings in settings.endpoints:
         address = endpoint_settings.address

@@ -1105,9 +1105,25 @@ class ClientConnection(asyncio.Protocol):
         trusted = self.peer_trusted
         ex.upgrade = upgrade = parser.should_upgrade() if upgrade_value else False
         # Without a Connection header, llhttp's keep-alive answer is the version:
-        # HTTP/1.1 keeps alive unless told to close, HTTP/1.0 closes unless told
-        # to keep alive. Only with one is the (slower) version string needed.
-        http10 = parser.get_http_version() != "1.1" if has_connection else not keep_alive
+        # HTTP/1.1 keeps alive unless told to close, HTTP/1.0 (or 0.9) closes
+        # unless told to keep alive. Only otherwise is the (slow, 0.5 us) version
+        # string needed.
+        if has_connection or not keep_alive:
+            version = parser.get_http_version()
+            if version not in ("1.1", "1.0"):
+                ex.http10 = True
+                ex.keep_alive = False
+                self._prepare_error(
+                    ex,
+                    505,
+                    "http_version_not_supported",
+                    f"HTTP/{version} is not supported; send HTTP/1.1 or HTTP/1.0",
+                )
+                self._start(ex)
+                return
+            http10 = version == "1.0"
+        else:
+            http10 = False
         ex.http10 = http10
         if chunked and http10:
             # Transfer-Encoding in HTTP/1.0 may be a smuggling attempt: the
@@ -1303,7 +1319,7 @@ class ClientConnection(asyncio.Protocol):
         ex.status = status
         # A refused request may still have a body on the wire; only a request
         # without one leaves the connection in a known state.
-        close = status in (400, 408, 413, 414, 431) or not ex.keep_alive
+        close = status in (400, 408, 413, 414, 431, 505) or not ex.keep_alive
         if close:
             ex.keep_alive = False
             self.closing = True

@@ -64,6 +64,8 @@ class _WorkerSlot:
 def _restart_only_changes(old: Config, new: Config) -> list[str]:
     """Settings that changed but only apply at the next start of the gateway."""
     changed = []
+    if old.gateway.listen != new.gateway.listen:
+        changed.append("gateway.listen")
     if old.gateway.workers != new.gateway.workers:
         changed.append("gateway.workers")
     if old.gateway.admin != new.gateway.admin:
@@ -71,11 +73,12 @@ def _restart_only_changes(old: Config, new: Config) -> list[str]:
     old_tls, new_tls = old.gateway.tls, new.gateway.tls
     if (old_tls is None) != (new_tls is None):
         changed.append("gateway.tls")
-    elif old_tls is not None and new_tls is not None:
-        if old_tls.client_ca != new_tls.client_ca:
-            changed.append("gateway.tls.client_ca")
-        if old_tls.redirect_http != new_tls.redirect_http:
-            changed.append("gateway.tls.redirect_http")
+    elif (
+        old_tls is not None
+        and new_tls is not None
+        and old_tls.redirect_http != new_tls.redirect_http
+    ):
+        changed.append("gateway.tls.redirect_http")
     return changed
 
 

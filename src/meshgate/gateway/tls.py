@@ -94,11 +94,11 @@ class TlsTerminator:
     def update(self, settings: TlsSettings) -> None:
         """Use ``settings`` (certificates changed on reload) for new handshakes.
 
+        The files are read again even when the settings did not change, so that
+        certificates renewed in place (same paths) are picked up by a reload.
         Everything is loaded before anything changes: a bad file raises
         :class:`ConfigError` and the old certificates keep serving.
         """
-        if settings == self.settings:
-            return
         maps = self._maps(settings)  # loads (and so validates) every file first
         _load_chain(self.context, settings.certificates[0], "gateway.tls.certificates[0]")
         self.context.minimum_version = _VERSIONS[settings.min_version]

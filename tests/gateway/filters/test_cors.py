@@ -282,3 +282,14 @@ def test_invalid_settings_are_config_errors(cors: str, path: str, fragment: str)
     with pytest.raises(ConfigError) as info:
         loads(gateway_yaml({"up": ["127.0.0.1:9"]}, cors_route(cors)))
     assert any(i.path == path and fragment in i.message for i in info.value.issues), str(info.value)
+
+
+def test_single_values_may_be_written_without_a_list() -> None:
+    cors = f"{{allow_origins: '{APP}', allow_methods: PUT, allow_headers: '*'}}"
+    settings = loads(gateway_yaml({"up": ["127.0.0.1:9"]}, cors_route(cors))).routes[0].cors
+    assert settings is not None
+    assert (settings.allow_origins, settings.allow_methods, settings.allow_headers) == (
+        (APP,),
+        ("PUT",),
+        ("*",),
+    )

@@ -255,3 +255,11 @@ def test_invalid_lists_are_config_errors(settings: str, path: str) -> None:
     with pytest.raises(ConfigError) as info:
         loads(gateway_yaml({"up": ["127.0.0.1:9"]}, ip_route(settings)))
     assert any(i.path == path for i in info.value.issues), str(info.value)
+
+
+def test_a_single_range_may_be_written_without_a_list() -> None:
+    route = "  - {name: api, upstream: up, ip: {allow: 10.0.0.0/8, deny: 10.1.0.0/16}}\n"
+    settings = loads(gateway_yaml({"up": ["127.0.0.1:9"]}, route)).routes[0].ip
+    assert settings is not None
+    assert [str(n) for n in settings.allow] == ["10.0.0.0/8"]
+    assert [str(n) for n in settings.deny] == ["10.1.0.0/16"]

@@ -2,8 +2,9 @@
 
 Probing once per gateway node (not once per worker) keeps the load on upstreams
 independent of the worker count; the supervisor pushes every change to all workers.
-A probe is ``GET <path>`` with ``Connection: close``; a 2xx or 3xx answer within the
-timeout is a success. ``unhealthy_threshold`` failures in a row take an endpoint
+A probe is ``GET <path>`` with ``Connection: close`` (over TLS, verified as the
+gateway's requests are, when the upstream has ``tls``); a 2xx or 3xx answer within
+the timeout is a success. ``unhealthy_threshold`` failures in a row take an endpoint
 out, ``healthy_threshold`` successes in a row bring it back. Endpoints start
 healthy, so a gateway serves at once when it starts.
 """
@@ -14,10 +15,12 @@ import asyncio
 import contextlib
 import logging
 import random
+import ssl
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from meshgate.config.model import ActiveHealthSettings, Config
+from meshgate.gateway.tls import upstream_context
 
 __all__ = ["EndpointHealth", "Prober", "probe_once"]
 
@@ -38,13 +41,27 @@ class EndpointHealth:
     checks: int = 0
 
 
-async def probe_once(host: str, port: int, path: str, timeout: float) -> str | None:
-    """Probe ``host:port``; None when healthy, else what went wrong."""
+async def probe_once(
+    host: str,
+    port: int,
+    path: str,
+    timeout: float,
+    *,
+    context: ssl.SSLContext | None = None,
+    server_name: str | None = None,
+) -> str | None:
+    """Probe ``host:port`` (over TLS with ``context``); None when healthy, else what
+    went wrong."""
     label = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     writer: asyncio.StreamWriter | None = None
     try:
         async with asyncio.timeout(timeout):
-            reader, writer = await asyncio.open_connection(host, port)
+            reader, writer = await asyncio.open_connection(
+                host,
+                port,
+                ssl=context,
+                server_hostname=(server_name or host) if context is not None else None,
+            )
             writer.write(
                 f"GET {path} HTTP/1.1\r\nHost: {label}\r\nUser-Agent: meshgate-health\r\n"
                 "Connection: close\r\n\r\n".encode()
@@ -52,6 +69,8 @@ async def probe_once(host: str, port: int, path: str, timeout: float) -> str | N
             line = await reader.readline()
     except TimeoutError:
         return f"no answer within {timeout:g}s"
+    except ssl.SSLError as exc:
+        return f"TLS handshake failed: {exc.reason or exc}"
     except OSError as exc:
         return exc.strerror or type(exc).__name__
     finally:
@@ -75,6 +94,8 @@ class _Target:
     port: int
     label: str
     settings: ActiveHealthSettings
+    context: ssl.SSLContext | None = None
+    server_name: str | None = None
     state: EndpointHealth = field(default_factory=EndpointHealth)
     task: asyncio.Task[None] | None = None
 
@@ -93,12 +114,17 @@ class Prober:
             active = upstream.health.active
             if active is None:
                 continue
+            tls = upstream.tls
+            context = upstream_context(tls, f"upstreams.{name}.tls") if tls is not None else None
+            server_name = tls.server_name if tls is not None else None
             for endpoint in upstream.endpoints:
                 address = endpoint.address
                 label = str(address)
                 key = (name, label)
                 old = self._targets.get(key)
-                target = _Target(name, address.host, address.port, label, active)
+                target = _Target(
+                    name, address.host, address.port, label, active, context, server_name
+                )
                 if old is not None:
                     target.state = old.state
                 wanted[key] = target
@@ -121,7 +147,14 @@ class Prober:
         # Spread first probes over the interval so that they do not all fire at once.
         await asyncio.sleep(random.random() * min(settings.interval, 1.0))  # noqa: S311
         while True:
-            error = await probe_once(target.host, target.port, settings.path, settings.timeout)
+            error = await probe_once(
+                target.host,
+                target.port,
+                settings.path,
+                settings.timeout,
+                context=target.context,
+                server_name=target.server_name,
+            )
             self._record(target, error)
             await asyncio.sleep(settings.interval)
 
