@@ -227,6 +227,39 @@ async def test_gateway_errors_carry_the_cors_headers() -> None:
     assert res.header("Vary") == "Origin"
 
 
+async def test_upstream_cors_headers_give_way_to_the_gateways() -> None:
+    async def own_cors(req: Message, reader: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        w.write(
+            response(
+                200,
+                b"ok",
+                [
+                    ("Access-Control-Allow-Origin", "*"),
+                    ("access-control-allow-credentials", "true"),
+                    ("X-Kept", "1"),
+                ],
+            )
+        )
+
+    up = await RawUpstream(own_cors).start()
+    async with run_gateway(gateway_yaml({"up": [up.address]}, cors_route())) as (_, port):
+        client = await Client.connect(port)
+        allowed = await client.request("GET", "/items", [("Origin", APP)])
+        other = await client.request("GET", "/items", [("Origin", EVIL)])
+        await client.close()
+    # One Allow-Origin, the gateway's: browsers refuse a response with two.
+    assert allowed.all("Access-Control-Allow-Origin") == [APP]
+    assert cors_headers(allowed) == {
+        "access-control-allow-origin": APP,
+        "access-control-expose-headers": "X-Total, X-Page",
+    }
+    assert allowed.header("X-Kept") == "1"
+    assert allowed.body == b"ok"
+    assert cors_headers(other) == {}
+    assert other.header("X-Kept") == "1"
+    await up.close()
+
+
 async def test_any_origin_is_answered_with_a_star() -> None:
     up = await RawUpstream().start()
     route = cors_route("{allow_origins: ['*'], allow_headers: ['*']}")

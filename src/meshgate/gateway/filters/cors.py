@@ -70,6 +70,24 @@ class CorsFilter:
             exchange.resp_extra += b"Vary: Origin\r\n"
         return None
 
+    def response(self, exchange: Exchange, headers: bytes) -> bytes:
+        """The gateway answers CORS for this route: the upstream's own
+        Access-Control-* lines go (a second Allow-Origin makes browsers refuse the
+        response); the gateway's, from :attr:`Exchange.resp_extra`, stay."""
+        if b"ccess-control-" not in headers.lower():
+            return headers
+        own = [
+            line + b"\r\n"
+            for line in exchange.resp_extra.split(b"\r\n")
+            if line[:15].lower() == b"access-control-"
+        ]
+        kept = [
+            line + b"\r\n"
+            for line in headers.split(b"\r\n")[:-1]
+            if line[:15].lower() != b"access-control-"
+        ]
+        return b"".join(kept + own)
+
     def _preflight(self, exchange: Exchange, origin: bytes, method: bytes) -> bytes:
         if not self._allowed(origin):
             return reply(exchange, 403, "cors_origin", f"origin {origin.decode()!r} not allowed")
