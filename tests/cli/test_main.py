@@ -142,6 +142,40 @@ def test_check_lists_every_problem_at_once(runner: CliRunner, tmp_path: Path) ->
     ]
 
 
+@pytest.mark.parametrize(
+    ("extra", "replace", "expected"),
+    [
+        pytest.param(
+            "  tls: {certificates: [{cert: missing.pem, key: missing.key}]}\n",
+            None,
+            "gateway.tls.certificates[0].cert: no such file 'missing.pem'",
+            id="tls-certificate",
+        ),
+        pytest.param(
+            "",
+            "upstream: users\n  - name: orders",
+            "routes[0].auth.jwt.keys[0].file: no such file 'keys/missing.pem'",
+            id="jwt-key",
+        ),
+    ],
+)
+def test_check_reads_the_files_the_configuration_names(
+    runner: CliRunner, tmp_path: Path, extra: str, replace: str | None, expected: str
+) -> None:
+    text = VALID.replace("  listen: 127.0.0.1:0\n", "  listen: 127.0.0.1:0\n" + extra)
+    if replace is not None:
+        auth = (
+            "upstream: users\n    auth: {jwt: {algorithms: [RS256], "
+            "keys: [{file: keys/missing.pem}]}}\n  - name: orders"
+        )
+        text = text.replace(replace, auth, 1)
+    path = write(tmp_path, text)
+    result = runner.invoke(app, ["check", str(path)])
+    assert result.exit_code == 1, result.output
+    assert expected in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_check_of_a_missing_file_says_so(runner: CliRunner, tmp_path: Path) -> None:
     path = tmp_path / "missing.yaml"
     result = runner.invoke(app, ["check", str(path)])

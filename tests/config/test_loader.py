@@ -185,6 +185,24 @@ def test_address_from_text(text: str, host: str, port: int, rendered: str, loopb
     assert address.is_loopback is loopback
 
 
+@pytest.mark.parametrize(
+    "auth",
+    [
+        "{api_key: {}, anonymous: true}",
+        "{api_key: {}, scopes: [orders:read], roles: [admin]}",
+        "{api_key: {}, anonymous: false, scopes: [orders:read]}",
+    ],
+)
+def test_auth_and_consumers_that_fit_together_are_valid(auth: str) -> None:
+    key_a, key_b = "sha256:" + "a" * 64, "sha256:" + "b" * 64
+    config = loads(
+        "upstreams:\n  u: {endpoints: ['127.0.0.1:1']}\n"
+        f"routes:\n  - {{name: r, upstream: u, auth: {auth}}}\n"
+        f"consumers:\n  a: {{api_keys: ['{key_a}']}}\n  b: {{api_keys: ['{key_b}']}}\n"
+    )
+    assert sorted(config.consumers) == ["a", "b"]
+
+
 # ---------------------------------------------------------------------------- invalid
 
 UPSTREAM_U = "upstreams:\n  u: {endpoints: ['127.0.0.1:1']}\nroutes:\n"
@@ -569,6 +587,37 @@ BAD_DOCUMENTS = [
         "the admin listener 127.0.0.1:8080 is the same as gateway.listen; give it its own port",
         4,
         id="admin-same-as-gateway",
+    ),
+    # auth that protects nothing, API keys that name two consumers
+    pytest.param(
+        UPSTREAM_U + "  - {name: r, upstream: u, auth: {jwt: {algorithms: [HS256], "
+        "keys: [{secret: s3cret}]}, anonymous: true, scopes: [orders:read]}}\n",
+        "routes[0].auth",
+        "anonymous: true lets callers without credentials through unchecked, so scopes and "
+        "roles would protect nothing; remove anonymous to require them, or remove scopes",
+        4,
+        id="anonymous-with-scopes",
+    ),
+    pytest.param(
+        UPSTREAM_U + "  - {name: r, upstream: u, auth: {api_key: {}, anonymous: true, "
+        "roles: [admin]}}\nconsumers:\n  a: {api_keys: ['sha256:" + "a" * 64 + "']}\n",
+        "routes[0].auth",
+        "scopes and roles would protect nothing",
+        4,
+        id="anonymous-with-roles",
+    ),
+    pytest.param(
+        UPSTREAM_U + "  - {name: r, upstream: u, auth: {api_key: {}}}\n"
+        "consumers:\n"
+        "  billing: {api_keys: ['sha256:" + "a" * 64 + "']}\n"
+        "  reports:\n"
+        "    api_keys: ['sha256:" + "b" * 64 + "', 'sha256:" + "a" * 64 + "']\n",
+        "consumers.reports.api_keys[1]",
+        "consumers 'billing' and 'reports' have the same API key (also "
+        "consumers.billing.api_keys[0]), so a caller with it could not be told apart; "
+        "give each consumer its own key",
+        8,
+        id="api-key-of-two-consumers",
     ),
     # documents that are not configurations at all
     pytest.param(

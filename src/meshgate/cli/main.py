@@ -48,8 +48,11 @@ def version() -> None:
 @app.command()
 def check(file: ConfigFile) -> None:
     """Validate a configuration file; exit 1 and list every problem if it is invalid."""
+    from meshgate.gateway.runtime import compile_config  # noqa: PLC0415
+
     try:
         config = load(file)
+        compile_config(config)  # reads the key and certificate files it names
     except ConfigError as exc:
         err.print(str(exc), markup=False, highlight=False)
         raise typer.Exit(1) from None

@@ -73,7 +73,8 @@ def loads(text: str, source: str | None = None) -> Config:
 
 
 def check(config: Config) -> Iterable[ConfigIssue]:
-    """Cross-field problems: dangling references, duplicate names, unreachable routes."""
+    """Cross-field problems: dangling references, duplicate names and API keys,
+    auth that protects nothing, unreachable routes."""
     upstreams = sorted(config.upstreams)
     seen: dict[str, int] = {}
     for i, route in enumerate(config.routes):
@@ -115,6 +116,17 @@ def check(config: Config) -> Iterable[ConfigIssue]:
                 "API keys belong to consumers, and none is configured: add consumers "
                 "with api_keys (meshgate hash-key prints a key's stored form)",
             )
+        auth = route.auth
+        if auth is not None and auth.anonymous and (auth.scopes or auth.roles):
+            # Anonymous callers are never checked against scopes and roles, so a caller
+            # refused for lacking one would pass by sending no credentials at all.
+            yield ConfigIssue(
+                f"routes[{i}].auth",
+                "anonymous: true lets callers without credentials through unchecked, so "
+                "scopes and roles would protect nothing; remove anonymous to require "
+                "them, or remove scopes and roles to make the route public",
+            )
+    yield from _duplicate_api_keys(config)
     yield from _unreachable(config)
     if config.gateway.admin.listen == config.gateway.listen and config.gateway.listen.port:
         yield ConfigIssue(
@@ -122,6 +134,21 @@ def check(config: Config) -> Iterable[ConfigIssue]:
             f"the admin listener {config.gateway.admin.listen} is the same as gateway.listen; "
             "give it its own port",
         )
+
+
+def _duplicate_api_keys(config: Config) -> Iterable[ConfigIssue]:
+    owners: dict[str, tuple[str, int]] = {}
+    for name, consumer in config.consumers.items():
+        for j, key in enumerate(consumer.api_keys):
+            first = owners.setdefault(key, (name, j))
+            if first[0] != name:
+                yield ConfigIssue(
+                    f"consumers.{name}.api_keys[{j}]",
+                    f"consumers {first[0]!r} and {name!r} have the same API key (also "
+                    f"consumers.{first[0]}.api_keys[{first[1]}]), so a caller with it could "
+                    "not be told apart; give each consumer its own key (meshgate hash-key "
+                    "makes one)",
+                )
 
 
 def _unreachable(config: Config) -> Iterable[ConfigIssue]:

@@ -251,3 +251,16 @@ class Runtime:
         (endpoints that a newer runtime carries on)."""
         for upstream in self.upstreams.values():
             upstream.close(keep)
+
+
+def compile_config(config: Config) -> None:
+    """Build everything a worker builds from ``config`` and throw it away: key and
+    certificate files are read, so that what would fail in a worker fails here, as a
+    :class:`~meshgate.errors.ConfigError`."""
+    from meshgate.gateway.tls import TlsTerminator, admin_context  # noqa: PLC0415
+
+    Runtime(config, WorkerMetrics()).close()
+    if config.gateway.tls is not None:
+        TlsTerminator(config.gateway.tls)
+    if config.gateway.admin.tls is not None:
+        admin_context(config.gateway.admin.tls)

@@ -32,9 +32,9 @@ from meshgate.config.loader import loads
 from meshgate.config.model import Address, Config
 from meshgate.errors import ConfigError, SupervisorError
 from meshgate.gateway.admin import AdminToken, create_admin_app
-from meshgate.gateway.metrics import WorkerMetrics, merge_snapshots
-from meshgate.gateway.runtime import Runtime
-from meshgate.gateway.tls import TlsTerminator, admin_context
+from meshgate.gateway.metrics import merge_snapshots
+from meshgate.gateway.runtime import compile_config
+from meshgate.gateway.tls import admin_context
 from meshgate.gateway.upstream.probe import Prober
 from meshgate.gateway.upstream.shared import SharedHealth
 from meshgate.gateway.worker import listen_socket, worker_main
@@ -64,8 +64,6 @@ class _WorkerSlot:
 def _restart_only_changes(old: Config, new: Config) -> list[str]:
     """Settings that changed but only apply at the next start of the gateway."""
     changed = []
-    if old.gateway.listen != new.gateway.listen:
-        changed.append("gateway.listen")
     if old.gateway.workers != new.gateway.workers:
         changed.append("gateway.workers")
     if old.gateway.admin != new.gateway.admin:
@@ -153,9 +151,7 @@ class Supervisor:
         try:
             # Everything a worker will build, built here first: a bad certificate
             # is a configuration error, not a worker that dies while starting.
-            Runtime(self.config, WorkerMetrics()).close()
-            if gw.tls is not None:
-                TlsTerminator(gw.tls)
+            compile_config(self.config)
         except ConfigError as exc:
             raise SupervisorError(str(exc)) from None
         self._reservation = self._reserve(gw.listen, "gateway.listen")
@@ -428,9 +424,7 @@ class Supervisor:
         try:
             # Compile here first: what would fail in a worker fails before any
             # worker has swapped, so the workers never disagree.
-            Runtime(config, WorkerMetrics()).close()
-            if config.gateway.tls is not None:
-                TlsTerminator(config.gateway.tls)
+            compile_config(config)
         except ConfigError as exc:
             return self._reload_failed(str(exc))
         except Exception as exc:

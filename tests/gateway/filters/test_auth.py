@@ -7,14 +7,20 @@ reaches it: a refused request must leave the upstream untouched.
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import base64
 import contextlib
+import datetime
 import hashlib
 import hmac
+import importlib.metadata
 import json
 import logging
+import re
+import sys
 import time
+import tomllib
 import types
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -24,13 +30,15 @@ from typing import Any
 import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa, x25519
 from jwt.algorithms import RSAAlgorithm
 
 from meshgate.config import loads
 from meshgate.errors import ConfigError
 from meshgate.gateway.filters import auth as auth_module
 from meshgate.gateway.filters.auth import hash_api_key
+from meshgate.gateway.metrics import WorkerMetrics
+from meshgate.gateway.runtime import Runtime
 from tests.helpers import Client, Message, RawUpstream, gateway_yaml, response, run_gateway
 
 # ------------------------------------------------------------------------------ keys
@@ -468,6 +476,29 @@ async def test_api_key_in_header_names_the_consumer() -> None:
     assert seen.all("X-Consumer") == ["app"]
 
 
+@pytest.mark.parametrize(
+    ("auth", "headers"),
+    [
+        ({"api_key": {}}, [("X-API-Key", API_KEY)]),
+        ({"api_key": {}}, [("x-api-KEY", API_KEY)]),
+        ({"api_key": {"header": "X-Partner-Key"}}, [("X-Partner-Key", API_KEY)]),
+        # Judged by the token, but the key it also carries is not forwarded either.
+        ({**rs256(), "api_key": {}}, [bearer(sign()), ("X-API-Key", API_KEY)]),
+        ({"api_key": {}, "anonymous": True}, [("X-API-Key", API_KEY)]),
+    ],
+    ids=["default-header", "any-spelling", "custom-header", "with-a-token", "anonymous-route"],
+)
+async def test_api_key_in_header_is_not_forwarded(
+    auth: dict[str, Any], headers: list[tuple[str, str]]
+) -> None:
+    async with gateway(auth, consumers=CONSUMERS) as gw:
+        res = await gw.get("/items", [*headers, ("X-Other", "kept")])
+    assert res.status == 200, res.body
+    seen = gw.upstream.requests[0]
+    assert all(API_KEY not in value for _, value in seen.headers), seen.headers
+    assert seen.header("X-Other") == "kept"
+
+
 async def test_unknown_api_key_is_refused() -> None:
     async with gateway({"api_key": {}}, consumers=CONSUMERS) as gw:
         wrong = await gw.get("/", [("X-API-Key", OTHER_API_KEY)])
@@ -665,6 +696,34 @@ async def test_jwks_key_rotation_is_picked_up_on_an_unknown_kid() -> None:
     assert jwks.fetches >= 2
 
 
+@pytest.mark.parametrize(
+    ("min_refresh", "status", "fetches"),
+    [("0s", 200, 2), ("60s", 401, 1)],
+    ids=["refetched", "rate-limited"],
+)
+async def test_unknown_kid_refetches_the_jwks_beside_a_configured_key_without_kid(
+    min_refresh: str, status: int, fetches: int
+) -> None:
+    jwks = Jwks()  # publishes no key yet
+    url = await jwks.start()
+    auth = jwks_auth(url, min_refresh)
+    auth["jwt"]["keys"] = [{"pem": public_pem(RSA_KEY)}]  # no kid: tried for any kid
+    async with gateway(auth) as gw:
+        # The first token needs the JWKS (never fetched yet); the configured key signs it.
+        first = await gw.get("/", [bearer(sign(kid="any", sub="configured"))])
+        jwks.publish(("k2", OTHER_RSA_KEY))  # the issuer rotates a key in
+        rotated = await gw.get("/", [bearer(sign(OTHER_RSA_KEY, kid="k2", sub="rotated"))])
+        # A kid the configured key verifies needs no fetch.
+        again = await gw.get("/", [bearer(sign(kid="other", sub="configured-2"))])
+    assert first.status == 200, first.body
+    assert rotated.status == status, rotated.body
+    assert again.status == 200, again.body
+    assert jwks.fetches == fetches
+    subs = [r.header("X-User-Id") for r in gw.upstream.requests]
+    rotated_subs = ["rotated"] if status == 200 else []
+    assert subs == ["configured", *rotated_subs, "configured-2"]
+
+
 # ---------------------------------------------------------------------- no secrets logged
 
 
@@ -769,3 +828,177 @@ def test_unsafe_or_incomplete_auth_config_is_refused_at_load(
     with pytest.raises(ConfigError) as caught:
         loads(_config(auth, consumers), "test.yaml")
     assert message in str(caught.value)
+
+
+# ------------------------------------------------------------------ bad keys, at build
+
+
+def _write(tmp_path: Path, name: str, data: bytes) -> dict[str, str]:
+    path = tmp_path / name
+    path.write_bytes(data)
+    return {"file": str(path)}
+
+
+def _private_pem(key: Any) -> bytes:
+    data: bytes = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    return data
+
+
+def _der(key: Any) -> bytes:
+    data: bytes = key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return data
+
+
+BAD_KEYS: dict[str, tuple[str, Callable[[Path], dict[str, str]], str, str]] = {
+    # id: (the route's algorithm, the bad key, its field, what the message says)
+    "missing-file": ("RS256", lambda p: {"file": str(p / "gone.pem")}, "file", "no such file"),
+    "directory": ("RS256", lambda p: {"file": str(p)}, "file", "cannot read"),
+    "file-not-pem": (
+        "RS256",
+        lambda p: _write(p, "key.pem", b"hello\n"),
+        "file",
+        "is not a PEM public key or certificate",
+    ),
+    "der-file": ("RS256", lambda p: _write(p, "key.der", _der(RSA_KEY)), "file", "not PEM text"),
+    "private-key-file": (
+        "RS256",
+        lambda p: _write(p, "key.pem", _private_pem(RSA_KEY)),
+        "file",
+        "holds a private key; give only its public key",
+    ),
+    "truncated-pem": (
+        "RS256",
+        lambda _: {"pem": public_pem(RSA_KEY)[:120]},
+        "pem",
+        "is not a PEM public key or certificate",
+    ),
+    "private-key-pem": (
+        "RS256",
+        lambda _: {"pem": _private_pem(RSA_KEY).decode()},
+        "pem",
+        "holds a private key",
+    ),
+    "ec-key-on-rs256-route": (
+        "RS256",
+        lambda _: {"pem": public_pem(EC_KEY)},
+        "pem",
+        "holds a key for ES256, but the route accepts only RS256; add ES256",
+    ),
+    "p384-key-on-es256-route": (
+        "ES256",
+        lambda _: {"pem": public_pem(ec.generate_private_key(ec.SECP384R1()))},
+        "pem",
+        "ES256 verifies only P-256",
+    ),
+    "x25519-key": (
+        "EdDSA",
+        lambda _: {"pem": public_pem(x25519.X25519PrivateKey.generate())},
+        "pem",
+        "which no JWT algorithm here uses",
+    ),
+}
+GOOD_KEYS = {"RS256": RSA_KEY, "ES256": EC_KEY, "EdDSA": ED_KEY}
+
+
+def _two_routes(auth: dict[str, Any]) -> str:
+    """The auth route second, so that its path says which route it is."""
+    other = {"name": "other", "upstream": "up", "match": {"path_prefix": "/other"}}
+    routes = f"  - {json.dumps(other)}\n" + route_yaml(auth, match={"path_prefix": "/api"})
+    return gateway_yaml({"up": ["127.0.0.1:9"]}, routes)
+
+
+@pytest.mark.parametrize(
+    ("alg", "bad_key", "field", "message"), list(BAD_KEYS.values()), ids=list(BAD_KEYS)
+)
+def test_bad_key_is_a_config_error_naming_its_field_when_the_route_is_built(
+    tmp_path: Path,
+    alg: str,
+    bad_key: Callable[[Path], dict[str, str]],
+    field: str,
+    message: str,
+) -> None:
+    key = bad_key(tmp_path)
+    auth = {"jwt": {"algorithms": [alg], "keys": [{"pem": public_pem(GOOD_KEYS[alg])}, key]}}
+    config = loads(_two_routes(auth), "test.yaml")  # what `meshgate check` sees: valid
+
+    with pytest.raises(ConfigError) as caught:
+        Runtime(config, WorkerMetrics())  # what the gateway builds at startup and reload
+
+    [issue] = caught.value.issues
+    assert issue.path == f"routes[1].auth.jwt.keys[1].{field}"
+    assert message in issue.message
+    # A key pasted by mistake is never repeated in the error.
+    assert "MII" not in str(caught.value)
+
+
+def test_every_bad_key_is_reported_at_once(tmp_path: Path) -> None:
+    keys = [{"file": str(tmp_path / "gone.pem")}, {"pem": public_pem(RSA_KEY)}, {"pem": "x"}]
+    config = loads(_two_routes({"jwt": {"algorithms": ["RS256"], "keys": keys}}))
+
+    with pytest.raises(ConfigError) as caught:
+        Runtime(config, WorkerMetrics())
+
+    assert [i.path for i in caught.value.issues] == [
+        "routes[1].auth.jwt.keys[0].file",
+        "routes[1].auth.jwt.keys[2].pem",
+    ]
+
+
+def test_key_in_a_certificate_is_accepted(tmp_path: Path) -> None:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.x509.oid import NameOID
+
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "issuer.test")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(RSA_KEY.public_key())
+        .serial_number(1)
+        .not_valid_before(now)
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .sign(RSA_KEY, hashes.SHA256())
+    )
+    key = _write(tmp_path, "cert.pem", cert.public_bytes(serialization.Encoding.PEM))
+    config = loads(_two_routes({"jwt": {"algorithms": ["RS256"], "keys": [key]}}))
+    Runtime(config, WorkerMetrics()).close()
+
+
+# ---------------------------------------------------------------------------- packaging
+
+
+def _distribution(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def test_what_the_filter_imports_is_a_runtime_dependency() -> None:
+    # Lazy imports (httpx, for JWKS) count: a route may need them at any time.
+    tree = ast.parse(Path(auth_module.__file__).read_text(encoding="utf-8"))
+    modules = {
+        alias.name.partition(".")[0]
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Import)
+        for alias in node.names
+    } | {
+        node.module.partition(".")[0]
+        for node in ast.walk(tree)
+        if isinstance(node, ast.ImportFrom) and node.module and not node.level
+    }
+    third_party = modules - set(sys.stdlib_module_names) - {"meshgate"}
+    installed = importlib.metadata.packages_distributions()
+    needed = {_distribution(d) for module in third_party for d in installed.get(module, [module])}
+    pyproject = tomllib.loads((Path(__file__).parents[3] / "pyproject.toml").read_text())
+    declared = {
+        _distribution(re.split(r"[\s\[<>=!~;]", requirement, maxsplit=1)[0])
+        for requirement in pyproject["project"]["dependencies"]
+    }
+    assert {"pyjwt", "cryptography", "httpx"} <= needed
+    assert needed <= declared, f"missing from [project] dependencies: {needed - declared}"

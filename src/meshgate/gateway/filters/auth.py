@@ -6,7 +6,12 @@ claims are cached by the token's exact bytes (bounded), and ``exp``/``nbf`` are
 checked on every use, so that a repeated token costs a dictionary lookup instead of
 an RSA verification. Algorithms are pinned per route: ``alg: none`` and a token
 signed with a public key as an HMAC secret are refused. Tokens and keys are never
-logged.
+logged, and an API key never reaches the upstream (neither its header nor its query
+parameter is forwarded).
+
+Configured keys are loaded when the filter is built: a missing or unreadable key file,
+text that is not a PEM public key, or a key that none of the route's algorithms can
+use is a :class:`~meshgate.errors.ConfigError` naming the key's field.
 """
 
 from __future__ import annotations
@@ -23,7 +28,8 @@ from urllib.parse import unquote_to_bytes
 import jwt
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 
-from meshgate.config.model import AuthSettings, Config, JwtSettings
+from meshgate.config.model import AuthSettings, Config, JwtKeySettings, JwtSettings
+from meshgate.errors import ConfigError, ConfigIssue
 from meshgate.gateway.filters import Verdict, reply
 
 if TYPE_CHECKING:
@@ -46,6 +52,10 @@ class _Refused(Exception):  # noqa: N818 - control flow inside this module
     def __init__(self, status: int, error: str, detail: str, challenge: bytes = b"") -> None:
         super().__init__(detail)
         self.status, self.error, self.detail, self.challenge = status, error, detail, challenge
+
+
+class _NoKey(_Refused):
+    """No key at hand verifies the token's signature (a JWKS fetch may bring one)."""
 
 
 class _Identity:
@@ -94,19 +104,26 @@ def _header_value(value: Any) -> bytes | None:
 
 
 class _KeySet:
-    """Verification keys: configured ones, plus those fetched from a JWKS URL."""
+    """Verification keys: configured ones, plus those fetched from a JWKS URL.
 
-    def __init__(self, settings: JwtSettings) -> None:
+    Raises:
+        ConfigError: a configured key cannot be loaded or used (every such key is
+            listed, each by its path under ``path``, the route's ``...auth.jwt``).
+    """
+
+    def __init__(self, settings: JwtSettings, path: str) -> None:
         self.settings = settings
         self.static: dict[str | None, list[Any]] = {}
-        for key in settings.keys:
-            material: Any
-            if key.secret is not None:
-                material = key.secret.get_secret_value().encode()
-            else:
-                pem = key.pem if key.pem is not None else Path(key.file or "").read_text()
-                material = _load_pem(pem)
+        issues: list[ConfigIssue] = []
+        for index, key in enumerate(settings.keys):
+            try:
+                material = _load_key(key, f"{path}.keys[{index}]", settings.algorithms)
+            except ConfigError as exc:
+                issues.extend(exc.issues)
+                continue
             self.static.setdefault(key.kid, []).append(material)
+        if issues:
+            raise ConfigError(issues)
         self.fetched: dict[str, Any] = {}
         self._fetched_at = 0.0
         self._fetching: asyncio.Task[None] | None = None
@@ -125,6 +142,10 @@ class _KeySet:
             return keys
         kind = _KEY_TYPES[alg]
         return [k for k in keys if isinstance(k, kind)]
+
+    def knows(self, kid: str) -> bool:
+        """Whether a configured or fetched key has this ``kid``."""
+        return kid in self.static or kid in self.fetched
 
     def stale(self) -> bool:
         url = self.settings.jwks_url
@@ -190,6 +211,85 @@ def _load_pem(pem: str) -> Any:
     return load_pem_public_key(data)
 
 
+def _fail(path: str, message: str) -> ConfigError:
+    return ConfigError([ConfigIssue(path, message)])
+
+
+def _load_key(key: JwtKeySettings, path: str, algorithms: tuple[str, ...]) -> Any:
+    """The verification key ``key`` configures (at ``path``), checked against the
+    route's ``algorithms``; a :class:`ConfigError` says what is wrong with it."""
+    from cryptography.exceptions import UnsupportedAlgorithm  # noqa: PLC0415
+    from cryptography.hazmat.primitives.asymmetric import ec  # noqa: PLC0415
+
+    if key.secret is not None:
+        return key.secret.get_secret_value().encode()
+    if key.file is not None:
+        path += ".file"
+        what = f"the file {key.file!r}"
+        try:
+            pem = Path(key.file).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise _fail(
+                path,
+                f"no such file {key.file!r}; check the path (a relative one is read from "
+                "the gateway's working directory), or give the key inline with pem",
+            ) from None
+        except UnicodeDecodeError:
+            raise _fail(
+                path,
+                f"{what} is not PEM text (a DER key? convert it: openssl pkey -pubin "
+                "-inform DER -in key.der -out key.pem)",
+            ) from None
+        except OSError as exc:
+            raise _fail(
+                path,
+                f"cannot read {key.file!r} ({exc.strerror or exc}); check the path and that "
+                "the gateway may read it",
+            ) from None
+    else:
+        path += ".pem"
+        what = "the value"
+        pem = key.pem or ""
+    # The key text is never quoted: a private key pasted by mistake stays out of logs.
+    if "PRIVATE KEY" in pem:
+        raise _fail(
+            path,
+            f"{what} holds a private key; give only its public key (openssl pkey -in "
+            "key.pem -pubout) and keep the private key with the token issuer",
+        )
+    try:
+        material = _load_pem(pem)
+    except (ValueError, UnsupportedAlgorithm):
+        raise _fail(
+            path,
+            f"{what} is not a PEM public key or certificate; give the issuer's public key "
+            "(-----BEGIN PUBLIC KEY-----) or its certificate (-----BEGIN CERTIFICATE-----)",
+        ) from None
+    fits = [alg for alg, kind in _KEY_TYPES.items() if isinstance(material, kind)]
+    if not fits:
+        raise _fail(
+            path,
+            f"{what} holds a {type(material).__name__}, which no JWT algorithm here uses; "
+            "give an RSA, EC (P-256) or Ed25519 public key",
+        )
+    if fits[0] not in algorithms:
+        raise _fail(
+            path,
+            f"{what} holds a key for {fits[0]}, but the route accepts only "
+            f"{', '.join(algorithms)}; add {fits[0]} to jwt.algorithms, or give a key "
+            "for those",
+        )
+    if isinstance(material, ec.EllipticCurvePublicKey) and not isinstance(
+        material.curve, ec.SECP256R1
+    ):
+        raise _fail(
+            path,
+            f"{what} holds an EC key on {material.curve.name}, but ES256 verifies only "
+            "P-256 (secp256r1) keys; give the issuer's P-256 key",
+        )
+    return material
+
+
 def _load_jwk(jwk: dict[str, Any]) -> Any:
     kty = jwk.get("kty")
     text = json.dumps(jwk)
@@ -203,9 +303,9 @@ def _load_jwk(jwk: dict[str, Any]) -> Any:
 
 
 class _Jwt:
-    def __init__(self, settings: JwtSettings) -> None:
+    def __init__(self, settings: JwtSettings, path: str) -> None:
         self.settings = settings
-        self.keys = _KeySet(settings)
+        self.keys = _KeySet(settings, path)
         self.algorithms = list(settings.algorithms)
         self.audience = list(settings.audience) or None
         self.require = ["exp", *settings.required_claims]
@@ -253,7 +353,7 @@ class _Jwt:
                 ) from None
             return self._identity(claims)
         detail = "no key verifies the token's signature" if last else "no key for the token"
-        raise _Refused(401, "invalid_token", detail, _challenge("signature"))
+        raise _NoKey(401, "invalid_token", detail, _challenge("signature"))
 
     def _identity(self, claims: dict[str, Any]) -> _Identity:
         lines = []
@@ -292,14 +392,31 @@ def _challenge(kind: str) -> bytes:
     return _REALM + b', error="invalid_token", error_description="' + description.encode() + b'"'
 
 
+def _path_of(settings: AuthSettings, config: Config) -> str:
+    """Where ``settings`` is in ``config`` (``routes[2].auth``), for error messages."""
+    for index, route in enumerate(config.routes):
+        if route.auth is settings:
+            return f"routes[{index}].auth"
+    return "auth"
+
+
 class AuthFilter:
-    """A route's authentication and authorization."""
+    """A route's authentication and authorization.
+
+    ``path`` is where ``settings`` is in the configuration, for error messages; by
+    default it is found among ``config.routes``.
+
+    Raises:
+        ConfigError: a JWT key cannot be loaded or used by the route's algorithms.
+    """
 
     name = "auth"
 
-    def __init__(self, settings: AuthSettings, config: Config) -> None:
+    def __init__(self, settings: AuthSettings, config: Config, *, path: str | None = None) -> None:
         self.settings = settings
-        self._jwt = _Jwt(settings.jwt) if settings.jwt is not None else None
+        if path is None:
+            path = _path_of(settings, config)
+        self._jwt = _Jwt(settings.jwt, f"{path}.jwt") if settings.jwt is not None else None
         api = settings.api_key
         self._api_header = api.header.lower().encode() if api and api.header else None
         self._api_query = api.query.encode() if api and api.query else None
@@ -319,6 +436,9 @@ class AuthFilter:
         owned = [h.lower() for h in (settings.jwt.forward_claims.values() if settings.jwt else ())]
         if consumer_header:
             owned.append(consumer_header.lower())
+        if api and api.header:
+            # Like the query parameter, the key never reaches the upstream (nor its logs).
+            owned.append(api.header.lower())
         if settings.jwt is not None and settings.jwt.strip_authorization:
             owned.append("authorization")
         self._owned = frozenset(o.encode() for o in owned)
@@ -398,17 +518,39 @@ class AuthFilter:
             )
         kid = header.get("kid")
         kid = kid if isinstance(kid, str) else None
-        keys = jwt_auth.keys.candidates(kid, alg)
-        if (not keys and jwt_auth.keys.may_fetch()) or jwt_auth.keys.stale():
+        keyset = jwt_auth.keys
+        keys = keyset.candidates(kid, alg)
+        if (not keys and keyset.may_fetch()) or keyset.stale():
             return self._fetch_then_verify(exchange, token, kid, alg)
-        return self._verified(exchange, token, keys)
+        try:
+            identity = jwt_auth.verify(token, keys)
+        except _NoKey as refused:
+            # A kid that no key has may be one the issuer has just rotated in, even
+            # when the configured keys without a kid were tried: fetch the JWKS again
+            # (no more often than jwks_min_refresh).
+            if kid is not None and not keyset.knows(kid) and keyset.may_fetch():
+                return self._fetch_then_verify(exchange, token, kid, alg, refused)
+            return self._refuse(exchange, refused)
+        except _Refused as refused:
+            return self._refuse(exchange, refused)
+        jwt_auth.remember(token, identity)
+        return self._admit(exchange, identity)
 
     async def _fetch_then_verify(
-        self, exchange: Exchange, token: bytes, kid: str | None, alg: str
+        self,
+        exchange: Exchange,
+        token: bytes,
+        kid: str | None,
+        alg: str,
+        refused: _Refused | None = None,
     ) -> bytes | None:
+        """Fetch the JWKS, then verify; ``refused`` is the answer when the keys at
+        hand failed already and the fetch brought no key of ``kid``."""
         jwt_auth = self._jwt
         assert jwt_auth is not None  # noqa: S101
         await jwt_auth.keys.fetch()
+        if refused is not None and kid not in jwt_auth.keys.fetched:
+            return self._refuse(exchange, refused)
         return self._verified(exchange, token, jwt_auth.keys.candidates(kid, alg))
 
     def _verified(self, exchange: Exchange, token: bytes, keys: list[Any]) -> bytes | None:
