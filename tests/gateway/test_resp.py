@@ -1,12 +1,28 @@
-"""The gateway's minimal Redis client and the rate limiter's pre-encoded commands."""
+"""The gateway's minimal Redis client and the rate limiter's pre-encoded commands.
+
+Connection tests talk to a real Redis at 127.0.0.1:6379 (skipped without one, failed
+with MESHGATE_REQUIRE_SERVICES=1), through a TLS or unix socket front where needed.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import socket
+import ssl
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
 import pytest
+import trustme
 
 from meshgate.config import loads
 from meshgate.gateway.filters.ratelimit import _SCRIPT_SHA, GCRA_SCRIPT, RateLimitFilter
-from meshgate.gateway.resp import RedisError, _parse, command
+from meshgate.gateway.resp import FollowUp, RedisError, RespClient, _parse, command
+from tests.conftest import require_services
 
 
 def test_command_framing() -> None:
@@ -53,3 +69,159 @@ def test_pre_encoded_rate_limit_commands_match_the_encoder() -> None:
     framed = b"$%d\r\n%s\r\n" % (len(key), key) + f._args_frame
     assert f._evalsha + framed == command(b"EVALSHA", _SCRIPT_SHA, b"1", key, *args)
     assert f._eval + framed == command(b"EVAL", GCRA_SCRIPT, b"1", key, *args)
+
+
+# ---------------------------------------------------------------------------- a real Redis
+
+REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+@pytest.fixture
+def real_redis() -> None:
+    """Skip (or fail, with MESHGATE_REQUIRE_SERVICES=1) without a Redis on 6379."""
+    try:
+        with socket.create_connection(("127.0.0.1", 6379), timeout=1):
+            return
+    except OSError:
+        if require_services():
+            pytest.fail("Redis is not reachable at 127.0.0.1:6379 (MESHGATE_REQUIRE_SERVICES=1)")
+        pytest.skip("Redis is not reachable at 127.0.0.1:6379; start one to run this test")
+
+
+@contextlib.contextmanager
+def acl_user(keys: str = "*") -> Iterator[tuple[str, str]]:
+    """A Redis ACL user (name, password) allowed every command on ``keys``; deleted
+    at exit. The password needs percent-encoding in a URL."""
+    import redis
+
+    name = f"meshgate-test-{uuid.uuid4().hex}"
+    password = f"p@ss:w/rd %{uuid.uuid4().hex}"
+    admin = redis.Redis.from_url(REDIS_URL)
+    try:
+        admin.acl_setuser(
+            name, enabled=True, passwords=[f"+{password}"], keys=[keys], commands=["+@all"]
+        )
+        yield name, password
+    finally:
+        admin.acl_deluser(name)
+        admin.close()
+
+
+def user_url(name: str, password: str, rest: str = "127.0.0.1:6379/0") -> str:
+    return f"redis://{quote(name, safe='')}:{quote(password, safe='')}@{rest}"
+
+
+@contextlib.asynccontextmanager
+async def redis_front(
+    *, tls: ssl.SSLContext | None = None, unix: str | None = None
+) -> AsyncIterator[str]:
+    """A TLS (``tls``) or unix socket (``unix``) listener in front of the real Redis,
+    copying bytes both ways; yields its host:port, or the socket path."""
+    writers: list[asyncio.StreamWriter] = []
+    copies: list[asyncio.Future[Any]] = []
+
+    async def copy(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(OSError, ssl.SSLError):
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        writer.close()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        redis_reader, redis_writer = await asyncio.open_connection("127.0.0.1", 6379)
+        writers.extend((writer, redis_writer))
+        both = asyncio.gather(copy(reader, redis_writer), copy(redis_reader, writer))
+        copies.append(both)
+        await both
+
+    if unix is not None:
+        server = await asyncio.start_unix_server(serve, unix)
+        address = unix
+    else:
+        server = await asyncio.start_server(serve, "127.0.0.1", 0, ssl=tls)
+        address = f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    try:
+        yield address
+    finally:
+        server.close()
+        for writer in writers:
+            writer.transport.abort()
+        for both in copies:
+            with contextlib.suppress(Exception):
+                await both
+        await server.wait_closed()
+
+
+@pytest.mark.services
+@pytest.mark.usefixtures("real_redis")
+async def test_url_with_a_username_authenticates_as_that_acl_user() -> None:
+    with acl_user() as (name, password):
+        client = RespClient(user_url(name, password))
+        try:
+            assert await client.call(command(b"ACL", b"WHOAMI")) == name.encode()
+        finally:
+            client.close()
+
+
+@pytest.mark.services
+@pytest.mark.usefixtures("real_redis")
+async def test_a_failed_auth_is_not_kept_as_an_unauthenticated_connection() -> None:
+    with acl_user() as (name, _):
+        client = RespClient(user_url(name, "wrong"))
+        try:
+            for _ in range(3):
+                with pytest.raises(RedisError, match="WRONGPASS"):
+                    await client.call(command(b"PING"))
+        finally:
+            client.close()
+
+
+@pytest.mark.services
+@pytest.mark.usefixtures("real_redis")
+async def test_rediss_url_speaks_tls_and_verifies_the_server(tmp_path: Path) -> None:
+    ca = trustme.CA()
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_context)
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    with acl_user() as (name, password):
+        async with redis_front(tls=server_context) as address:
+            url = user_url(name, password, f"{address}/0").replace("redis://", "rediss://")
+            client = RespClient(f"{url}?ssl_ca_certs={quote(str(ca_file))}")
+            untrusted = RespClient(f"rediss://{address}/0")
+            try:
+                assert await client.call(command(b"ACL", b"WHOAMI")) == name.encode()
+                with pytest.raises(RedisError, match="CERTIFICATE_VERIFY_FAILED"):
+                    await untrusted.call(command(b"PING"))
+            finally:
+                client.close()
+                untrusted.close()
+
+
+@pytest.mark.services
+@pytest.mark.usefixtures("real_redis")
+async def test_unix_socket_url_takes_the_database_from_the_query(tmp_path: Path) -> None:
+    async with redis_front(unix=str(tmp_path / "redis.sock")) as path:
+        client = RespClient(f"unix://{path}?db=3")
+        try:
+            info = await client.call(command(b"CLIENT", b"INFO"))
+            assert b" db=3 " in info
+        finally:
+            client.close()
+
+
+@pytest.mark.services
+@pytest.mark.usefixtures("real_redis")
+async def test_decide_may_go_on_with_another_command() -> None:
+    client = RespClient(REDIS_URL)
+
+    def retry(reply: object) -> object:
+        assert isinstance(reply, RedisError)
+        raise FollowUp(client.send(command(b"ECHO", b"again"), lambda second: (reply, second)))
+
+    try:
+        first, second = await client.send(command(b"NO-SUCH-COMMAND"), retry)
+        assert isinstance(first, RedisError)
+        assert second == b"again"
+    finally:
+        client.close()

@@ -28,6 +28,8 @@ BUCKETS: tuple[float, ...] = (
 """Latency histogram bounds, in seconds."""
 
 _CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
+_COUNTERS = ("aborted", "retries", "budget_exhausted", "rate_limited", "rate_limit_redis_errors")
+"""The plain counters of a route entry, summed when snapshots merge."""
 
 
 class RouteStats:
@@ -39,6 +41,8 @@ class RouteStats:
         "by_class",
         "gateway_buckets",
         "gateway_sum",
+        "rate_limit_redis_errors",
+        "rate_limited",
         "retries",
         "upstream_buckets",
         "upstream_sum",
@@ -53,6 +57,10 @@ class RouteStats:
         self.aborted = 0
         self.retries = 0
         self.budget_exhausted = 0
+        self.rate_limited = 0
+        """Requests refused with 429 by the route's rate limit."""
+        self.rate_limit_redis_errors = 0
+        """Times the route's rate limit could not ask Redis (on_redis_error decided)."""
 
     def observe(self, status: int, total: float, upstream: float) -> None:
         """Count one finished exchange: its status and where its time went."""
@@ -76,6 +84,8 @@ class RouteStats:
             "aborted": self.aborted,
             "retries": self.retries,
             "budget_exhausted": self.budget_exhausted,
+            "rate_limited": self.rate_limited,
+            "rate_limit_redis_errors": self.rate_limit_redis_errors,
         }
 
 
@@ -125,7 +135,7 @@ def merge_snapshots(snapshots: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
                 _add(merged[field], entry[field])
             merged["gateway_sum"] += entry["gateway_sum"]
             merged["upstream_sum"] += entry["upstream_sum"]
-            for counter in ("aborted", "retries", "budget_exhausted"):
+            for counter in _COUNTERS:
                 merged[counter] += entry[counter]
         for name, up in snap.get("upstreams", {}).items():
             for label, ep in up["endpoints"].items():
@@ -153,6 +163,21 @@ def _histogram(
         family.add_metric(
             [entry["route"], entry["upstream"]], buckets, sum_value=entry[f"{field}_sum"]
         )
+    return family
+
+
+def _per_route(
+    entries: list[dict[str, Any]], field: str, name: str, doc: str
+) -> CounterMetricFamily:
+    """A counter by route alone: the sum over the upstreams the route has had."""
+    totals: dict[str, int] = {}
+    for entry in entries:
+        count = entry[field]
+        if count:
+            totals[entry["route"]] = totals.get(entry["route"], 0) + count
+    family = CounterMetricFamily(name, doc, labels=["route"])
+    for route, count in sorted(totals.items()):
+        family.add_metric([route], count)
     return family
 
 
@@ -204,6 +229,19 @@ class GatewayCollector(Collector):
                 exhausted.add_metric(labels, entry["budget_exhausted"])
         yield retries
         yield exhausted
+        yield _per_route(
+            routes,
+            "rate_limited",
+            "meshgate_gateway_rate_limited",
+            "Requests refused (429) by the route's rate limit.",
+        )
+        yield _per_route(
+            routes,
+            "rate_limit_redis_errors",
+            "meshgate_gateway_rate_limit_redis_errors",
+            "Rate-limit decisions Redis could not make (unreachable, too slow, an error); "
+            "the route's on_redis_error let these requests through or refused them (503).",
+        )
         yield _histogram(
             "meshgate_gateway_gateway_seconds",
             "Time spent in the gateway per request (total minus upstream time).",

@@ -6,18 +6,26 @@ write and a share of one read. Commands are pre-encoded by the caller; this modu
 only frames, sends and parses replies (integers, strings, arrays, errors). It is
 hand-written because a general client's per-call overhead is several times the
 whole cost of forwarding a request. Control-plane uses of Redis go through redis-py.
+
+URLs are read as redis-py reads them: ``redis://[[user]:password@]host[:port][/db]``,
+``rediss://`` for TLS (query: ``ssl_ca_certs``, ``ssl_certfile``, ``ssl_keyfile``,
+``ssl_cert_reqs`` = required | optional | none, ``ssl_check_hostname``), and
+``unix:///path?db=N``; user and password are percent-decoded, ``?db=`` wins over
+the path.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 from collections import deque
 from collections.abc import Callable
+from functools import partial
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
-__all__ = ["RedisError", "RespClient", "command"]
+__all__ = ["FollowUp", "RedisError", "RespClient", "command"]
 
 
 class RedisError(Exception):
@@ -31,8 +39,19 @@ def command(*parts: bytes) -> bytes:
     return b"".join(out)
 
 
+class FollowUp(Exception):  # noqa: N818 - not an error: a decide function's other outcome
+    """Raised by a decide function that sent another command instead of deciding (a
+    NOSCRIPT reply answered with EVAL): the first command's future gets the outcome
+    of :attr:`future`, the other command's."""
+
+    def __init__(self, future: asyncio.Future[Any]) -> None:
+        super().__init__()
+        self.future = future
+
+
 _Decide = Callable[[Any], Any]
-"""Turns a reply (or a :class:`RedisError`) into the result its future gets."""
+"""Turns a reply (or a :class:`RedisError`) into the result its future gets; may
+raise :class:`FollowUp`."""
 
 
 class _Protocol(asyncio.Protocol):
@@ -78,12 +97,26 @@ def _settle(future: asyncio.Future[Any], decide: _Decide | None, value: Any) -> 
     if decide is not None:
         try:
             future.set_result(decide(value))
+        except FollowUp as follow:
+            follow.future.add_done_callback(partial(_follow, future))
         except Exception as exc:  # noqa: BLE001 - handed to whoever awaits
             future.set_exception(exc)
     elif isinstance(value, RedisError):
         future.set_exception(value)
     else:
         future.set_result(value)
+
+
+def _follow(future: asyncio.Future[Any], done: asyncio.Future[Any]) -> None:
+    """Give ``future`` the outcome of ``done``."""
+    if future.done():
+        return
+    if done.cancelled():
+        future.cancel()
+    elif (exc := done.exception()) is not None:
+        future.set_exception(exc)
+    else:
+        future.set_result(done.result())
 
 
 def _line_end(buffer: bytearray, pos: int) -> int:
@@ -125,16 +158,62 @@ def _parse(buffer: bytearray, pos: int) -> tuple[Any, int] | None:
     raise RedisError(f"unexpected reply from Redis: {bytes(buffer[pos : pos + 20])!r}")
 
 
+_CERT_REQS = {"none": ssl.CERT_NONE, "optional": ssl.CERT_OPTIONAL, "required": ssl.CERT_REQUIRED}
+
+
+def _tls_context(query: dict[str, list[str]]) -> ssl.SSLContext:
+    """The client TLS context a ``rediss://`` URL's query asks for (redis-py's names).
+
+    Raises:
+        ValueError: an ``ssl_cert_reqs`` that is not required, optional or none.
+        OSError: a certificate or key file that cannot be read.
+    """
+
+    def get(name: str) -> str | None:
+        values = query.get(name)
+        return values[-1] if values else None
+
+    context = ssl.create_default_context(cafile=get("ssl_ca_certs"))
+    certfile = get("ssl_certfile")
+    if certfile:
+        context.load_cert_chain(certfile, get("ssl_keyfile"))
+    reqs = (get("ssl_cert_reqs") or "required").lower()
+    if reqs not in _CERT_REQS:
+        raise ValueError(f"ssl_cert_reqs={reqs!r} in a Redis URL: use required, optional or none")
+    check = get("ssl_check_hostname")
+    context.check_hostname = reqs != "none" and (check or "true").lower() in ("1", "true", "yes")
+    context.verify_mode = _CERT_REQS[reqs]
+    return context
+
+
 class RespClient:
-    """Sends pre-encoded commands to one Redis server; reconnects when needed."""
+    """Sends pre-encoded commands to one Redis server; reconnects when needed.
+
+    Raises (at construction):
+        ValueError, OSError: a ``rediss://`` URL whose TLS settings are unusable.
+    """
 
     def __init__(self, url: str, timeout: float = 1.0) -> None:
         parts = urlsplit(url)
-        self._unix = parts.path if parts.scheme == "unix" else None
+        query = parse_qs(parts.query)
+        self._unix = unquote(parts.path) if parts.scheme == "unix" else None
         self._host = parts.hostname or "127.0.0.1"
         self._port = parts.port or 6379
-        self._db = (parts.path or "/0").lstrip("/") or "0" if parts.scheme != "unix" else "0"
-        self._password = parts.password
+        self._where = self._unix or f"{self._host}:{self._port}"
+        db = query.get("db") or [parts.path.strip("/") if parts.scheme != "unix" else ""]
+        self._db = db[-1] or "0"
+        self._ssl = _tls_context(query) if parts.scheme == "rediss" else None
+        # AUTH and SELECT, sent first on every new connection.
+        setup = []
+        username = unquote(parts.username) if parts.username else ""
+        password = unquote(parts.password) if parts.password is not None else ""
+        if username:
+            setup.append(command(b"AUTH", username.encode(), password.encode()))
+        elif password:
+            setup.append(command(b"AUTH", password.encode()))
+        if self._db != "0":
+            setup.append(command(b"SELECT", self._db.encode()))
+        self._setup = tuple(setup)
         self.timeout = timeout
         self._protocol: _Protocol | None = None
         self._connecting: asyncio.Future[_Protocol] | None = None
@@ -149,16 +228,23 @@ class RespClient:
             _, protocol = await loop.create_unix_connection(lambda: _Protocol(self), self._unix)
         else:
             _, protocol = await loop.create_connection(
-                lambda: _Protocol(self), self._host, self._port
+                lambda: _Protocol(self),
+                self._host,
+                self._port,
+                ssl=self._ssl,
+                server_hostname=self._host if self._ssl is not None else None,
             )
-        setup = []
-        if self._password:
-            setup.append(command(b"AUTH", self._password.encode()))
-        if self._db != "0":
-            setup.append(command(b"SELECT", self._db.encode()))
+        # Commands sent from now on queue behind AUTH and SELECT on the connection.
         self._protocol = protocol
-        for frame in setup:
-            await self._send(protocol, frame)
+        try:
+            for frame in self._setup:
+                await self._send(protocol, frame)
+        except RedisError:
+            # Not authenticated or not on the right database: nothing may use it.
+            self.lost(protocol)
+            if protocol.transport is not None:
+                protocol.transport.abort()
+            raise
         return protocol
 
     async def _connection(self) -> _Protocol:
@@ -170,7 +256,7 @@ class RespClient:
         try:
             return await asyncio.wait_for(asyncio.shield(self._connecting), self.timeout)
         except (OSError, TimeoutError) as exc:
-            raise RedisError(f"cannot reach Redis at {self._host}:{self._port}: {exc}") from None
+            raise RedisError(f"cannot reach Redis at {self._where}: {exc}") from None
 
     def _send(
         self, protocol: _Protocol, frame: bytes, decide: _Decide | None = None

@@ -8,21 +8,29 @@ and is deleted at teardown.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import re
 import socket
+import ssl
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from urllib.parse import quote
 
 import pytest
+import trustme
+from prometheus_client import CollectorRegistry, generate_latest
 
 from meshgate.config import loads
 from meshgate.errors import ConfigError
 from meshgate.gateway.filters import ratelimit
 from meshgate.gateway.filters.auth import hash_api_key
-from meshgate.gateway.filters.ratelimit import RateLimitFilter
+from meshgate.gateway.filters.ratelimit import _SCRIPT_SHA, RateLimitFilter
+from meshgate.gateway.metrics import GatewayCollector, merge_snapshots
 from meshgate.gateway.worker import Worker
 from tests.conftest import require_services
+from tests.gateway.test_resp import acl_user, redis_front, user_url
 from tests.helpers import Client, Message, RawUpstream, free_port, gateway_yaml, run_gateway
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -75,14 +83,19 @@ def backend(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture(autouse=True)
-async def _fresh_redis_clients() -> AsyncIterator[None]:
-    """Close the pipelined Redis clients a test opened. In a worker process one client
-    per URL lives as long as the process and its one event loop; each test has its
-    own loop, so a client left over would hold a connection of a closed loop."""
+async def _fresh_process_state() -> AsyncIterator[None]:
+    """Close the pipelined Redis clients a test opened and forget local counts. In a
+    worker process one client per URL lives as long as the process and its one event
+    loop, and local counts carry over reloads; each test has its own loop and
+    gateway, so a client left over would hold a connection of a closed loop, and
+    counts left over (until the old runtime is collected) would leak into the next
+    test's route of the same name and settings."""
+    ratelimit._LOCAL.clear()
     yield
     for client in ratelimit._CLIENTS.values():
         client.close()
     ratelimit._CLIENTS.clear()
+    ratelimit._LOCAL.clear()
 
 
 def limited_route(by: str = "ip", extra: str = "", *, rate: str = "5/s", burst: int = 2) -> str:
@@ -122,6 +135,15 @@ async def statuses(
     client: Client, count: int, headers: list[tuple[str, str]] | None = None
 ) -> list[int]:
     return [(await client.request("GET", "/", headers)).status for _ in range(count)]
+
+
+def metric(worker: Worker, name: str, route: str = "api") -> float:
+    """``name{route=...}`` as /metrics would show it for this one worker (0 if absent)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(GatewayCollector(lambda: merge_snapshots([worker.snapshot()])))
+    pattern = re.compile(rf'^{name}{{route="{route}"}} (\S+)$', re.MULTILINE)
+    found = pattern.search(generate_latest(registry).decode())
+    return float(found[1]) if found else 0.0
 
 
 # ---------------------------------------------------------------------------- exactness
@@ -171,6 +193,19 @@ async def test_one_more_passes_after_one_emission_interval(backend: str) -> None
         assert (await client.request("GET", "/")).status == 429
         await client.close()
     assert len(up.requests) == 4
+    await up.close()
+
+
+async def test_refusals_are_counted_per_route_in_metrics(backend: str) -> None:
+    up = await RawUpstream().start()
+    config = gateway_yaml({"up": [up.address]}, limited_route(extra=backend))
+    async with run_gateway(config) as (worker, port):
+        assert metric(worker, "meshgate_gateway_rate_limited_total") == 0
+        client = await Client.connect(port)
+        assert await statuses(client, 7) == [200] * 3 + [429] * 4
+        await client.close()
+        assert metric(worker, "meshgate_gateway_rate_limited_total") == 4
+        assert metric(worker, "meshgate_gateway_rate_limit_redis_errors_total") == 0
     await up.close()
 
 
@@ -315,6 +350,8 @@ async def test_redis_unreachable(on_error: str) -> None:
         replies = [await client.request("GET", f"/{i}") for i in range(5)]
         await client.close()
         assert limiter.redis_errors == 5
+        assert metric(worker, "meshgate_gateway_rate_limit_redis_errors_total") == 5
+        assert metric(worker, "meshgate_gateway_rate_limited_total") == 0
 
     if on_error == "open":
         # More than the burst allows: nothing is counted while Redis is away.
@@ -343,6 +380,157 @@ async def test_redis_mode_is_shared_between_workers(redis_prefix: str) -> None:
         await a.close()
         await b.close()
     assert got == [200, 200, 200, 429, 429, 429]
+    await up.close()
+
+
+@pytest.mark.services
+async def test_a_flushed_script_cache_fails_no_request(redis_prefix: str) -> None:
+    """After a Redis restart (here SCRIPT FLUSH) EVALSHA answers NOSCRIPT: each such
+    request goes again with the whole script, and EVALSHA carries on after it."""
+    import redis.asyncio as redis
+
+    up = await RawUpstream().start()
+    # Failing closed: a request that fails shows as a 503. 1/m: no refill during the test.
+    extra = f", redis: '{REDIS_URL}', key_prefix: '{redis_prefix}', on_redis_error: closed"
+    config = gateway_yaml({"up": [up.address]}, limited_route("header:X-User", extra, rate="1/m"))
+    store = redis.Redis.from_url(REDIS_URL)
+    try:
+        async with run_gateway(config) as (worker, port):
+            first = await Client.connect(port)
+            assert await statuses(first, 1, [("X-User", "a")]) == [200]
+            await store.script_flush()
+            # Five at once: their EVALSHAs are on the wire together, all answered NOSCRIPT.
+            clients = [await Client.connect(port) for _ in range(5)]
+            replies = await asyncio.gather(
+                *(c.request("GET", "/", [("X-User", "b")]) for c in clients)
+            )
+            assert sorted(r.status for r in replies) == [200] * 3 + [429] * 2
+            assert sorted(remaining(r) for r in replies) == [0, 0, 0, 1, 2]
+            assert await store.script_exists(_SCRIPT_SHA.decode()) == [True]
+            # Back to EVALSHA: the last command on the gateway's connection.
+            assert await statuses(first, 1, [("X-User", "c")]) == [200]
+            protocol = ratelimit._CLIENTS[REDIS_URL]._protocol
+            assert protocol is not None
+            assert protocol.transport is not None
+            host, port_, *_ = protocol.transport.get_extra_info("sockname")
+            laddr = f"{host}:{port_}"
+            mine = [c for c in await store.client_list() if c["addr"] == laddr]
+            assert [c["cmd"] for c in mine] == ["evalsha"]
+            # And again after another flush.
+            await store.script_flush()
+            assert await statuses(first, 4, [("X-User", "d")]) == [200, 200, 200, 429]
+            for client in (first, *clients):
+                await client.close()
+            assert rate_limit_filter(worker).redis_errors == 0
+            assert metric(worker, "meshgate_gateway_rate_limit_redis_errors_total") == 0
+    finally:
+        await store.aclose()
+    await up.close()
+
+
+@pytest.mark.services
+async def test_redis_url_with_an_acl_user_authenticates_as_that_user(redis_prefix: str) -> None:
+    import redis.asyncio as redis
+
+    up = await RawUpstream().start()
+    # The user may only touch this test's keys: a request run as anyone else fails.
+    with acl_user(keys=f"{{{redis_prefix}:*") as (name, password):
+        url = user_url(name, password)
+        extra = f", redis: '{url}', key_prefix: '{redis_prefix}', on_redis_error: closed"
+        config = gateway_yaml({"up": [up.address]}, limited_route(extra=extra))
+        store = redis.Redis.from_url(REDIS_URL)
+        try:
+            async with run_gateway(config) as (worker, port):
+                client = await Client.connect(port)
+                assert await statuses(client, 4) == [200, 200, 200, 429]
+                await client.close()
+                assert rate_limit_filter(worker).redis_errors == 0
+                users = [c["user"] for c in await store.client_list()]
+                assert name in users
+        finally:
+            await store.aclose()
+    await up.close()
+
+
+@pytest.mark.services
+async def test_rediss_url_counts_over_tls(redis_prefix: str, tmp_path: Path) -> None:
+    ca = trustme.CA()
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1").configure_cert(server_context)
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    up = await RawUpstream().start()
+    async with redis_front(tls=server_context) as address:
+        url = f"rediss://{address}/0?ssl_ca_certs={quote(str(ca_file))}"
+        extra = f", redis: '{url}', key_prefix: '{redis_prefix}', on_redis_error: closed"
+        config = gateway_yaml({"up": [up.address]}, limited_route(extra=extra))
+        try:
+            async with run_gateway(config) as (worker, port):
+                client = await Client.connect(port)
+                assert await statuses(client, 4) == [200, 200, 200, 429]
+                await client.close()
+                assert rate_limit_filter(worker).redis_errors == 0
+        finally:
+            await up.close()
+
+
+# ---------------------------------------------------------------------------- reload
+
+
+ROUTE = "  - {name: api, upstream: up, rate_limit: {rate: '1/m', burst: 2}}\n"
+"""No refill while a test runs: what a reload keeps or drops shows plainly."""
+
+
+@pytest.mark.parametrize(
+    ("routes", "upstream_extra", "kept"),
+    [
+        pytest.param(ROUTE, "", True, id="unchanged"),
+        pytest.param(
+            "  - {name: other, upstream: up, match: {path_prefix: /other}}\n" + ROUTE,
+            "",
+            True,
+            id="route-added",
+        ),
+        pytest.param(ROUTE, ", timeouts: {read: 7s}", True, id="upstream-changed"),
+        pytest.param(ROUTE.replace("burst: 2", "burst: 3"), "", False, id="burst-changed"),
+        pytest.param(ROUTE.replace("'1/m'", "'60/h'"), "", True, id="same-rate-other-unit"),
+        pytest.param(ROUTE.replace("name: api", "name: api2"), "", False, id="renamed"),
+    ],
+)
+async def test_local_counts_survive_a_reload_that_keeps_the_route(
+    routes: str, upstream_extra: str, kept: bool
+) -> None:
+    up = await RawUpstream().start()
+    before = gateway_yaml({"up": [up.address]}, ROUTE)
+    after = gateway_yaml({"up": [up.address]}, routes).replace(
+        f"endpoints: ['{up.address}']}}", f"endpoints: ['{up.address}']{upstream_extra}}}"
+    )
+    async with run_gateway(before) as (worker, port):
+        client = await Client.connect(port)
+        assert await statuses(client, 4) == [200, 200, 200, 429]
+        old = rate_limit_filter(worker)
+        worker.apply(loads(after, "test.yaml"))
+        new = rate_limit_filter(worker, "api2" if "api2" in routes else "api")
+        assert new is not old
+        assert await statuses(client, 1) == ([429] if kept else [200])
+        await client.close()
+        # The route's refusals are never counted down by a reload.
+        assert metric(worker, "meshgate_gateway_rate_limited_total") == (2 if kept else 1)
+    await up.close()
+
+
+async def test_local_counts_of_routes_gone_are_forgotten() -> None:
+    up = await RawUpstream().start()
+    before = gateway_yaml({"up": [up.address]}, ROUTE)
+    after = gateway_yaml({"up": [up.address]}, ROUTE.replace("burst: 2", "burst: 1"))
+    async with run_gateway(before) as (worker, port):
+        client = await Client.connect(port)
+        assert await statuses(client, 1) == [200]
+        await client.close()
+        worker.apply(loads(after, "test.yaml"))
+        gc.collect()  # the old runtime, once nothing serves with it any more
+        current = rate_limit_filter(worker).settings
+        assert list(ratelimit._LOCAL) == [("api", current)]
     await up.close()
 
 

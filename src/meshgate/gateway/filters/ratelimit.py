@@ -5,12 +5,16 @@ interval T = 1 / rate and a tolerance tau = burst x T, a request at time ``now``
 allowed when ``now >= TAT - tau``, and then TAT = max(TAT, now) + T. It is exact,
 smooth, and needs one stored number per key.
 
-Local mode counts in the worker (exact within it). Redis mode runs the same rule in
-a Lua script, one round trip per request, with Redis's own clock, so it is exact
+Local mode counts in the worker (exact within it); a reload that keeps a route's
+name and rate_limit settings keeps its counts. Redis mode runs the same rule in a
+Lua script, one round trip per request, with Redis's own clock, so it is exact
 across workers and gateway nodes; keys are hash-tagged (``{...}``) for Redis
-Cluster. When Redis cannot be reached the route's ``on_redis_error`` decides (let
-requests through, or refuse them with 503); each such event is logged (at most
-every 10 s) and counted.
+Cluster. The script goes by its SHA1 (EVALSHA); a request that finds Redis's script
+cache empty (a Redis restart, SCRIPT FLUSH) is sent again with the whole script, so
+it does not fail. When Redis cannot be reached the route's ``on_redis_error``
+decides (let requests through, or refuse them with 503); each such event is logged
+(at most every 10 s) and counted in ``meshgate_gateway_rate_limit_redis_errors``,
+as refusals (429) are in ``meshgate_gateway_rate_limited``.
 
 Responses carry ``RateLimit-Policy`` and ``RateLimit`` (IETF draft
 httpapi-ratelimit-headers); refused requests get 429 with ``Retry-After``.
@@ -18,17 +22,19 @@ httpapi-ratelimit-headers); refused requests get 429 with ``Retry-After``.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import logging
 import math
 import time
+import weakref
 from functools import partial
 from typing import TYPE_CHECKING
 
 from meshgate.config.model import Config, RateLimitSettings
 from meshgate.gateway.filters import Verdict, reply
 from meshgate.gateway.filters.ip import client_address
-from meshgate.gateway.resp import RedisError, RespClient
+from meshgate.gateway.resp import FollowUp, RedisError, RespClient
 
 if TYPE_CHECKING:
     from meshgate.gateway.server import Exchange
@@ -67,6 +73,31 @@ def _client(url: str) -> RespClient:
     return client
 
 
+class _Buckets:
+    """One route's local state: key -> TAT (monotonic seconds)."""
+
+    __slots__ = ("__weakref__", "tat")
+
+    def __init__(self) -> None:
+        self.tat: dict[bytes, float] = {}
+
+
+_LOCAL: weakref.WeakValueDictionary[tuple[str, RateLimitSettings], _Buckets] = (
+    weakref.WeakValueDictionary()
+)
+"""Local state by route name and settings, so that a reload that changes neither
+carries the counts on (the new runtime is built while the old one is alive). An
+entry goes when the last filter using it does: nothing else needs pruning."""
+
+
+def _buckets(route: str, settings: RateLimitSettings) -> _Buckets:
+    key = (route, settings)
+    buckets = _LOCAL.get(key)
+    if buckets is None:
+        buckets = _LOCAL[key] = _Buckets()
+    return buckets
+
+
 class RateLimitFilter:
     """A route's rate limit."""
 
@@ -84,11 +115,14 @@ class RateLimitFilter:
         capacity = settings.burst + 1
         window = max(1, math.ceil(capacity / settings.rate))
         self._policy = b'RateLimit-Policy: "meshgate";q=%d;w=%d\r\n' % (capacity, window)
-        # Local mode state: key -> TAT (monotonic seconds).
-        self._tat: dict[bytes, float] = {}
         self.redis_errors = 0
+        """Redis failures of this filter (the metric also counts those before a reload)."""
         self._last_warning = 0.0
-        if settings.redis is not None:
+        if settings.redis is None:
+            # Held here: the registry only keeps what some filter holds.
+            self._buckets = _buckets(route, settings)
+            self._tat = self._buckets.tat
+        else:
             self._key_prefix = f"{{{settings.key_prefix}:rl:{route}:".encode()
             emission_us = str(max(1, round(self._emission * 1_000_000))).encode()
             tolerance_us = str(round(self._tolerance * 1_000_000)).encode()
@@ -156,10 +190,14 @@ class RateLimitFilter:
         return self._client.send(frame, partial(self._decide, exchange))
 
     def _decide(self, exchange: Exchange, result: object) -> bytes | None:
-        """The verdict from Redis's reply (called as the reply is read)."""
+        """The verdict from Redis's reply (called as the reply is read).
+
+        Raises:
+            FollowUp: the script was unknown; the request went again with it.
+        """
         if isinstance(result, RedisError):
             if str(result).startswith("NOSCRIPT"):
-                self._script_loaded = False  # Redis restarted: send the script again
+                raise FollowUp(self._send_script(exchange))
             return self._redis_failed(exchange, result)
         reply: list[int] = result  # type: ignore[assignment]
         allowed, remaining, retry_us, reset_us = reply
@@ -168,8 +206,23 @@ class RateLimitFilter:
         self._headers(exchange, remaining, reset_us / 1_000_000)
         return None
 
+    def _send_script(self, exchange: Exchange) -> asyncio.Future[bytes | None]:
+        """Send ``exchange``'s request again with EVAL: Redis lost its script cache
+        (a restart, SCRIPT FLUSH). The requests after it go on with EVALSHA: they
+        reach Redis after the EVAL that caches the script again."""
+        full = self._key_prefix + self._key(exchange) + b"}"
+        frame = self._eval + b"$%d\r\n%s\r\n" % (len(full), full) + self._args_frame
+        return self._client.send(frame, partial(self._decide_eval, exchange))
+
+    def _decide_eval(self, exchange: Exchange, result: object) -> bytes | None:
+        """The verdict from Redis's reply to that EVAL: no second fallback."""
+        if isinstance(result, RedisError):
+            return self._redis_failed(exchange, result)
+        return self._decide(exchange, result)
+
     def _redis_failed(self, exchange: Exchange, exc: RedisError) -> bytes | None:
         self.redis_errors += 1
+        exchange.route.stats.rate_limit_redis_errors += 1  # type: ignore[union-attr]
         now = time.monotonic()
         if now - self._last_warning > 10:
             self._last_warning = now
@@ -197,6 +250,7 @@ class RateLimitFilter:
         )
 
     def _refuse(self, exchange: Exchange, retry_after: float, reset: float) -> bytes:
+        exchange.route.stats.rate_limited += 1  # type: ignore[union-attr]
         wait = max(1, math.ceil(retry_after))
         return reply(
             exchange,
