@@ -132,7 +132,7 @@ def test_check_lists_every_problem_at_once(runner: CliRunner, tmp_path: Path) ->
         (
             "  upstreams.orders.timeout (line 6): unknown key 'timeout' (did you mean "
             "'timeouts'?); allowed keys: balancer, circuit_breaker, endpoints, hash, health, "
-            "idle_timeout, max_connections, retries, sticky, "
+            "idle_timeout, max_connections, retries, service, sticky, "
             "timeouts, tls"
         ),
         (

@@ -418,8 +418,8 @@ BAD_DOCUMENTS = [
     ),
     pytest.param(
         "upstreams:\n  u: {endpoints: []}\n",
-        "upstreams.u.endpoints",
-        "at least 1 item",
+        "upstreams.u",
+        "an upstream needs endpoints (a list of host:port) or a service",
         2,
         id="no-endpoints",
     ),
@@ -945,3 +945,74 @@ def test_host_rewrite_must_be_a_host(value: str) -> None:
     with pytest.raises(ConfigError) as err:
         loads(doc)
     assert "routes[0].host_rewrite" in str(err.value)
+
+
+# ---------------------------------------------------------------------------- services
+
+
+def test_a_service_route_gets_an_upstream_of_that_name() -> None:
+    config = loads("routes:\n  - {name: users, service: users, match: {path_prefix: /u}}\n")
+    route = config.routes[0]
+    assert (route.upstream, route.service) == ("users", "users")
+    upstream = config.upstreams["users"]
+    assert upstream.service == "users"
+    assert upstream.endpoints == ()
+    assert upstream.balancer == "least_request"
+
+
+def test_a_service_route_uses_the_configured_upstream_of_that_name() -> None:
+    config = loads(
+        "upstreams:\n  users: {service: users, balancer: round_robin}\n"
+        "routes:\n  - {name: a, service: users, match: {path_prefix: /a}}\n"
+        "  - {name: b, upstream: users}\n"
+    )
+    assert config.upstreams["users"].balancer == "round_robin"
+    assert [r.upstream for r in config.routes] == ["users", "users"]
+
+
+@pytest.mark.parametrize(
+    ("text", "path", "fragment"),
+    [
+        pytest.param(
+            "upstreams:\n  users: {endpoints: ['127.0.0.1:1']}\n"
+            "routes:\n  - {name: a, service: users}\n",
+            "routes[0].service",
+            "upstream 'users' does not take its endpoints from service 'users'",
+            id="static-upstream-of-that-name",
+        ),
+        pytest.param(
+            "upstreams:\n  users: {service: users}\n"
+            "routes:\n  - {name: a, service: users, upstream: users}\n",
+            "routes[0]",
+            "give upstream or service, not both",
+            id="both",
+        ),
+        pytest.param(
+            "upstreams:\n  users: {service: users, endpoints: ['127.0.0.1:1']}\n",
+            "upstreams.users",
+            "give endpoints or service, not both",
+            id="endpoints-and-service",
+        ),
+        pytest.param(
+            "gateway: {registry: {enabled: false}}\nroutes:\n  - {name: a, service: users}\n",
+            "upstreams.users.service",
+            "the registry, which is disabled",
+            id="registry-disabled",
+        ),
+        pytest.param(
+            "routes:\n  - {name: a, match: {path_prefix: /a}}\n",
+            "routes[0].upstream",
+            "or give service: (a name in the registry)",
+            id="neither",
+        ),
+        pytest.param(
+            "gateway: {registry: {token: short}}\n",
+            "gateway.registry.token",
+            "too short",
+            id="short-registry-token",
+        ),
+    ],
+)
+def test_bad_service_settings(text: str, path: str, fragment: str) -> None:
+    issues = _issues(text)
+    assert any(i.path == path and fragment in i.message for i in issues), issues

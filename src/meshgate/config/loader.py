@@ -92,6 +92,23 @@ def check(config: Config) -> Iterable[ConfigIssue]:
                 f"no upstream named {route.upstream!r}{_suggest(route.upstream, upstreams)}; "
                 f"known: {', '.join(upstreams) or '(none: add one under upstreams)'}",
             )
+    for i, route in enumerate(config.routes):
+        target = config.upstreams.get(route.upstream)
+        if route.service is not None and target is not None and target.service != route.service:
+            yield ConfigIssue(
+                f"routes[{i}].service",
+                f"upstream {route.upstream!r} does not take its endpoints from service "
+                f"{route.service!r}; give it service: {route.service}, or route to it "
+                "with upstream: instead",
+            )
+    registry = config.gateway.registry
+    for name, upstream in config.upstreams.items():
+        if upstream.service is not None and not registry.enabled:
+            yield ConfigIssue(
+                f"upstreams.{name}.service",
+                "service endpoints come from the registry, which is disabled; set "
+                "gateway.registry.enabled: true or list the endpoints",
+            )
     for name, upstream in config.upstreams.items():
         addresses: dict[str, int] = {}
         for j, endpoint in enumerate(upstream.endpoints):
@@ -221,6 +238,11 @@ def _translate(err: Any, node: yaml.Node | None) -> ConfigIssue:
         allowed = sorted(model.model_fields) if model is not None else []
         key = str(loc[-1])
         message = f"unknown key {key!r}{_suggest(key, allowed)}; allowed keys: {', '.join(allowed)}"
+    elif kind == "missing" and loc[0] == "routes" and loc[-1] == "upstream":
+        message = (
+            "this field is required; add it (a name under upstreams), "
+            "or give service: (a name in the registry)"
+        )
     elif kind == "missing":
         message = "this field is required; add it"
     elif kind == "invalid_key" and isinstance(err.get("input"), bool):

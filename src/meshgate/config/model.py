@@ -228,6 +228,41 @@ class LimitsSettings(_Model):
     """Largest request body accepted (413 past it); unlimited when unset."""
 
 
+class RegistrySettings(_Model):
+    """The service registry, served by the gateway's control plane on the admin listener."""
+
+    enabled: bool = True
+    """Serve the registry API (``/v1/registry``) and allow ``service`` upstreams."""
+    persist: bool = True
+    """Keep the registry in a SQLite file, so that a restart keeps its instances."""
+    path: str | None = None
+    """The SQLite file; default ``~/.meshgate/registry-<admin port>.sqlite``."""
+    redis: str | None = None
+    """Share one registry between gateway nodes through this Redis
+    (``redis://host:port/db``); ``persist`` and ``path`` then do not apply."""
+    key_prefix: str = "meshgate:registry"
+    """Prefix of the registry's Redis keys."""
+    token: SecretStr | None = None
+    """The bearer token services use to register (the admin token is accepted too).
+    When unset it is read from ``token_file``, or generated and written there."""
+    token_file: str | None = None
+    """Where the token is kept; default ``~/.meshgate/registry-<admin port>.token``."""
+
+    @field_validator("redis")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(f"{value!r} is not a Redis URL; write redis://host:port/db")
+        return value
+
+    @field_validator("token")
+    @classmethod
+    def _long_enough(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < 16:
+            raise ValueError("the registry token is too short; use at least 16 characters")
+        return value
+
+
 class GatewaySettings(_Model):
     """The gateway process: listener, workers, admin and client-facing behaviour."""
 
@@ -237,6 +272,8 @@ class GatewaySettings(_Model):
     """Worker processes sharing the listener; 0 or ``auto`` means one per CPU."""
     admin: AdminSettings = Field(default_factory=AdminSettings)
     """The admin listener."""
+    registry: RegistrySettings = Field(default_factory=RegistrySettings)
+    """The service registry (on the admin listener)."""
     access_log: AccessLogSettings = Field(default_factory=AccessLogSettings)
     """The access log."""
     limits: LimitsSettings = Field(default_factory=LimitsSettings)
@@ -500,10 +537,14 @@ class EndpointSettings(_Model):
 
 
 class UpstreamSettings(_Model):
-    """A named group of endpoints that serve the same thing."""
+    """A named group of endpoints that serve the same thing: listed here, or the
+    instances of a service in the registry."""
 
-    endpoints: tuple[EndpointSettings, ...] = Field(min_length=1)
+    endpoints: tuple[EndpointSettings, ...] = ()
     """The endpoints, as ``"host:port"`` or ``{address: "host:port", weight: 2}``."""
+    service: Name | None = None
+    """Take the endpoints from the registry: the instances registered under this
+    service name, updated as they come and go (instead of ``endpoints``)."""
     balancer: Literal["least_request", "round_robin", "weighted_round_robin", "hash", "sticky"] = (
         "least_request"
     )
@@ -530,6 +571,20 @@ class UpstreamSettings(_Model):
     """Connect, read and total timeouts; a route may override them."""
     tls: UpstreamTlsSettings | None = None
     """Connect to the endpoints over TLS."""
+
+    @model_validator(mode="after")
+    def _endpoints_or_service(self) -> UpstreamSettings:
+        if self.service is not None and self.endpoints:
+            raise ValueError(
+                "give endpoints or service, not both: a service's endpoints come from "
+                "the registry"
+            )
+        if self.service is None and not self.endpoints:
+            raise ValueError(
+                "an upstream needs endpoints (a list of host:port) or a service "
+                "(a name in the registry)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _balancer_settings(self) -> UpstreamSettings:
@@ -802,7 +857,7 @@ class RateLimitSettings(_Model):
     @field_validator("redis")
     @classmethod
     def _url(cls, value: str | None) -> str | None:
-        if value is not None and not value.startswith(("redis://", "unix://")):
+        if value is not None and not value.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError(f"{value!r} is not a Redis URL; write redis://host:port/db")
         return value
 
@@ -1079,6 +1134,10 @@ class RouteSettings(_Model):
     """What a request must look like for this route to take it."""
     upstream: Name
     """The name of the upstream that serves this route."""
+    service: Name | None = None
+    """Instead of ``upstream``: the service in the registry that serves this route.
+    It uses the upstream of that name, which need not be configured (it then has
+    default settings and ``service`` endpoints)."""
     strip_prefix: bool = False
     """Remove the matched ``path_prefix`` before forwarding (``/api/users/1`` -> ``/1``)."""
     rewrite: str | None = None
@@ -1108,6 +1167,18 @@ class RouteSettings(_Model):
     """Rate limiting."""
     headers: HeaderPolicySettings | None = None
     """Request and response header changes."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _service_is_an_upstream(cls, value: object) -> object:
+        if isinstance(value, dict) and value.get("service") is not None:
+            if value.get("upstream") is not None:
+                raise ValueError(
+                    "give upstream or service, not both (a service route uses the "
+                    "upstream of the same name)"
+                )
+            return {**value, "upstream": value["service"]}
+        return value
 
     @field_validator("host_rewrite")
     @classmethod
@@ -1164,7 +1235,11 @@ class RouteSettings(_Model):
 
 
 class Config(_Model):
-    """A whole gateway configuration file."""
+    """A whole gateway configuration file.
+
+    Routes that name a ``service`` get the upstream of that name, added with
+    default settings when the file has none (what ``GET /config`` shows).
+    """
 
     gateway: GatewaySettings = Field(default_factory=GatewaySettings)
     """The gateway process."""
@@ -1174,6 +1249,18 @@ class Config(_Model):
     """API consumers by name, with their hashed keys."""
     routes: tuple[RouteSettings, ...] = ()
     """Routes; see the routing docs for the order in which they are tried."""
+
+    @model_validator(mode="after")
+    def _service_upstreams(self) -> Config:
+        missing = {
+            r.service: UpstreamSettings(service=r.service)
+            for r in self.routes
+            if r.service is not None and r.service not in self.upstreams
+        }
+        if missing:
+            # Frozen, but still being built: the implicit upstreams join the others.
+            object.__setattr__(self, "upstreams", {**self.upstreams, **missing})
+        return self
 
     @classmethod
     def from_dict(cls, data: Any) -> Config:

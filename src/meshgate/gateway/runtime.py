@@ -8,6 +8,7 @@ keeps the runtime it started with.
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Mapping, Sequence
 from functools import lru_cache
 from typing import TypeVar
 
@@ -22,7 +23,7 @@ from meshgate.gateway import http
 from meshgate.gateway.filters import Chain, build_chain
 from meshgate.gateway.metrics import RouteStats, WorkerMetrics
 from meshgate.gateway.router import RouteMatch, Router
-from meshgate.gateway.upstream.pool import Endpoint, Notify, Upstream
+from meshgate.gateway.upstream.pool import Endpoint, Notify, Upstream, endpoint_label
 
 __all__ = ["CompiledRoute", "Runtime"]
 
@@ -67,14 +68,23 @@ class RetryPolicy:
         self.idempotency_key = settings.idempotency_key
 
 
+EndpointSpec = tuple[str, int, int]
+"""(host, port, weight) of an endpoint."""
+
+
 def _upstream(
-    name: str, settings: UpstreamSettings, notify: Notify | None, previous: Runtime | None
+    name: str,
+    settings: UpstreamSettings,
+    notify: Notify | None,
+    previous: Runtime | None,
+    dynamic: Mapping[str, Sequence[EndpointSpec]],
 ) -> Upstream:
     """An upstream for a new configuration, keeping what a reload should keep.
 
     An upstream whose settings did not change is the same object: its pools, health
     and balancer state carry on. A changed one keeps the endpoints it still has, with
-    their pooled connections, load and health; new endpoints start fresh.
+    their pooled connections, load and health; new endpoints start fresh. A service
+    upstream's endpoints are the service's current instances (``dynamic``).
     """
     old = previous.upstreams.get(name) if previous is not None else None
     if old is not None and old.settings == settings:
@@ -84,15 +94,17 @@ def _upstream(
     # must not serve the new ones: with a TLS change every endpoint starts afresh.
     same_tls = old is not None and old.settings.tls == settings.tls
     kept = {e.label: e for e in old.endpoints} if old is not None and same_tls else {}
+    if settings.service is not None:
+        specs = list(dynamic.get(name, ()))
+    else:
+        specs = [(e.address.host, e.address.port, e.weight) for e in settings.endpoints]
     endpoints = []
-    for endpoint_settings in settings.endpoints:
-        address = endpoint_settings.address
-        label = f"[{address.host}]:{address.port}" if ":" in address.host else str(address)
-        endpoint = kept.get(label)
+    for host, port, weight in specs:
+        endpoint = kept.get(endpoint_label(host, port))
         if endpoint is None:
-            endpoint = Endpoint(address.host, address.port, endpoint_settings.weight)
+            endpoint = Endpoint(host, port, weight)
         else:
-            endpoint.weight = endpoint_settings.weight
+            endpoint.weight = weight
         endpoints.append(endpoint)
     return Upstream(name, settings, endpoints, notify=notify)
 
@@ -150,14 +162,16 @@ class Runtime:
         config: Config,
         metrics: WorkerMetrics,
         scheme: str = "http",
+        *,
         notify: Notify | None = None,
         previous: Runtime | None = None,
+        dynamic: Mapping[str, Sequence[EndpointSpec]] | None = None,
     ) -> None:
         gw = config.gateway
         self.config = config
         self.scheme = scheme.encode()
         self.upstreams: dict[str, Upstream] = {
-            name: _upstream(name, settings, notify, previous)
+            name: _upstream(name, settings, notify, previous, dynamic or {})
             for name, settings in config.upstreams.items()
         }
         matches = []

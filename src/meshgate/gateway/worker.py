@@ -18,7 +18,7 @@ import logging
 import os
 import signal
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -29,7 +29,7 @@ from meshgate.gateway.accesslog import AccessLog
 from meshgate.gateway.clock import CLOCK
 from meshgate.gateway.metrics import WorkerMetrics
 from meshgate.gateway.redirect import RedirectProtocol
-from meshgate.gateway.runtime import Runtime
+from meshgate.gateway.runtime import EndpointSpec, Runtime
 from meshgate.gateway.server import ClientConnection, Exchange
 from meshgate.gateway.tls import TlsTerminator
 from meshgate.gateway.upstream.pool import Endpoint
@@ -72,6 +72,9 @@ class Worker:
         self.events: Callable[[tuple[Any, ...]], None] | None = None
         tls = config.gateway.tls
         self.tls = TlsTerminator(tls) if tls is not None else None
+        # The endpoints of service upstreams (the registry's instances), by upstream,
+        # as the supervisor last sent them: they outlive reloads.
+        self.dynamic: dict[str, tuple[EndpointSpec, ...]] = {}
         self.runtime = Runtime(config, self.metrics, self._scheme, notify=self._notify)
         self.connections: set[ClientConnection] = set()
         self.inflight: set[Exchange] = set()
@@ -196,7 +199,12 @@ class Worker:
         if self.tls is not None and tls is not None:
             self.tls.update(tls)  # raises before anything changed if a file is bad
         self.runtime = Runtime(
-            config, self.metrics, self._scheme, notify=self._notify, previous=old
+            config,
+            self.metrics,
+            self._scheme,
+            notify=self._notify,
+            previous=old,
+            dynamic=self.dynamic,
         )
         self.reloads += 1
         live = self.runtime.endpoints()
@@ -209,6 +217,18 @@ class Worker:
             if self.access_log is not None:
                 self.access_log.close()
             self.access_log = AccessLog(settings.path, self.index) if settings.enabled else None
+
+    def set_endpoints(self, upstream: str, specs: Sequence[EndpointSpec]) -> None:
+        """The instances of a service upstream changed: serve from ``specs`` now.
+        Requests in flight on an instance that went finish there."""
+        self.dynamic[upstream] = tuple(specs)
+        target = self.runtime.upstreams.get(upstream)
+        if target is None or target.settings.service is None:
+            return
+        gone = target.set_endpoints(specs)
+        if gone:
+            self._orphans.update(gone)
+            self._close_orphans()
 
     def _close_orphans(self) -> None:
         for endpoint in list(self._orphans):
@@ -373,6 +393,8 @@ async def _worker_async(  # noqa: PLR0917 - private, called once, positionally
             spawn_drain()
         elif kind == "endpoint":
             worker.set_endpoint_state(*message[1:5])
+        elif kind == "endpoints":
+            worker.set_endpoints(message[1], message[2])
         elif kind == "upstreams":
             control.send(("reply", message[1], worker.upstream_stats()))
 

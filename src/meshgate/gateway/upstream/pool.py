@@ -33,6 +33,11 @@ if TYPE_CHECKING:
 
 __all__ = ["Endpoint", "Notify", "Upstream", "UpstreamConnection"]
 
+def endpoint_label(host: str, port: int) -> str:
+    """``host:port`` (``[v6]:port`` for an IPv6 address): how endpoints are named."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 Notify = Callable[[str, str, str, float], None]
 """(event, upstream, endpoint label, value): e.g. ("ejected", "users", "10.0.0.5:80", until)."""
 
@@ -78,7 +83,7 @@ class Endpoint:
         self.host = host
         self.port = port
         self.weight = weight
-        self.label = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        self.label = endpoint_label(host, port)
         self.address = (host, port)
         self.host_line = b"Host: " + self.label.encode() + b"\r\n"
         self.idle: list[UpstreamConnection] = []
@@ -384,6 +389,44 @@ class Upstream:
         """An endpoint's availability changed: rebuild the candidates balancers see."""
         self.available = tuple(e for e in self.endpoints if e.available)
 
+    def unavailable(self) -> str:
+        """Why no endpoint can take a request (the detail of a 503)."""
+        service = self.settings.service
+        if service is not None and not self.endpoints:
+            return f"no instance of service {service!r} is registered"
+        return f"no endpoint of upstream {self.name!r} is available"
+
+    def set_endpoints(self, specs: Sequence[tuple[str, int, int]]) -> list[Endpoint]:
+        """Serve from the endpoints ``specs`` ((host, port, weight) each) from now on,
+        keeping those that stay with their pools, load and health; return those that
+        went, whose requests in flight finish (their connections close after)."""
+        current = {e.label: e for e in self.endpoints}
+        endpoints = []
+        for host, port, weight in specs:
+            endpoint = current.pop(endpoint_label(host, port), None)
+            if endpoint is None:
+                endpoint = Endpoint(host, port, weight)
+            endpoint.weight = weight
+            endpoint.upstream = self
+            endpoints.append(endpoint)
+        self.endpoints = tuple(endpoints)
+        settings = self.settings
+        self.balancer = BALANCERS[settings.balancer](settings, self.endpoints)
+        self.single = self.endpoints[0] if len(self.endpoints) == 1 else None
+        passive = settings.health.passive
+        self.outlier = (
+            OutlierDetector(passive, self.endpoints, self.health_changed)
+            if passive is not None and len(self.endpoints) > 1
+            else None
+        )
+        self.health_changed()
+        gone = list(current.values())
+        for endpoint in gone:
+            # Out of rotation; an exchange retrying on this upstream skips it too.
+            endpoint.drained = True
+            endpoint.refresh()
+        return gone
+
     def failed(self, endpoint: Endpoint, now: float) -> None:
         """An exchange with ``endpoint`` failed (connection, timeout or 5xx)."""
         endpoint.failures += 1
@@ -413,11 +456,7 @@ class Upstream:
                 candidates = tuple(e for e in candidates if e not in tried) or candidates
             endpoint = self.balancer.pick(ex, candidates)
         if endpoint is None:
-            ex.fail(
-                503,
-                "no_endpoint",
-                f"no endpoint of upstream {self.name!r} is available",
-            )
+            ex.fail(503, "no_endpoint", self.unavailable())
             return
         idle = endpoint.idle
         while idle:
@@ -515,7 +554,7 @@ class Upstream:
                 candidates = tuple(e for e in candidates if e not in ex.tried) or candidates
             endpoint = self.balancer.pick(ex, candidates)
             if endpoint is None:
-                ex.fail(503, "no_endpoint", f"no endpoint of upstream {self.name!r} is available")
+                ex.fail(503, "no_endpoint", self.unavailable())
                 continue
             self.connect(endpoint, ex)
 
