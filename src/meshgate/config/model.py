@@ -576,8 +576,7 @@ class UpstreamSettings(_Model):
     def _endpoints_or_service(self) -> UpstreamSettings:
         if self.service is not None and self.endpoints:
             raise ValueError(
-                "give endpoints or service, not both: a service's endpoints come from "
-                "the registry"
+                "give endpoints or service, not both: a service's endpoints come from the registry"
             )
         if self.service is None and not self.endpoints:
             raise ValueError(

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Endpoint", "Notify", "Upstream", "UpstreamConnection"]
 
+
 def endpoint_label(host: str, port: int) -> str:
     """``host:port`` (``[v6]:port`` for an IPv6 address): how endpoints are named."""
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
