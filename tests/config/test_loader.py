@@ -1016,3 +1016,37 @@ def test_a_service_route_uses_the_configured_upstream_of_that_name() -> None:
 def test_bad_service_settings(text: str, path: str, fragment: str) -> None:
     issues = _issues(text)
     assert any(i.path == path and fragment in i.message for i in issues), issues
+
+
+@pytest.mark.parametrize(
+    ("rules", "fragment"),
+    [
+        ("{request: {add: {Host: evil.example}}}", "request rules cannot change Host"),
+        ("{request: {rename: {X-Target: host}}}", "request rules cannot change Host"),
+        ("{request: {remove: [Content-Length]}}", "frames the message"),
+        ("{response: {rename: {X-Len: Transfer-Encoding}}}", "frames the message"),
+    ],
+)
+def test_header_rules_cannot_touch_framing_or_host(rules: str, fragment: str) -> None:
+    doc = (
+        "upstreams: {up: {endpoints: ['127.0.0.1:9']}}\n"
+        f"routes:\n  - {{name: r, upstream: up, headers: {rules}}}\n"
+    )
+    with pytest.raises(ConfigError) as err:
+        loads(doc)
+    assert "routes[0].headers" in str(err.value)
+    assert fragment in str(err.value)
+
+
+def test_unreadable_redis_tls_files_are_a_config_error() -> None:
+    from meshgate.gateway.runtime import compile_config
+
+    doc = (
+        "upstreams: {up: {endpoints: ['127.0.0.1:9']}}\n"
+        "routes:\n  - {name: r, upstream: up, rate_limit: {rate: 5/s, "
+        "redis: 'rediss://127.0.0.1:6379/0?ssl_ca_certs=/nonexistent/ca.pem'}}\n"
+    )
+    with pytest.raises(ConfigError) as err:
+        compile_config(loads(doc))
+    assert "routes[0].rate_limit.redis" in str(err.value)
+    assert "No such file or directory" in str(err.value)

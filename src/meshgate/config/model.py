@@ -930,7 +930,8 @@ class HeaderPolicySettings(_Model):
     @model_validator(mode="after")
     def _host(self) -> HeaderPolicySettings:
         rules = self.request
-        if any(n.lower() == "host" for n in (*rules.add, *rules.remove, *rules.rename)):
+        touched = (*rules.add, *rules.remove, *rules.rename, *rules.rename.values())
+        if any(n.lower() == "host" for n in touched):
             raise ValueError(
                 "request rules cannot change Host; use the route's host_rewrite "
                 "or preserve_host instead"

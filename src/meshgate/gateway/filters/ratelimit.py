@@ -32,6 +32,7 @@ from functools import partial
 from typing import TYPE_CHECKING
 
 from meshgate.config.model import Config, RateLimitSettings
+from meshgate.errors import ConfigError, ConfigIssue
 from meshgate.gateway.filters import Verdict, reply
 from meshgate.gateway.filters.ip import client_address
 from meshgate.gateway.resp import FollowUp, RedisError, RespClient
@@ -135,7 +136,21 @@ class RateLimitFilter:
             )
             self._args_frame = args
             self._script_loaded = False
-            self._client = _client(settings.redis)
+            try:
+                self._client = _client(settings.redis)
+            except (ValueError, OSError) as exc:
+                index = next(i for i, r in enumerate(config.routes) if r.name == route)
+                reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+                raise ConfigError(
+                    [
+                        ConfigIssue(
+                            f"routes[{index}].rate_limit.redis",
+                            f"the Redis URL's TLS settings are unusable: {reason}; "
+                            "check the files its ssl_ca_certs, ssl_certfile and "
+                            "ssl_keyfile name",
+                        )
+                    ]
+                ) from None
 
     # -- keys
 
