@@ -109,6 +109,14 @@ def gateway(
         )
         if token is not None and token.path is not None:
             err.print(f"admin token in {token.path}", highlight=False)
+        if supervisor.registry is not None:
+            where = supervisor.registry_token
+            err.print(
+                f"registry on {admin_scheme}://{gw.admin.listen.host}:{supervisor.admin_port}"
+                "/v1/registry"
+                + (f"; token in {where.path}" if where is not None and where.path else ""),
+                highlight=False,
+            )
         await supervisor.serve()
 
     try:

@@ -14,18 +14,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
-from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from pydantic import SecretStr
 
 from meshgate.config.loader import loads
 from meshgate.config.model import AdminSettings
 from meshgate.errors import ConfigError
 from meshgate.gateway.metrics import GatewayCollector
+from meshgate.registry.api import create_router
 
 if TYPE_CHECKING:
     from meshgate.gateway.supervisor import Supervisor
+    from meshgate.registry.store import Registry
 
 __all__ = ["AdminToken", "create_admin_app"]
 
@@ -56,11 +59,15 @@ class AdminToken:
     @classmethod
     def resolve(cls, admin: AdminSettings, admin_port: int) -> AdminToken:
         """The configured token, else the one in the token file, else a new one saved there."""
-        if admin.token is not None:
-            return cls(admin.token.get_secret_value(), None, generated=False)
-        path = Path(
-            admin.token_file or Path.home() / ".meshgate" / f"admin-{admin_port}.token"
-        ).expanduser()
+        return cls.of(admin.token, admin.token_file, f"admin-{admin_port}.token")
+
+    @classmethod
+    def of(cls, token: SecretStr | None, token_file: str | None, default_name: str) -> AdminToken:
+        """``token``, else the one in ``token_file`` (default ``~/.meshgate/<default_name>``),
+        else a new one saved there (mode 0600)."""
+        if token is not None:
+            return cls(token.get_secret_value(), None, generated=False)
+        path = Path(token_file or Path.home() / ".meshgate" / default_name).expanduser()
         try:
             existing = path.read_text(encoding="utf-8").strip()
         except FileNotFoundError:
@@ -87,14 +94,24 @@ async def _body_text(request: Request) -> str:
         raise HTTPException(400, "the configuration must be UTF-8 YAML or JSON") from None
 
 
-def create_admin_app(supervisor: Supervisor, token: AdminToken) -> FastAPI:
-    """The admin API for ``supervisor``, requiring ``token``."""
+def _bearer(request: Request) -> bytes:
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    return given.strip().encode() if scheme.lower() == "bearer" else b""
+
+
+def create_admin_app(
+    supervisor: Supervisor,
+    token: AdminToken,
+    *,
+    registry: Registry | None = None,
+    registry_token: AdminToken | None = None,
+) -> FastAPI:
+    """The admin API for ``supervisor``, requiring ``token``; with ``registry``, also
+    the registry API (``/v1/registry``), which takes ``registry_token`` as well."""
     expected = token.value.encode()
 
     def authorized(request: Request) -> None:
-        header = request.headers.get("authorization", "")
-        scheme, _, given = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), expected):
+        if not hmac.compare_digest(_bearer(request), expected):
             raise HTTPException(
                 status_code=401,
                 detail="missing or wrong admin token; send 'Authorization: Bearer <token>' "
@@ -103,31 +120,27 @@ def create_admin_app(supervisor: Supervisor, token: AdminToken) -> FastAPI:
             )
 
     app = FastAPI(
-        title="meshgate admin",
-        version="1",
-        dependencies=[Depends(authorized)],
-        docs_url=None,
-        redoc_url=None,
-        openapi_url=None,
+        title="meshgate admin", version="1", docs_url=None, redoc_url=None, openapi_url=None
     )
+    admin = APIRouter(dependencies=[Depends(authorized)])
 
-    @app.get("/status")
+    @admin.get("/status")
     async def status() -> dict[str, Any]:
         return supervisor.status()
 
-    @app.get("/metrics")
+    @admin.get("/metrics")
     async def metrics() -> PlainTextResponse:
         data = await supervisor.metrics()
         registry = CollectorRegistry(auto_describe=False)
         registry.register(GatewayCollector(lambda: data))
         return PlainTextResponse(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/config")
+    @admin.get("/config")
     async def config() -> dict[str, Any]:
         shown: dict[str, Any] = redact(supervisor.config.model_dump(mode="json"))
         return shown
 
-    @app.post("/config/validate")
+    @admin.post("/config/validate")
     async def validate(text: Annotated[str, Depends(_body_text)]) -> JSONResponse:
         try:
             loads(text, "request body")
@@ -138,17 +151,17 @@ def create_admin_app(supervisor: Supervisor, token: AdminToken) -> FastAPI:
             )
         return JSONResponse({"ok": True})
 
-    @app.post("/config")
+    @admin.post("/config")
     async def apply(text: Annotated[str, Depends(_body_text)]) -> JSONResponse:
         result = await supervisor.apply(text)
         return JSONResponse(result, status_code=200 if result["ok"] else 400)
 
-    @app.post("/reload")
+    @admin.post("/reload")
     async def reload() -> JSONResponse:
         result = await supervisor.reload_file()
         return JSONResponse(result, status_code=200 if result["ok"] else 400)
 
-    @app.get("/upstreams")
+    @admin.get("/upstreams")
     async def upstreams() -> dict[str, Any]:
         return await supervisor.upstreams()
 
@@ -172,14 +185,33 @@ def create_admin_app(supervisor: Supervisor, token: AdminToken) -> FastAPI:
             {"ok": True, "upstream": upstream, "endpoint": endpoint, "drained": drained}
         )
 
-    @app.post("/upstreams/{upstream}/endpoints/{endpoint}/drain")
+    @admin.post("/upstreams/{upstream}/endpoints/{endpoint}/drain")
     async def drain(upstream: str, endpoint: str) -> JSONResponse:
         """Take an endpoint out of rotation; requests in flight on it finish."""
         return _endpoint_change(upstream, endpoint, True)
 
-    @app.post("/upstreams/{upstream}/endpoints/{endpoint}/enable")
+    @admin.post("/upstreams/{upstream}/endpoints/{endpoint}/enable")
     async def enable(upstream: str, endpoint: str) -> JSONResponse:
         """Put a drained endpoint back into rotation."""
         return _endpoint_change(upstream, endpoint, False)
 
+    app.include_router(admin)
+    if registry is not None:
+        service_token = registry_token.value.encode() if registry_token is not None else expected
+
+        def registry_authorized(request: Request) -> None:
+            given = _bearer(request)
+            # Both comparisons always run: the time taken tells nothing.
+            admin_ok = hmac.compare_digest(given, expected)
+            service_ok = hmac.compare_digest(given, service_token)
+            if not (admin_ok or service_ok):
+                raise HTTPException(
+                    status_code=401,
+                    detail="missing or wrong registry token; send 'Authorization: Bearer "
+                    "<token>' with the token from the registry token file "
+                    "(MESHGATE_REGISTRY_TOKEN for services)",
+                    headers={"WWW-Authenticate": 'Bearer realm="meshgate-registry"'},
+                )
+
+        app.include_router(create_router(registry, registry_authorized))
     return app

@@ -6,6 +6,10 @@ connection on it), starts one worker process per CPU (or as configured), each
 with its own SO_REUSEPORT listener on that port, restarts a worker that dies with
 exponential backoff, merges the workers' metrics for the admin listener, and on
 SIGTERM or SIGINT tells every worker to drain before it exits itself.
+
+It also hosts the service registry (``/v1/registry`` on the admin listener) and
+follows it: the instances of a service become the endpoints of every upstream
+that names the service, pushed to the workers as they change.
 """
 
 from __future__ import annotations
@@ -23,21 +27,26 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from meshgate.config.loader import loads
 from meshgate.config.model import Address, Config
-from meshgate.errors import ConfigError, SupervisorError
+from meshgate.errors import ConfigError, MeshgateError, SupervisorError
 from meshgate.gateway.admin import AdminToken, create_admin_app
 from meshgate.gateway.metrics import merge_snapshots
-from meshgate.gateway.runtime import compile_config
+from meshgate.gateway.runtime import EndpointSpec, compile_config
 from meshgate.gateway.tls import admin_context
+from meshgate.gateway.upstream.pool import endpoint_label
 from meshgate.gateway.upstream.probe import Prober
 from meshgate.gateway.upstream.shared import SharedHealth
 from meshgate.gateway.worker import listen_socket, worker_main
+
+if TYPE_CHECKING:
+    from meshgate.registry.model import Instance
+    from meshgate.registry.store import Registry
 
 __all__ = ["Supervisor"]
 
@@ -68,6 +77,8 @@ def _restart_only_changes(old: Config, new: Config) -> list[str]:
         changed.append("gateway.workers")
     if old.gateway.admin != new.gateway.admin:
         changed.append("gateway.admin")
+    if old.gateway.registry != new.gateway.registry:
+        changed.append("gateway.registry")
     old_tls, new_tls = old.gateway.tls, new.gateway.tls
     if (old_tls is None) != (new_tls is None):
         changed.append("gateway.tls")
@@ -134,6 +145,13 @@ class Supervisor:
         self._admin: _EmbeddedServer | None = None
         self._admin_task: asyncio.Task[None] | None = None
         self.token: AdminToken | None = None
+        self.registry: Registry | None = None
+        self.registry_token: AdminToken | None = None
+        # The registry's instances by service, and what each service upstream was
+        # last given (sorted (host, port, weight)), as the workers know it.
+        self._instances: dict[str, list[Instance]] = {}
+        self._dynamic: dict[str, tuple[EndpointSpec, ...]] = {}
+        self._follow: asyncio.Task[None] | None = None
 
     # -- lifecycle
 
@@ -180,6 +198,8 @@ class Supervisor:
         self._started = True
         self._configure_health()
         self._watch = loop.create_task(self._watch_file())
+        if self.registry is not None:
+            self._follow = loop.create_task(self._follow_registry())
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
         loop.add_signal_handler(signal.SIGHUP, lambda: self._background(self.reload_file()))
@@ -225,6 +245,8 @@ class Supervisor:
             loop.remove_signal_handler(sig)
         if self._watch is not None:
             self._watch.cancel()
+        if self._follow is not None:
+            self._follow.cancel()
         self.prober.stop()
         await self.shared.stop()
         for slot in self._slots:
@@ -246,6 +268,8 @@ class Supervisor:
             if self._admin_task is not None:
                 with contextlib.suppress(asyncio.CancelledError):
                     await self._admin_task
+        if self.registry is not None:
+            await self.registry.close()
         self._reservation.close()
         if self._redirect is not None:
             self._redirect.close()
@@ -450,9 +474,11 @@ class Supervisor:
         if restart:
             log.warning("changes to %s take effect when the gateway restarts", ", ".join(restart))
         self.restart_pending = sorted(set(self.restart_pending) | set(restart))
+        self._dynamic = {k: v for k, v in self._dynamic.items() if k in self._service_upstreams()}
         self._configure_health()
         for slot in self._slots:
             self._sync(slot)
+        self._apply_instances()
         return {"ok": True, "reloads": self.reloads, "restart_required": restart}
 
     def _reload_failed(self, error: str) -> dict[str, Any]:
@@ -471,6 +497,7 @@ class Supervisor:
             "last_reload": self.last_reload,
             "last_reload_error": self.last_reload_error,
             "restart_required": self.restart_pending,
+            "registry": self._registry_status(),
             "workers": [
                 {
                     "index": s.index,
@@ -491,15 +518,20 @@ class Supervisor:
         task.add_done_callback(self._tasks.discard)
 
     def _configure_health(self) -> None:
-        self.prober.configure(self.config)
+        self.prober.configure(self.config, self._dynamic)
         self.shared.configure(self.config)
         # Forget state about endpoints the configuration no longer has.
-        known = {
-            (name, str(e.address))
-            for name, up in self.config.upstreams.items()
-            for e in up.endpoints
-        }
+        known = {(name, label) for name in self.config.upstreams for label in self._labels(name)}
         self._flags = {k: v for k, v in self._flags.items() if k in known}
+
+    def _labels(self, upstream: str) -> list[str]:
+        """The endpoints of ``upstream`` now: configured, or its service's instances."""
+        settings = self.config.upstreams.get(upstream)
+        if settings is None:
+            return []
+        if settings.service is not None:
+            return [endpoint_label(host, port) for host, port, _ in self._dynamic.get(upstream, ())]
+        return [str(e.address) for e in settings.endpoints]
 
     def _set_flag(self, upstream: str, label: str, field: str, value: Any, skip: int = -1) -> None:
         self._flags.setdefault((upstream, label), {})[field] = value
@@ -508,7 +540,10 @@ class Supervisor:
                 self._send(slot, ("endpoint", upstream, label, field, value))
 
     def _sync(self, slot: _WorkerSlot) -> None:
-        """Send a (new or restarted, or reloaded) worker every endpoint flag."""
+        """Send a (new or restarted, or reloaded) worker every service's instances
+        and every endpoint flag."""
+        for upstream, specs in self._dynamic.items():
+            self._send(slot, ("endpoints", upstream, specs))
         now = time.monotonic()
         for (upstream, label), flags in self._flags.items():
             for name, value in flags.items():
@@ -531,8 +566,7 @@ class Supervisor:
 
     def endpoint_exists(self, upstream: str, label: str) -> bool:
         """Whether the configuration has ``label`` in ``upstream``."""
-        up = self.config.upstreams.get(upstream)
-        return up is not None and any(str(e.address) == label for e in up.endpoints)
+        return label in self._labels(upstream)
 
     def set_drained(self, upstream: str, label: str, drained: bool) -> None:
         """Take ``label`` out of rotation (in-flight requests finish) or put it back.
@@ -552,8 +586,7 @@ class Supervisor:
         out: dict[str, Any] = {}
         for name, settings in self.config.upstreams.items():
             endpoints = {}
-            for endpoint in settings.endpoints:
-                label = str(endpoint.address)
+            for label in self._labels(name):
                 flags = self._flags.get((name, label), {})
                 probe = probes.get((name, label))
                 per_worker = [r[name]["endpoints"].get(label, {}) for r in replies if name in r]
@@ -571,6 +604,7 @@ class Supervisor:
                 }
             out[name] = {
                 "balancer": settings.balancer,
+                **({"service": settings.service} if settings.service is not None else {}),
                 "circuit": sorted({r[name]["circuit"] for r in replies if name in r} - {None}),
                 "endpoints": endpoints,
             }
@@ -620,6 +654,89 @@ class Supervisor:
         restarts.add_metric([], sum(s.restarts for s in self._slots))
         return [reloads, failed, last, ok, restarts]
 
+    # -- registry
+
+    async def _start_registry(self) -> None:
+        """The registry the admin listener serves, when the configuration enables it."""
+        settings = self.config.gateway.registry
+        if not settings.enabled:
+            return
+        from meshgate.registry.memory import MemoryRegistry  # noqa: PLC0415
+
+        registry: Registry
+        if settings.redis is not None:
+            try:
+                from meshgate.registry.redis import RedisRegistry  # noqa: PLC0415
+            except ImportError as exc:
+                raise SupervisorError(str(exc)) from None
+            registry = RedisRegistry(settings.redis, prefix=settings.key_prefix)
+        elif settings.persist:
+            default = Path.home() / ".meshgate" / f"registry-{self.admin_port}.sqlite"
+            registry = MemoryRegistry(settings.path or default)
+        else:
+            registry = MemoryRegistry()
+        try:
+            await registry.start()
+        except MeshgateError as exc:
+            raise SupervisorError(f"gateway.registry: {exc}") from None
+        self.registry = registry
+        self.registry_token = AdminToken.of(
+            settings.token, settings.token_file, f"registry-{self.admin_port}.token"
+        )
+
+    def _registry_status(self) -> dict[str, Any] | None:
+        if self.registry is None:
+            return None
+        return {
+            "services": {name: len(group) for name, group in sorted(self._instances.items())},
+            "token_file": None if self.registry_token is None else _path(self.registry_token),
+        }
+
+    def _service_upstreams(self) -> dict[str, str]:
+        """Upstream name -> the service whose instances it sends to."""
+        return {
+            name: up.service for name, up in self.config.upstreams.items() if up.service is not None
+        }
+
+    async def _follow_registry(self) -> None:
+        """Keep the service upstreams' endpoints equal to the registry's instances."""
+        assert self.registry is not None  # noqa: S101 - started only with a registry
+        async for snapshot in self.registry.changes():
+            self._instances = snapshot.by_service()
+            self._apply_instances()
+
+    def _apply_instances(self) -> None:
+        """Tell the workers of every service upstream whose instances changed."""
+        changed = False
+        for upstream, service in self._service_upstreams().items():
+            specs = tuple(
+                sorted((i.host, i.port, _weight(i)) for i in self._instances.get(service, ()))
+            )
+            if self._dynamic.get(upstream) == specs:
+                continue
+            old = {(h, p) for h, p, _ in self._dynamic.get(upstream, ())}
+            new = {(h, p) for h, p, _ in specs}
+            self._dynamic[upstream] = specs
+            changed = True
+            for host, port in sorted(new - old):
+                log.info(
+                    "upstream %s: instance %s of %s joined",
+                    upstream,
+                    endpoint_label(host, port),
+                    service,
+                )
+            for host, port in sorted(old - new):
+                log.info(
+                    "upstream %s: instance %s of %s left",
+                    upstream,
+                    endpoint_label(host, port),
+                    service,
+                )
+            for slot in self._slots:
+                self._send(slot, ("endpoints", upstream, specs))
+        if changed:
+            self._configure_health()
+
     # -- admin
 
     async def _start_admin(self) -> None:
@@ -634,7 +751,15 @@ class Supervisor:
             ) from None
         self.admin_port = sock.getsockname()[1]
         self.token = AdminToken.resolve(admin, self.admin_port)
-        app = create_admin_app(self, self.token)
+        try:
+            await self._start_registry()
+        except BaseException:
+            sock.close()
+            self._reservation.close()
+            raise
+        app = create_admin_app(
+            self, self.token, registry=self.registry, registry_token=self.registry_token
+        )
         context = None
         if admin.tls is not None:
             try:
@@ -653,3 +778,16 @@ class Supervisor:
         )
         self._admin = _EmbeddedServer(config)
         self._admin_task = asyncio.get_running_loop().create_task(self._admin.serve([sock]))
+
+
+def _weight(instance: Instance) -> int:
+    """The instance's ``weight`` metadata (1 to 1000; 1 when absent or unreadable)."""
+    text = instance.metadata.get("weight", "1")
+    try:
+        return min(max(int(text), 1), 1000)
+    except ValueError:
+        return 1
+
+
+def _path(token: AdminToken) -> str | None:
+    return None if token.path is None else str(token.path)

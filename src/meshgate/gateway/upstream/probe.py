@@ -16,11 +16,16 @@ import contextlib
 import logging
 import random
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from meshgate.config.model import ActiveHealthSettings, Config
 from meshgate.gateway.tls import upstream_context
+from meshgate.gateway.upstream.pool import endpoint_label
+
+if TYPE_CHECKING:
+    from meshgate.gateway.runtime import EndpointSpec
 
 __all__ = ["EndpointHealth", "Prober", "probe_once"]
 
@@ -107,8 +112,11 @@ class Prober:
         self._changed = changed
         self._targets: dict[tuple[str, str], _Target] = {}
 
-    def configure(self, config: Config) -> None:
-        """(Re)start probes for ``config``; endpoints that stay keep their state."""
+    def configure(
+        self, config: Config, dynamic: Mapping[str, Sequence[EndpointSpec]] | None = None
+    ) -> None:
+        """(Re)start probes for ``config``, whose service upstreams have the
+        endpoints in ``dynamic``; endpoints that stay keep their state."""
         wanted: dict[tuple[str, str], _Target] = {}
         for name, upstream in config.upstreams.items():
             active = upstream.health.active
@@ -117,14 +125,15 @@ class Prober:
             tls = upstream.tls
             context = upstream_context(tls, f"upstreams.{name}.tls") if tls is not None else None
             server_name = tls.server_name if tls is not None else None
-            for endpoint in upstream.endpoints:
-                address = endpoint.address
-                label = str(address)
+            if upstream.service is not None:
+                hosts = [(h, p) for h, p, _ in (dynamic or {}).get(name, ())]
+            else:
+                hosts = [(e.address.host, e.address.port) for e in upstream.endpoints]
+            for host, port in hosts:
+                label = endpoint_label(host, port)
                 key = (name, label)
                 old = self._targets.get(key)
-                target = _Target(
-                    name, address.host, address.port, label, active, context, server_name
-                )
+                target = _Target(name, host, port, label, active, context, server_name)
                 if old is not None:
                     target.state = old.state
                 wanted[key] = target
