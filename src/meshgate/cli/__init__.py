@@ -1,5 +1,10 @@
 """The ``meshgate`` command: thin commands over the library."""
 
+from meshgate.cli import serve as _serve  # noqa: F401 - mounts its commands on app
+from meshgate.cli import token as _token  # noqa: F401
+from meshgate.cli.db import app as _db_app
 from meshgate.cli.main import app, main
+
+app.add_typer(_db_app, name="db")
 
 __all__ = ["app", "main"]

@@ -1,0 +1,379 @@
+"""``ServiceClient``: calls from one service to another, done properly.
+
+``service.client("users")`` finds the instances of ``users`` in the registry (and
+keeps the list current by watching it), and for each call:
+
+- picks an instance by least request (power of two choices over in-flight requests
+  and a latency average), skipping instances that keep failing (ejected for a
+  while, never all of them);
+- bounds the call by its timeout and by the deadline of the request being handled,
+  and tells the callee how long the caller will wait (``X-Meshgate-Deadline-Ms``);
+- retries, on another instance, what is safe to retry: a connection that never
+  reached the callee, or an idempotent request (GET, HEAD, OPTIONS, PUT, DELETE, or
+  any with an ``Idempotency-Key``) that failed or got 502/503/504; within a retry
+  budget (20 % of calls plus a few a second), so that a failing service is not
+  flooded;
+- fails fast while the service's circuit breaker is open;
+- carries the request id, the W3C trace context, and a signed token naming the
+  calling service (see :mod:`meshgate.service.identity`).
+
+The balancing, outlier ejection, retry budget and breaker are the gateway's own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import random
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import httpx
+
+from meshgate.config.model import (
+    Address,
+    CircuitBreakerSettings,
+    PassiveHealthSettings,
+    RetryBudgetSettings,
+    UpstreamSettings,
+)
+from meshgate.errors import MeshgateError
+from meshgate.gateway.upstream.balancer import LeastRequest
+from meshgate.gateway.upstream.health import CircuitBreaker, OutlierDetector, RetryBudget
+from meshgate.gateway.upstream.pool import Endpoint
+from meshgate.service.context import (
+    DEADLINE_HEADER,
+    TraceContext,
+    current_deadline,
+    current_request_id,
+    current_trace,
+)
+from meshgate.service.identity import IDENTITY_HEADER, IdentitySigner
+
+__all__ = ["DeadlineExceededError", "ServiceClient", "ServiceUnavailableError"]
+
+log = logging.getLogger("meshgate.service.client")
+
+_IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
+_RETRY_STATUSES = frozenset({502, 503, 504})
+
+
+class ServiceUnavailableError(MeshgateError):
+    """No instance of the service could answer: none registered, the registry
+    unreachable with nothing cached, every try failed, or its circuit is open."""
+
+    status = 503
+
+
+class DeadlineExceededError(MeshgateError):
+    """The call's timeout or the current request's deadline passed."""
+
+    status = 504
+
+
+class ServiceClient:
+    """Calls one service; see the module documentation."""
+
+    def __init__(
+        self,
+        service: str,
+        *,
+        registry: str | None = None,
+        registry_token: str | None = None,
+        endpoints: Sequence[str] | None = None,
+        caller: str | None = None,
+        secret: str | None = None,
+        timeout: float = 5.0,
+        retries: int = 2,
+        retry_budget: float = 0.2,
+        retries_per_second: float = 5.0,
+        consecutive_failures: int = 3,
+        ejection: float = 5.0,
+        circuit_breaker: CircuitBreakerSettings | None = None,
+        discovery_timeout: float = 5.0,
+        max_connections: int = 100,
+    ) -> None:
+        """
+        Args:
+            service: the service to call.
+            registry: the registry URL to discover it in (``endpoints`` otherwise).
+            registry_token: the registry's bearer token.
+            endpoints: fixed ``host:port`` addresses instead of the registry.
+            caller: the calling service's name (for the identity token).
+            secret: the shared secret that signs identity tokens; none: no token.
+            timeout: the default timeout of a call, all tries included.
+            retries: tries after the first, at most.
+            retry_budget: retries allowed per call made (0.2: 20 %).
+            retries_per_second: retries always allowed per second.
+            consecutive_failures: failures in a row that eject an instance.
+            ejection: the first ejection's length; each repeat doubles it.
+            circuit_breaker: the service's breaker (default: opens at 50 % failures
+                of at least 20 calls in 10 s, for 10 s).
+            discovery_timeout: how long a first call waits for the registry.
+            max_connections: pooled connections to the service, at most.
+        """
+        if registry is None and endpoints is None:
+            raise MeshgateError(
+                f"a client for {service!r} needs the registry's URL (MESHGATE_REGISTRY_URL) "
+                "or fixed endpoints"
+            )
+        self.service = service
+        self.timeout = timeout
+        self.retries = retries
+        self.discovery_timeout = discovery_timeout
+        self._settings = UpstreamSettings(
+            service=service,
+            health={
+                "passive": PassiveHealthSettings(
+                    consecutive_failures=consecutive_failures,
+                    base_ejection=ejection,
+                    max_ejection=max(60.0, ejection),
+                )
+            },
+        )
+        self._balancer = LeastRequest(self._settings, ())
+        self._budget = RetryBudget(
+            RetryBudgetSettings(ratio=retry_budget, min_per_second=retries_per_second)
+        )
+        self._budget_tick = time.monotonic()
+        self._calls = 0
+        self.breaker = CircuitBreaker(circuit_breaker or CircuitBreakerSettings())
+        self._signer = (
+            IdentitySigner(caller, secret) if caller is not None and secret is not None else None
+        )
+        self._http = httpx.AsyncClient(
+            limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=32),
+            timeout=timeout,
+            follow_redirects=False,
+        )
+        self.instances: tuple[Endpoint, ...] = ()
+        self._outlier: OutlierDetector | None = None
+        self._known = asyncio.Event()
+        self._registry_url = registry
+        self._registry_token = registry_token
+        self._watcher: asyncio.Task[None] | None = None
+        self._registry: Any = None
+        self.retried = 0  # retries made, for tests and metrics
+        if endpoints is not None:
+            self.set_instances(endpoints)
+
+    # -- instances
+
+    def set_instances(self, addresses: Sequence[str]) -> None:
+        """Call these ``host:port`` addresses from now on (what the registry watch
+        does); instances that stay keep their load, latency and health."""
+        current = {e.label: e for e in self.instances}
+        instances = []
+        for text in addresses:
+            address = Address.model_validate(text)
+            endpoint = current.get(str(address)) or Endpoint(address.host, address.port)
+            instances.append(endpoint)
+        self.instances = tuple(instances)
+        self._outlier = (
+            OutlierDetector(self._settings.health.passive, self.instances, lambda: None)  # type: ignore[arg-type]
+            if len(self.instances) > 1
+            else None
+        )
+        self._known.set()
+
+    async def _watch(self) -> None:
+        from meshgate.registry.client import RegistryClient  # noqa: PLC0415
+
+        client = RegistryClient(self._registry_url or "", self._registry_token)
+        self._registry = client
+        try:
+            async for snapshot in client.watch(self.service):
+                self.set_instances([instance.address for instance in snapshot.instances])
+        finally:
+            await client.close()
+
+    async def _candidates(self, deadline: float) -> tuple[Endpoint, ...]:
+        if self._registry_url is not None and self._watcher is None:
+            self._watcher = asyncio.get_running_loop().create_task(self._watch())
+        if not self._known.is_set():
+            wait = min(self.discovery_timeout, deadline - time.monotonic())
+            try:
+                async with asyncio.timeout(max(wait, 0.0)):
+                    await self._known.wait()
+            except TimeoutError:
+                raise ServiceUnavailableError(
+                    f"cannot find {self.service!r}: the registry at {self._registry_url} did "
+                    f"not answer within {wait:.1f}s"
+                ) from None
+        now = time.monotonic()
+        if self._outlier is not None:
+            self._outlier.tick(now)
+        return tuple(e for e in self.instances if e.available)
+
+    # -- calls
+
+    async def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, Any] | None = None,
+        json: Any = None,
+        content: bytes | None = None,
+        headers: Mapping[str, str] | None = None,
+        timeout: float | None = None,
+        idempotent: bool | None = None,
+    ) -> httpx.Response:
+        """Call ``method path`` on an instance; the response, whatever its status.
+
+        Raises:
+            ServiceUnavailableError: no instance could answer (see the class).
+            DeadlineExceededError: the timeout or the request's deadline passed.
+        """
+        method = method.upper()
+        started = time.monotonic()
+        deadline = started + (timeout if timeout is not None else self.timeout)
+        inherited = current_deadline.get()
+        if inherited is not None and inherited < deadline:
+            deadline = inherited
+        if deadline <= started:
+            raise DeadlineExceededError(
+                f"no time left to call {self.service!r}: the request's deadline has passed"
+            )
+        out = dict(headers or {})
+        if idempotent is None:
+            idempotent = method in _IDEMPOTENT or any(k.lower() == "idempotency-key" for k in out)
+        request_id = current_request_id.get() or os.urandom(16).hex()
+        out.setdefault("X-Request-ID", request_id)
+        parent = current_trace.get()
+        if self._signer is not None:
+            out[IDENTITY_HEADER] = self._signer.token(self.service)
+        if not self.breaker.allow(started):
+            raise ServiceUnavailableError(
+                f"{self.service!r} is failing; its circuit breaker is open for another "
+                f"{self.breaker.retry_after(started)}s"
+            )
+        self._spend_credit()
+        tried: list[Endpoint] = []
+        failures: list[str] = []
+        answer: httpx.Response | None = None  # the last try's 5xx, returned if it is the last
+        attempt = 0
+        while True:
+            candidates = await self._candidates(deadline)
+            if not candidates:
+                if not self.instances:
+                    raise ServiceUnavailableError(f"no instance of {self.service!r} is registered")
+                raise ServiceUnavailableError(
+                    f"no instance of {self.service!r} is available (all ejected or draining)"
+                )
+            fresh = tuple(e for e in candidates if e not in tried) or candidates
+            instance = self._balancer.pick(None, fresh)  # type: ignore[arg-type]
+            assert instance is not None  # noqa: S101 - fresh is never empty
+            tried.append(instance)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                detail = "; ".join(failures) or "no try finished"
+                raise DeadlineExceededError(f"{self.service!r} did not answer in time: {detail}")
+            span = parent.child() if parent is not None else TraceContext.new()
+            out["traceparent"] = span.header()
+            out[DEADLINE_HEADER] = str(int(left * 1000))
+            url = f"http://{instance.label}{path}"
+            instance.inflight += 1
+            sent = time.monotonic()
+            retriable = False
+            if answer is not None:
+                await answer.aclose()
+                answer = None
+            try:
+                response = await self._http.request(
+                    method,
+                    url,
+                    params=params,
+                    json=json,
+                    content=content,
+                    headers=out,
+                    timeout=httpx.Timeout(left, connect=min(left, 2.0)),
+                )
+            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+                retriable = True  # it never reached the callee: safe for any method
+                failures.append(f"{instance.label}: cannot connect ({exc or type(exc).__name__})")
+            except httpx.TimeoutException:
+                retriable = idempotent
+                failures.append(f"{instance.label}: no answer within {left:.2f}s")
+            except httpx.TransportError as exc:
+                retriable = idempotent
+                failures.append(f"{instance.label}: {type(exc).__name__} ({exc})")
+            else:
+                elapsed = time.monotonic() - sent
+                if response.status_code < 500:
+                    instance.failures = 0
+                    ewma = instance.ewma
+                    instance.ewma = ewma + (elapsed - ewma) * 0.3 if ewma else elapsed
+                    self.breaker.record(True, time.monotonic())
+                    return response
+                retriable = idempotent and response.status_code in _RETRY_STATUSES
+                failures.append(f"{instance.label}: status {response.status_code}")
+                answer = response
+            finally:
+                instance.inflight -= 1
+            # A failure: health, breaker, then perhaps another try elsewhere.
+            now = time.monotonic()
+            instance.failures += 1
+            instance.last_failure = now
+            if self._outlier is not None:
+                self._outlier.failure(instance, now)
+            self.breaker.record(False, now)
+            if not retriable or attempt >= self.retries or not self._budget.try_spend():
+                break
+            attempt += 1
+            self.retried += 1
+            backoff = min(0.025 * 2 ** (attempt - 1), 0.25) * (0.5 + random.random())  # noqa: S311
+            if time.monotonic() + backoff >= deadline:
+                break
+            await asyncio.sleep(backoff)
+        if answer is not None:
+            return answer  # the callee's own 5xx, for the caller to read
+        if time.monotonic() >= deadline:
+            raise DeadlineExceededError(
+                f"{self.service!r} did not answer in time: " + "; ".join(failures)
+            )
+        raise ServiceUnavailableError(
+            f"{self.service!r} could not be reached: " + "; ".join(failures)
+        )
+
+    def _spend_credit(self) -> None:
+        """Credit the retry budget for this call (lazily, by elapsed time)."""
+        now = time.monotonic()
+        self._calls += 1
+        elapsed = now - self._budget_tick
+        if elapsed >= 0.1:
+            self._budget.tick(elapsed, self._calls)
+            self._budget_tick = now
+            self._calls = 0
+
+    async def get(self, path: str, **kwargs: Any) -> httpx.Response:
+        """``request("GET", path, ...)``."""
+        return await self.request("GET", path, **kwargs)
+
+    async def post(self, path: str, **kwargs: Any) -> httpx.Response:
+        """``request("POST", path, ...)``."""
+        return await self.request("POST", path, **kwargs)
+
+    async def put(self, path: str, **kwargs: Any) -> httpx.Response:
+        """``request("PUT", path, ...)``."""
+        return await self.request("PUT", path, **kwargs)
+
+    async def patch(self, path: str, **kwargs: Any) -> httpx.Response:
+        """``request("PATCH", path, ...)``."""
+        return await self.request("PATCH", path, **kwargs)
+
+    async def delete(self, path: str, **kwargs: Any) -> httpx.Response:
+        """``request("DELETE", path, ...)``."""
+        return await self.request("DELETE", path, **kwargs)
+
+    async def close(self) -> None:
+        """Stop watching the registry and close pooled connections."""
+        if self._watcher is not None:
+            self._watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._watcher
+            self._watcher = None
+        await self._http.aclose()

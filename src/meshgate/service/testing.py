@@ -1,0 +1,124 @@
+"""Test helpers for services built on the SDK.
+
+::
+
+    from meshgate.service.testing import capture_logs, in_process, serving, use_endpoints
+
+    async def test_get_user() -> None:
+        async with in_process(users.service) as client:      # no server, no registry
+            assert (await client.get("/users/1")).status_code == 404
+
+    async def test_web_calls_users() -> None:
+        fake = Service("users")                               # a fake dependency
+
+        @fake.app.get("/users/{user_id}")
+        async def get(user_id: int) -> dict[str, object]:
+            return {"id": user_id, "name": "Ada"}
+
+        async with serving(fake) as address:                  # real loopback HTTP
+            use_endpoints(web.service, "users", [address])
+            async with in_process(web.service) as client:
+                ...
+
+    def test_logs() -> None:
+        with capture_logs() as records:
+            ...
+        assert records[0]["request_id"] == ...
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import socket
+from collections.abc import AsyncIterator, Iterator, Sequence
+from typing import Any
+
+import httpx
+
+from meshgate.service.app import Service
+from meshgate.service.client import ServiceClient
+from meshgate.service.logs import JsonFormatter
+
+__all__ = ["capture_logs", "in_process", "serving", "use_endpoints"]
+
+
+@contextlib.asynccontextmanager
+async def in_process(service: Service, **client_options: Any) -> AsyncIterator[httpx.AsyncClient]:
+    """Run ``service`` inside the test (its startup and shutdown hooks included, no
+    socket, no registration) and give an HTTP client for it."""
+    transport = httpx.ASGITransport(app=service.app)
+    async with (
+        service.app.router.lifespan_context(service.app),
+        httpx.AsyncClient(
+            transport=transport, base_url=f"http://{service.name}", **client_options
+        ) as client,
+    ):
+        yield client
+
+
+@contextlib.asynccontextmanager
+async def serving(service: Service, host: str = "127.0.0.1") -> AsyncIterator[str]:
+    """Serve ``service`` on an ephemeral loopback port for the duration; gives its
+    ``host:port``. It registers when it has a registry URL; on exit it drains (as on
+    SIGTERM) and stops."""
+    sock = socket.create_server((host, 0), reuse_port=False)
+    server = service.server(sock)
+    task = asyncio.get_running_loop().create_task(server.serve([sock]))
+    try:
+        while not server.started:
+            if task.done():
+                task.result()  # raises what stopped it
+                raise RuntimeError(f"{service.name} stopped before it started")
+            await asyncio.sleep(0.01)
+        assert service.address is not None  # noqa: S101 - set by service.server()
+        yield service.address
+    finally:
+        server.should_exit = True
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        sock.close()
+
+
+def use_endpoints(service: Service, callee: str, endpoints: Sequence[str]) -> ServiceClient:
+    """Make ``service.client(callee)`` call these fixed ``host:port`` addresses (a
+    fake or a test instance) instead of looking ``callee`` up in the registry."""
+    client = ServiceClient(
+        callee, endpoints=list(endpoints), caller=service.name, secret=service.secret
+    )
+    old = service._clients.get(callee)
+    if old is not None:
+        service.on_shutdown(old.close)
+    service._clients[callee] = client
+    return client
+
+
+class _Collector(logging.Handler):
+    def __init__(self, formatter: JsonFormatter, into: list[dict[str, Any]]) -> None:
+        super().__init__(logging.DEBUG)
+        self.setFormatter(formatter)
+        self.into = into
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.into.append(json.loads(self.format(record)))
+
+
+@contextlib.contextmanager
+def capture_logs(
+    logger: str = "", level: int = logging.DEBUG, service: str = "test"
+) -> Iterator[list[dict[str, Any]]]:
+    """Collect the records of ``logger`` (default: all) as the JSON objects the
+    service would log: message, level, logger, request_id, trace_id, extras."""
+    records: list[dict[str, Any]] = []
+    handler = _Collector(JsonFormatter(service), records)
+    target = logging.getLogger(logger)
+    old_level = target.level
+    target.addHandler(handler)
+    target.setLevel(min(level, old_level) if old_level else level)
+    try:
+        yield records
+    finally:
+        target.removeHandler(handler)
+        target.setLevel(old_level)
