@@ -1,0 +1,1 @@
+"""The ``web`` service of the reference shop."""

@@ -1,0 +1,224 @@
+"""The shop's users service on each real engine: its migrations, CRUD with 422 and
+409, the cache-aside on real Redis, and outages of the database and of Redis
+mid-request (503 naming the dependency, then recovery without a restart)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+from examples.shop.users.app import MIGRATIONS, create_service
+
+from meshgate.data.migrations import upgrade
+from meshgate.service.testing import in_process
+from tests.data.conftest import service_url, tcp_proxy
+
+ENGINES = [
+    pytest.param("sqlite", id="sqlite"),
+    pytest.param("postgresql", id="postgresql", marks=pytest.mark.services),
+    pytest.param("mariadb", id="mariadb", marks=pytest.mark.services),
+]
+
+
+def _fresh_database(engine: str, tmp_path: Path) -> Iterator[str]:
+    """A new, empty database on ``engine`` for one test; dropped afterwards."""
+    if engine == "sqlite":
+        yield f"sqlite:///{tmp_path / 'users.db'}"
+        return
+    base = service_url(engine)
+    name = f"shop_{uuid.uuid4().hex[:12]}"
+    if engine == "postgresql":
+        import psycopg
+
+        with psycopg.connect("postgresql://postgres@127.0.0.1:5432/test", autocommit=True) as c:
+            c.execute(f'CREATE DATABASE "{name}"')
+        try:
+            yield base.rsplit("/", 1)[0] + f"/{name}"
+        finally:
+            with psycopg.connect("postgresql://postgres@127.0.0.1:5432/test", autocommit=True) as c:
+                c.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    else:
+        import pymysql
+
+        conn = pymysql.connect(host="127.0.0.1", port=3306, user="root", password="")
+        try:
+            with conn.cursor() as cur:
+                cur.execute(f"CREATE DATABASE `{name}`")
+            yield base.rsplit("/", 1)[0] + f"/{name}"
+        finally:
+            with conn.cursor() as cur:
+                cur.execute(f"DROP DATABASE IF EXISTS `{name}`")
+            conn.close()
+
+
+@pytest.fixture(params=ENGINES)
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    yield from _fresh_database(request.param, tmp_path)
+
+
+@pytest.fixture
+async def users(database_url: str) -> AsyncIterator[httpx.AsyncClient]:
+    upgrade(database_url, MIGRATIONS)
+    service = create_service(database_url, "memory://", cache_ttl=60)
+    async with in_process(service) as client:
+        yield client
+
+
+async def test_crud(users: httpx.AsyncClient) -> None:
+    created = await users.post("/users", json={"email": " Ada@Example.COM ", "name": "Ada"})
+    assert created.status_code == 201, created.text
+    ada = created.json()
+    assert ada["email"] == "ada@example.com"
+    stamp = datetime.fromisoformat(ada["created_at"])
+    assert stamp.tzinfo is not None
+    assert abs((datetime.now(UTC) - stamp).total_seconds()) < 60
+
+    fetched = await users.get(f"/users/{ada['id']}")
+    assert fetched.json() == ada  # the same from the database and from the cache
+    assert (await users.get(f"/users/{ada['id']}")).json() == ada
+
+    grace = (await users.post("/users", json={"email": "grace@example.com", "name": "G"})).json()
+    renamed = await users.patch(f"/users/{ada['id']}", json={"name": "Countess"})
+    assert renamed.json()["name"] == "Countess"
+    assert (await users.get(f"/users/{ada['id']}")).json()["name"] == "Countess"
+    taken = await users.patch(f"/users/{grace['id']}", json={"email": "ADA@example.com"})
+    assert taken.status_code == 409
+    assert taken.json()["detail"] == "a user with email 'ada@example.com' already exists"
+
+    assert (await users.delete(f"/users/{ada['id']}")).status_code == 204
+    assert (await users.get(f"/users/{ada['id']}")).status_code == 404
+    assert (await users.delete(f"/users/{ada['id']}")).status_code == 404
+    assert (await users.patch(f"/users/{ada['id']}", json={"name": "x"})).status_code == 404
+
+
+async def test_validation_and_duplicates(users: httpx.AsyncClient) -> None:
+    first = await users.post("/users", json={"email": "lin@example.com", "name": "Lin"})
+    assert first.status_code == 201
+    duplicate = await users.post("/users", json={"email": "LIN@example.com", "name": "Other"})
+    assert duplicate.status_code == 409
+    for body, field in [
+        ({"email": "not-an-email", "name": "x"}, "email"),
+        ({"email": "a@b.co", "name": ""}, "name"),
+        ({"email": "a@b.co", "name": "x" * 101}, "name"),
+        ({"email": "a@b.co"}, "name"),
+        ({"email": "a@b.co", "name": "x", "admin": True}, "admin"),
+    ]:
+        response = await users.post("/users", json=body)
+        assert response.status_code == 422, body
+        assert [e["loc"][-1] for e in response.json()["detail"]] == [field]
+    assert (await users.get("/users/not-a-number")).status_code == 422
+    assert (await users.get("/users", params={"limit": 0})).status_code == 422
+
+
+async def test_pagination(users: httpx.AsyncClient) -> None:
+    for i in range(7):
+        response = await users.post("/users", json={"email": f"p{i}@example.com", "name": "P"})
+        assert response.status_code == 201
+    seen: list[str] = []
+    after = 0
+    pages = 0
+    while True:
+        page = (await users.get("/users", params={"limit": 3, "after": after})).json()
+        seen.extend(u["email"] for u in page["items"])
+        pages += 1
+        if page["next"] is None:
+            break
+        after = page["next"]
+    assert seen == [f"p{i}@example.com" for i in range(7)]
+    assert pages == 3
+
+
+@pytest.mark.services
+async def test_cache_aside_on_real_redis(tmp_path: Path) -> None:
+    redis_url = service_url("redis")
+    database_url = f"sqlite:///{tmp_path / 'users.db'}"
+    upgrade(database_url, MIGRATIONS)
+    prefix = f"test-users-{uuid.uuid4().hex[:8]}:"
+    service = create_service(database_url, redis_url, cache_ttl=30, cache_prefix=prefix)
+    plain = redis.Redis.from_url(redis_url)
+    try:
+        async with in_process(service) as users:
+            user = (await users.post("/users", json={"email": "r@example.com", "name": "R"})).json()
+            key = f"{prefix}user:{user['id']}"
+            assert plain.get(key) is None
+            assert (await users.get(f"/users/{user['id']}")).status_code == 200
+            assert plain.get(key) is not None
+            ttl = plain.ttl(key)
+            assert isinstance(ttl, int)
+            assert 0 < ttl <= 33  # 30 s, plus jitter
+            # A second instance sharing Redis sees the update at once: the write
+            # dropped the one shared entry.
+            other = create_service(database_url, redis_url, cache_ttl=30, cache_prefix=prefix)
+            async with in_process(other) as second:
+                await second.patch(f"/users/{user['id']}", json={"name": "Renamed"})
+                assert plain.get(key) is None
+            assert (await users.get(f"/users/{user['id']}")).json()["name"] == "Renamed"
+            # A miss is not cached: a 404 then a create does not hide the new user.
+            assert (await users.get("/users/999")).status_code == 404
+            assert plain.get(f"{prefix}user:999") is None
+    finally:
+        for key in plain.scan_iter(f"{prefix}*"):
+            plain.delete(key)
+        plain.close()
+
+
+@pytest.mark.services
+async def test_database_outage_is_a_503_then_recovers(tmp_path: Path) -> None:
+    service_url("postgresql")
+    for url in _fresh_database("postgresql", tmp_path):
+        upgrade(url, MIGRATIONS)
+        async with tcp_proxy(5432) as proxy:
+            proxied = url.replace(":5432/", f":{proxy.port}/")
+            service = create_service(proxied, "memory://", cache_ttl=0.01)
+            async with in_process(service) as users:
+                made = await users.post("/users", json={"email": "o@example.com", "name": "O"})
+                assert made.status_code == 201
+                proxy.cut()
+                down = await users.post("/users", json={"email": "d@example.com", "name": "D"})
+                assert down.status_code == 503
+                body = down.json()
+                assert body["error"] == "dependency_unavailable"
+                assert body["dependency"] == "database"
+                assert "users" in body["detail"]
+                ready = await users.get("/health/ready")
+                assert ready.status_code == 503
+                assert ready.json()["checks"]["database"]["ok"] is False
+                assert ready.json()["checks"]["cache"]["ok"] is True
+                proxy.restore()
+                again = await users.post("/users", json={"email": "d@example.com", "name": "D"})
+                assert again.status_code == 201, again.text
+                assert (await users.get("/health/ready")).status_code == 200
+
+
+@pytest.mark.services
+async def test_redis_outage_degrades_reads_and_keeps_writes(tmp_path: Path) -> None:
+    service_url("redis")
+    database_url = f"sqlite:///{tmp_path / 'users.db'}"
+    upgrade(database_url, MIGRATIONS)
+    prefix = f"test-users-{uuid.uuid4().hex[:8]}:"
+    async with tcp_proxy(6379) as proxy:
+        cache_url = f"redis://127.0.0.1:{proxy.port}/0"
+        service = create_service(database_url, cache_url, cache_ttl=30, cache_prefix=prefix)
+        async with in_process(service) as users:
+            user = (await users.post("/users", json={"email": "c@example.com", "name": "C"})).json()
+            proxy.cut()
+            # Reads fall back to the database; a write commits and says nothing of
+            # the cache it could not reach.
+            assert (await users.get(f"/users/{user['id']}")).status_code == 200
+            renamed = await users.patch(f"/users/{user['id']}", json={"name": "Still"})
+            assert renamed.status_code == 200
+            ready = await users.get("/health/ready")
+            assert ready.status_code == 503
+            assert ready.json()["checks"]["cache"]["ok"] is False
+            proxy.restore()
+            assert (await users.get("/health/ready")).status_code == 200
+            assert (await users.get(f"/users/{user['id']}")).json()["name"] == "Still"
+    plain = redis.Redis.from_url(service_url("redis"))
+    for key in plain.scan_iter(f"{prefix}*"):
+        plain.delete(key)
+    plain.close()
