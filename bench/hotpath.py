@@ -84,7 +84,6 @@ async def setup() -> tuple[ClientConnection, UpstreamConnection, FakeTransport]:
     endpoint = upstream.endpoints[0]
     conn = UpstreamConnection(upstream, endpoint)
     conn.connection_made(FakeTransport())
-    upstream.open += 1
     endpoint.open += 1
     endpoint.idle.append(conn)
     return client, conn, client_transport
