@@ -1,0 +1,42 @@
+"""``meshgate up``: run a whole system (the gateway with its registry, and every
+service as supervised processes) from one system file, ``meshgate.yaml``.
+
+:func:`load_system` validates a system file (errors name the field, its line and
+the fix, like the gateway configuration's); :class:`Runner` runs it; the control
+endpoint's :func:`request` is what ``meshgate ps``, ``scale`` and ``down`` use.
+The reference is docs/up.md.
+"""
+
+from __future__ import annotations
+
+from meshgate.runner.control import request
+from meshgate.runner.errors import (
+    AlreadyRunningError,
+    ControlError,
+    NotRunningError,
+    RunnerError,
+    StartupError,
+)
+from meshgate.runner.loader import SystemFile, load_system, loads_system, start_order
+from meshgate.runner.model import GatewaySpec, ReadySpec, ServiceSpec, System
+from meshgate.runner.state import StateDir
+from meshgate.runner.supervisor import Runner
+
+__all__ = [
+    "AlreadyRunningError",
+    "ControlError",
+    "GatewaySpec",
+    "NotRunningError",
+    "ReadySpec",
+    "Runner",
+    "RunnerError",
+    "ServiceSpec",
+    "StartupError",
+    "StateDir",
+    "System",
+    "SystemFile",
+    "load_system",
+    "loads_system",
+    "request",
+    "start_order",
+]
