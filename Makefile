@@ -1,15 +1,18 @@
-# Two commands a new user needs: `make demo` runs the system, `make test` passes the tests.
+# `make up` runs the reference shop, `make test` passes the tests.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test lint typecheck bench clean
+.PHONY: up demo test lint typecheck bench clean
 
 .venv/bin/meshgate: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $@
+
+up: .venv/bin/meshgate
+	$(BIN)/meshgate up examples/shop/meshgate.yaml
 
 demo: .venv/bin/meshgate
 	$(BIN)/python examples/demo.py

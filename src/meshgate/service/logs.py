@@ -68,5 +68,7 @@ def configure_logging(
     handler._meshgate = True  # type: ignore[attr-defined]
     root.addHandler(handler)
     root.setLevel(level if isinstance(level, int) else level.upper())
-    # uvicorn's access log duplicates the service's own request metrics and logs.
+    # uvicorn's access log duplicates the service's own request metrics and logs,
+    # and httpx's line per request would log every registry heartbeat.
     logging.getLogger("uvicorn.access").disabled = True
+    logging.getLogger("httpx").setLevel(logging.WARNING)
