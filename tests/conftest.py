@@ -3,8 +3,11 @@ uvloop, as in production."""
 
 from __future__ import annotations
 
+import functools
 import os
-from collections.abc import Mapping
+import socket
+import uuid
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import pytest
@@ -18,3 +21,53 @@ def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> M
 def require_services() -> bool:
     """True in CI (MESHGATE_REQUIRE_SERVICES=1): a missing service fails instead of skipping."""
     return os.environ.get("MESHGATE_REQUIRE_SERVICES") == "1"
+
+
+REDIS_URL = "redis://127.0.0.1:6379/0"
+
+SERVICES = {
+    "postgresql": ("PostgreSQL", 5432, "postgresql://postgres@127.0.0.1:5432/test"),
+    "mariadb": ("MariaDB", 3306, "mysql://root@127.0.0.1:3306/test"),
+    "redis": ("Redis", 6379, REDIS_URL),
+}
+"""The real services this machine kind runs, by kind: (name, port, URL)."""
+
+
+@functools.cache
+def _reachable(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def service_url(kind: str, *, module_level: bool = False) -> str:
+    """The URL of a real service (``postgresql``, ``mariadb``, ``redis``); skips the
+    test (or module) when it is unreachable, fails instead under
+    MESHGATE_REQUIRE_SERVICES=1."""
+    label, port, url = SERVICES[kind]
+    if not _reachable(port):
+        reason = f"{label} is not reachable at 127.0.0.1:{port}"
+        if require_services():
+            pytest.fail(f"{reason} (MESHGATE_REQUIRE_SERVICES=1)")
+        pytest.skip(f"{reason}; start one to run this test", allow_module_level=module_level)
+    return url
+
+
+@pytest.fixture
+def redis_prefix() -> Iterator[str]:
+    """A Redis key prefix unique to this test (Redis must be up); its keys, hash-tagged
+    or not, are deleted at teardown."""
+    service_url("redis")
+    import redis
+
+    prefix = f"meshgate-test-{uuid.uuid4().hex}"
+    yield prefix
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        keys = [*client.scan_iter(match=f"{{{prefix}:*"), *client.scan_iter(match=f"{prefix}:*")]
+        if keys:
+            client.delete(*keys)
+    finally:
+        client.close()

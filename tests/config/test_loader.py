@@ -624,14 +624,14 @@ BAD_DOCUMENTS = [
         "- gateway\n- routes\n",
         "",
         "the document must be a mapping with gateway, upstreams, routes",
-        None,
+        1,
         id="not-a-mapping",
     ),
     pytest.param(
         "just text\n",
         "",
         "the document must be a mapping",
-        None,
+        1,
         id="scalar-document",
     ),
     pytest.param(

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import socket
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -14,38 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import require_services
+from tests.conftest import SERVICES, service_url
 
-POSTGRES_URL = "postgresql://postgres@127.0.0.1:5432/test"
-MARIADB_URL = "mysql://root@127.0.0.1:3306/test"
-REDIS_URL = "redis://127.0.0.1:6379/0"
-
-SERVICES = {
-    "postgresql": ("PostgreSQL", 5432, POSTGRES_URL),
-    "mariadb": ("MariaDB", 3306, MARIADB_URL),
-    "redis": ("Redis", 6379, REDIS_URL),
-}
-
-
-@functools.cache
-def _reachable(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1):
-            return True
-    except OSError:
-        return False
-
-
-def service_url(kind: str) -> str:
-    """The URL of a real service; skips the test when it is unreachable (fails under
-    MESHGATE_REQUIRE_SERVICES=1)."""
-    label, port, url = SERVICES[kind]
-    if not _reachable(port):
-        reason = f"{label} is not reachable at 127.0.0.1:{port}"
-        if require_services():
-            pytest.fail(f"{reason} (MESHGATE_REQUIRE_SERVICES=1)")
-        pytest.skip(reason)
-    return url
+POSTGRES_URL = SERVICES["postgresql"][2]
+MARIADB_URL = SERVICES["mariadb"][2]
 
 
 def unique(prefix: str = "mg") -> str:

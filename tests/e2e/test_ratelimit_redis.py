@@ -10,16 +10,12 @@ from __future__ import annotations
 import http.client
 import json
 import re
-import socket
 import threading
-import uuid
 from collections import Counter
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from tests.conftest import require_services
 from tests.e2e.conftest import DemoUpstream, GatewayFactory, gateway_config
 from tests.e2e.test_gateway_process import Reply, get
 
@@ -33,35 +29,6 @@ REQUESTS = 60
 """Requests sent at once, each on its own connection."""
 
 _RATELIMIT_RE = re.compile(r'^"meshgate";r=(?P<r>\d+);t=(?P<t>\d+)$')
-
-
-def _redis_reachable() -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", 6379), timeout=1):
-            return True
-    except OSError:
-        return False
-
-
-@pytest.fixture
-def redis_prefix() -> Iterator[str]:
-    """A key prefix unique to this test; its keys are deleted at teardown."""
-    if not _redis_reachable():
-        if require_services():
-            pytest.fail("Redis is not reachable at 127.0.0.1:6379 (MESHGATE_REQUIRE_SERVICES=1)")
-        pytest.skip("Redis is not reachable at 127.0.0.1:6379; start one to run this test")
-    import redis
-
-    prefix = f"meshgate-e2e-{uuid.uuid4().hex}"
-    yield prefix
-    client = redis.Redis.from_url(REDIS_URL)
-    try:
-        # Rate-limit keys are hash-tagged for Redis Cluster: "{<prefix>:rl:<route>:<key>}".
-        keys = list(client.scan_iter(match=f"{{{prefix}:*"))
-        if keys:
-            client.delete(*keys)
-    finally:
-        client.close()
 
 
 def test_redis_limit_is_exact_across_two_workers(

@@ -15,12 +15,10 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
 import time
-import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -31,7 +29,6 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import require_services
 from tests.e2e.conftest import (
     READY_TIMEOUT,
     TOKEN,
@@ -626,34 +623,6 @@ def test_drain_and_enable_an_endpoint_through_the_admin_api(
 
 
 # ---------------------------------------------------------------------------- 5. shared
-
-
-def _redis_reachable() -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", 6379), timeout=1):
-            return True
-    except OSError:
-        return False
-
-
-@pytest.fixture
-def redis_prefix() -> Iterator[str]:
-    """A key prefix unique to this test; its keys are deleted at teardown."""
-    if not _redis_reachable():
-        if require_services():
-            pytest.fail("Redis is not reachable at 127.0.0.1:6379 (MESHGATE_REQUIRE_SERVICES=1)")
-        pytest.skip("Redis is not reachable at 127.0.0.1:6379; start one to run this test")
-    import redis
-
-    prefix = f"meshgate-e2e-{uuid.uuid4().hex}"
-    yield prefix
-    client = redis.Redis.from_url(REDIS_URL)
-    try:
-        keys = client.keys(f"{prefix}:*")
-        if keys:
-            client.delete(*keys)
-    finally:
-        client.close()
 
 
 @pytest.mark.services

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 import ssl
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -22,7 +21,7 @@ import trustme
 from meshgate.config import loads
 from meshgate.gateway.filters.ratelimit import _SCRIPT_SHA, GCRA_SCRIPT, RateLimitFilter
 from meshgate.gateway.resp import FollowUp, RedisError, RespClient, _parse, command
-from tests.conftest import require_services
+from tests.conftest import service_url
 
 
 def test_command_framing() -> None:
@@ -79,13 +78,7 @@ REDIS_URL = "redis://127.0.0.1:6379/0"
 @pytest.fixture
 def real_redis() -> None:
     """Skip (or fail, with MESHGATE_REQUIRE_SERVICES=1) without a Redis on 6379."""
-    try:
-        with socket.create_connection(("127.0.0.1", 6379), timeout=1):
-            return
-    except OSError:
-        if require_services():
-            pytest.fail("Redis is not reachable at 127.0.0.1:6379 (MESHGATE_REQUIRE_SERVICES=1)")
-        pytest.skip("Redis is not reachable at 127.0.0.1:6379; start one to run this test")
+    service_url("redis")
 
 
 @contextlib.contextmanager

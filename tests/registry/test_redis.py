@@ -4,7 +4,6 @@ there, unless MESHGATE_REQUIRE_SERVICES=1)."""
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -14,27 +13,16 @@ import pytest
 from meshgate.registry import InstanceSpec, InvalidNameError, RegistryClosedError, Snapshot
 from meshgate.registry.redis import RedisRegistry
 from meshgate.registry.store import cancel_task
-from tests.conftest import require_services
+from tests.conftest import service_url
 
 URL = "redis://127.0.0.1:6379/0"
 SPEC = InstanceSpec(address="10.0.0.1:8080", version="1.0", ttl=10)
 SHORT = InstanceSpec(address="10.0.0.1:8080", ttl=1.0)
 
 
-def _redis_up() -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", 6379), timeout=1):
-            return True
-    except OSError:
-        return False
-
-
 pytestmark = pytest.mark.services
 
-if not _redis_up():
-    if require_services():
-        raise RuntimeError("Redis is not reachable at 127.0.0.1:6379 (MESHGATE_REQUIRE_SERVICES=1)")
-    pytest.skip("Redis is not reachable at 127.0.0.1:6379", allow_module_level=True)
+service_url("redis", module_level=True)
 
 Factory = Callable[[], Awaitable[RedisRegistry]]
 

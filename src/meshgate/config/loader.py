@@ -19,7 +19,7 @@ from meshgate.config.model import Config
 from meshgate.errors import ConfigError, ConfigIssue
 from meshgate.gateway.router import covers, precedence_key
 
-__all__ = ["check", "format_path", "load", "loads"]
+__all__ = ["check", "format_path", "load", "loads", "parse_document"]
 
 
 def load(path: str | Path) -> Config:
@@ -40,16 +40,21 @@ def load(path: str | Path) -> Config:
     return loads(text, source=str(path))
 
 
-def loads(text: str, source: str | None = None) -> Config:
-    """Validate a configuration given as YAML text; ``source`` names it in errors."""
+def parse_document(
+    text: str, source: str | None, keys: str
+) -> tuple[dict[str, Any], yaml.Node | None]:
+    """The YAML mapping in ``text`` and its node tree (for line numbers); an empty
+    document is an empty mapping.
+
+    Raises:
+        ConfigError: not YAML (with the line), or not a mapping (of ``keys``).
+    """
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        line = None
         mark = getattr(exc, "problem_mark", None)
-        if mark is not None:
-            line = mark.line + 1
+        line = mark.line + 1 if mark is not None else None
         problem = getattr(exc, "problem", None) or str(exc)
         raise ConfigError(
             [ConfigIssue("", f"not valid YAML: {problem}; fix the syntax", line)], source
@@ -58,9 +63,14 @@ def loads(text: str, source: str | None = None) -> Config:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(
-            [ConfigIssue("", "the document must be a mapping with gateway, upstreams, routes")],
-            source,
+            [ConfigIssue("", f"the document must be a mapping with {keys}", 1)], source
         )
+    return data, node
+
+
+def loads(text: str, source: str | None = None) -> Config:
+    """Validate a configuration given as YAML text; ``source`` names it in errors."""
+    data, node = parse_document(text, source, "gateway, upstreams, routes")
     try:
         config = Config.from_dict(data)
     except ValidationError as exc:

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 import uvicorn
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from meshgate._files import file_signature
 from meshgate.config.loader import loads
 from meshgate.config.model import Address, Config
 from meshgate.errors import ConfigError, MeshgateError, SupervisorError
@@ -614,17 +615,10 @@ class Supervisor:
         """Reload when the configuration file changes (checked every second)."""
         path = Path(self.source)
 
-        def signature() -> tuple[float, int] | None:
-            try:
-                stat = path.stat()
-            except OSError:
-                return None
-            return (stat.st_mtime, stat.st_size)
-
-        last = signature()
+        last = file_signature(path)
         while True:
             await asyncio.sleep(1.0)
-            current = signature()
+            current = file_signature(path)
             if current is not None and current != last:
                 last = current
                 log.info("%s changed; reloading", self.source)

@@ -25,6 +25,7 @@ from meshgate.config.loader import (
     _sorted,
     _suggest,
     format_path,
+    parse_document,
 )
 from meshgate.config.loader import load as load_gateway_config
 from meshgate.config.model import Config
@@ -129,23 +130,7 @@ def loads_system(text: str, path: str | Path) -> SystemFile:
     paths in it are read from its folder) and names it in errors."""
     path = Path(path).absolute()
     source = str(path)
-    try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        line = mark.line + 1 if mark is not None else None
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError(
-            [ConfigIssue("", f"not valid YAML: {problem}; fix the syntax", line)], source
-        ) from None
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(
-            [ConfigIssue("", "the document must be a mapping with gateway and services", 1)],
-            source,
-        )
+    data, node = parse_document(text, source, "gateway and services")
     try:
         system = System.model_validate(data)
     except ValidationError as exc:

@@ -29,6 +29,7 @@ import yaml
 from rich.console import Console
 from rich.text import Text
 
+from meshgate._files import file_signature
 from meshgate.config.loader import load as load_gateway_config
 from meshgate.config.model import Config
 from meshgate.errors import ConfigError
@@ -742,17 +743,10 @@ class Runner:
         """Pass changes of the gateway configuration on (the gateway reloads its
         file when it changes); a change that is not valid is reported and left out."""
 
-        def signature() -> tuple[float, int] | None:
-            try:
-                stat = path.stat()
-            except OSError:
-                return None
-            return (stat.st_mtime, stat.st_size)
-
-        last = signature()
+        last = file_signature(path)
         while True:
             await asyncio.sleep(1.0)
-            current = signature()
+            current = file_signature(path)
             if current is None or current == last:
                 continue
             last = current

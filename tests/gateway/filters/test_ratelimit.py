@@ -11,10 +11,8 @@ import asyncio
 import gc
 import json
 import re
-import socket
 import ssl
-import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from urllib.parse import quote
 
@@ -29,7 +27,6 @@ from meshgate.gateway.filters.auth import hash_api_key
 from meshgate.gateway.filters.ratelimit import _SCRIPT_SHA, RateLimitFilter
 from meshgate.gateway.metrics import GatewayCollector, merge_snapshots
 from meshgate.gateway.worker import Worker
-from tests.conftest import require_services
 from tests.gateway.test_resp import acl_user, redis_front, user_url
 from tests.helpers import Client, Message, RawUpstream, free_port, gateway_yaml, run_gateway
 
@@ -42,35 +39,6 @@ _RATELIMIT_RE = re.compile(r'^"meshgate";r=(?P<r>\d+);t=(?P<t>\d+)$')
 
 
 # ---------------------------------------------------------------------------- helpers
-
-
-def _redis_reachable() -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", 6379), timeout=1):
-            return True
-    except OSError:
-        return False
-
-
-@pytest.fixture
-def redis_prefix() -> Iterator[str]:
-    """A key prefix unique to this test; its keys are deleted at teardown."""
-    if not _redis_reachable():
-        if require_services():
-            pytest.fail("Redis is not reachable at 127.0.0.1:6379 (MESHGATE_REQUIRE_SERVICES=1)")
-        pytest.skip("Redis is not reachable at 127.0.0.1:6379; start one to run this test")
-    import redis
-
-    prefix = f"meshgate-test-{uuid.uuid4().hex}"
-    yield prefix
-    client = redis.Redis.from_url(REDIS_URL)
-    try:
-        # Keys are hash-tagged for Redis Cluster: "{<prefix>:rl:<route>:<key>}".
-        keys = list(client.scan_iter(match=f"{{{prefix}:*"))
-        if keys:
-            client.delete(*keys)
-    finally:
-        client.close()
 
 
 @pytest.fixture(params=["local", pytest.param("redis", marks=pytest.mark.services)])

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 import uuid
 
@@ -11,23 +10,11 @@ import pytest
 
 from meshgate.config import loads
 from meshgate.gateway.upstream.shared import SharedHealth
-from tests.conftest import require_services
-
-
-def _redis_up() -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", 6379), timeout=1):
-            return True
-    except OSError:
-        return False
-
+from tests.conftest import service_url
 
 pytestmark = pytest.mark.services
 
-if not _redis_up():
-    if require_services():
-        raise RuntimeError("Redis is not reachable at 127.0.0.1:6379 (MESHGATE_REQUIRE_SERVICES=1)")
-    pytest.skip("Redis is not reachable at 127.0.0.1:6379", allow_module_level=True)
+service_url("redis", module_level=True)
 
 
 async def test_one_node_sees_what_another_reports() -> None:

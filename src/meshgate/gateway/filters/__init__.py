@@ -20,9 +20,10 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Sequence
 from functools import partial
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from meshgate.gateway.http import error_response
+from meshgate.gateway.resp import Deferred
 
 if TYPE_CHECKING:
     from meshgate.config.model import Config, RouteSettings
@@ -32,7 +33,7 @@ __all__ = ["PENDING", "Chain", "Filter", "Verdict", "build_chain", "reply"]
 
 log = logging.getLogger("meshgate.gateway.filters")
 
-Verdict = bytes | Awaitable[bytes | None] | None
+Verdict = bytes | Awaitable[bytes | None] | Deferred | None
 """What a filter's request phase returns: go on, answer, or wait for either."""
 
 
@@ -112,14 +113,12 @@ class Chain:
                 continue
             if isinstance(verdict, bytes):
                 return verdict
-            waiting: asyncio.Future[bytes | None] = (
-                verdict if isinstance(verdict, asyncio.Future) else asyncio.ensure_future(verdict)
-            )
+            waiting = verdict if hasattr(verdict, "add_done_callback") else _future(verdict)
             waiting.add_done_callback(partial(self._resume, exchange, index + 1))
             return PENDING
         return None
 
-    def _resume(self, exchange: Exchange, start: int, done: asyncio.Future[bytes | None]) -> None:
+    def _resume(self, exchange: Exchange, start: int, done: Deferred | asyncio.Future[Any]) -> None:
         if exchange.done:
             return
         try:
@@ -142,6 +141,10 @@ class Chain:
         for item in self.response_filters:
             headers = item.response(exchange, headers)
         return headers
+
+
+def _future(awaitable: Awaitable[bytes | None]) -> asyncio.Future[bytes | None]:
+    return asyncio.ensure_future(awaitable)
 
 
 PENDING = object()

@@ -22,7 +22,6 @@ httpapi-ratelimit-headers); refused requests get 429 with ``Retry-After``.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import logging
 import math
@@ -35,7 +34,7 @@ from meshgate.config.model import Config, RateLimitSettings
 from meshgate.errors import ConfigError, ConfigIssue
 from meshgate.gateway.filters import Verdict, reply
 from meshgate.gateway.filters.ip import client_address
-from meshgate.gateway.resp import FollowUp, RedisError, RespClient
+from meshgate.gateway.resp import FollowUp, Pending, RedisError, RespClient
 
 if TYPE_CHECKING:
     from meshgate.gateway.server import Exchange
@@ -221,7 +220,7 @@ class RateLimitFilter:
         self._headers(exchange, remaining, reset_us / 1_000_000)
         return None
 
-    def _send_script(self, exchange: Exchange) -> asyncio.Future[bytes | None]:
+    def _send_script(self, exchange: Exchange) -> Pending:
         """Send ``exchange``'s request again with EVAL: Redis lost its script cache
         (a restart, SCRIPT FLUSH). The requests after it go on with EVALSHA: they
         reach Redis after the EVAL that caches the script again."""
