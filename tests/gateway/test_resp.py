@@ -218,3 +218,66 @@ async def test_decide_may_go_on_with_another_command() -> None:
         assert second == b"again"
     finally:
         client.close()
+
+
+# ---------------------------------------------------------------------------- Deferred
+
+
+def test_deferred_runs_callbacks_at_once_and_contains_their_failures(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from meshgate.gateway.resp import Deferred
+
+    seen: list[object] = []
+    deferred = Deferred()
+
+    def boom(_: object) -> None:
+        raise ValueError("callback bug")
+
+    deferred.add_done_callback(lambda d: seen.append(d.result()))
+    deferred.add_done_callback(boom)
+    deferred.add_done_callback(lambda d: seen.append("after"))
+    assert not deferred.done()
+    deferred.set_result(7)
+    assert seen == [7, "after"]  # synchronously, and a failing callback stops no other
+    assert "a callback on a Redis reply failed" in caplog.text
+    deferred.add_done_callback(lambda d: seen.append("late"))
+    assert seen[-1] == "late"  # added after it settled: runs at once
+
+    failed = Deferred()
+    failed.set_exception(RedisError("down"))
+    assert isinstance(failed.exception(), RedisError)
+    with pytest.raises(RedisError, match="down"):
+        failed.result()
+
+
+async def test_commands_of_one_loop_turn_leave_in_one_write(real_redis: None) -> None:
+    """Ten commands sent in one turn of the loop: one write, ten replies in order."""
+    client = RespClient("redis://127.0.0.1:6379/0")
+    try:
+        await client.call(command(b"PING"))
+        protocol = client._protocol
+        assert protocol is not None
+        assert protocol.transport is not None
+        writes: list[bytes] = []
+        real = protocol.transport
+
+        class Counting:
+            """The transport, counting writes (uvloop's cannot be patched)."""
+
+            def write(self, data: bytes) -> None:
+                writes.append(data)
+                real.write(data)
+
+            def __getattr__(self, name: str) -> Any:
+                return getattr(real, name)
+
+        protocol.transport = Counting()  # type: ignore[assignment]
+        pending = [client.send(command(b"ECHO", b"%d" % i), lambda r: r) for i in range(10)]
+        done = asyncio.get_running_loop().create_future()
+        pending[-1].add_done_callback(lambda _: done.set_result(None))
+        await asyncio.wait_for(done, 5)
+        assert len(writes) == 1
+        assert [p.result() for p in pending] == [b"%d" % i for i in range(10)]
+    finally:
+        client.close()
