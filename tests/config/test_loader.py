@@ -1050,3 +1050,30 @@ def test_unreadable_redis_tls_files_are_a_config_error() -> None:
         compile_config(loads(doc))
     assert "routes[0].rate_limit.redis" in str(err.value)
     assert "No such file or directory" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("doc", "path", "line"),
+    [
+        (
+            (
+                "upstreams: {api: {endpoints: ['127.0.0.1:9']}}\n"
+                "routes:\n  - name: a\n    upstream: api\n    on: x\n"
+            ),
+            "routes[0].true",
+            5,
+        ),
+        (
+            (
+                "upstreams:\n  api: {endpoints: ['127.0.0.1:9'], no: 1}\n"
+                "routes:\n  - {name: a, upstream: api}\n"
+            ),
+            "upstreams.api.false",
+            2,
+        ),
+    ],
+)
+def test_a_key_yaml_reads_as_a_boolean_is_named_at_its_line(doc: str, path: str, line: int) -> None:
+    issues = _issues(doc)
+    assert [(i.path, i.line) for i in issues] == [(path, line)]
+    assert "YAML reads unquoted on, off, yes and no as booleans" in issues[0].message

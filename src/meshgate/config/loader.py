@@ -19,7 +19,7 @@ from meshgate.config.model import Config
 from meshgate.errors import ConfigError, ConfigIssue
 from meshgate.gateway.router import covers, precedence_key
 
-__all__ = ["check", "format_path", "load", "loads", "parse_document"]
+__all__ = ["boolean_key_issue", "check", "format_path", "load", "loads", "parse_document"]
 
 
 def load(path: str | Path) -> Config:
@@ -237,7 +237,53 @@ def _inner_model(annotation: Any) -> Any:
     return None
 
 
+def boolean_key_issue(err: Any, node: yaml.Node | None) -> ConfigIssue | None:
+    """The issue for a key YAML read as a boolean (unquoted on, off, yes, no): pydantic
+    reports it at ``(..., key, "[key]")`` in a dict field and as an ``invalid_key`` at
+    ``(..., key)`` in a model; None for any other error."""
+    raw = list(err["loc"])
+    if not raw or not isinstance(err.get("input"), bool):
+        return None
+    if raw[-1] == "[key]":
+        parent = raw[:-2]
+    elif err["type"] == "invalid_key":
+        parent = raw[:-1]
+    else:
+        return None
+    word = str(err["input"]).lower()
+    loc = [p for p in parent if isinstance(p, int) or ("[" not in p and "-" not in p)]
+    message = (
+        f"a key was read as {word}: YAML reads unquoted on, off, yes and no as "
+        "booleans; quote the key or check its spelling"
+    )
+    return ConfigIssue(
+        format_path([*loc, word]), message, _boolean_key_line(node, loc, err["input"])
+    )
+
+
+def _boolean_key_line(
+    node: yaml.Node | None, parent: Sequence[int | str], value: bool
+) -> int | None:
+    """The line of the key in the mapping at ``parent`` that YAML read as ``value``."""
+    for part in parent:
+        if isinstance(node, yaml.MappingNode):
+            node = next(
+                (v for k, v in node.value if isinstance(k, yaml.ScalarNode) and k.value == part),
+                None,
+            )
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int):
+            node = node.value[part] if 0 <= part < len(node.value) else None
+    if isinstance(node, yaml.MappingNode):
+        for key, _ in node.value:
+            if key.tag == "tag:yaml.org,2002:bool" and yaml.safe_load(key.value) is value:
+                return int(key.start_mark.line) + 1
+    return _line_of(node, []) if node is not None else None
+
+
 def _translate(err: Any, node: yaml.Node | None) -> ConfigIssue:
+    boolean = boolean_key_issue(err, node)
+    if boolean is not None:
+        return boolean
     # pydantic adds "function-after[...]" or type names to the location of
     # validators; they mean nothing to the user.
     loc = [p for p in err["loc"] if isinstance(p, int) or ("[" not in p and "-" not in p)]
@@ -255,11 +301,6 @@ def _translate(err: Any, node: yaml.Node | None) -> ConfigIssue:
         )
     elif kind == "missing":
         message = "this field is required; add it"
-    elif kind == "invalid_key" and isinstance(err.get("input"), bool):
-        message = (
-            f"a key was read as {str(err['input']).lower()}: YAML reads unquoted on, off, "
-            "yes and no as booleans; quote the key or check its spelling"
-        )
     else:
         message = str(err["msg"])
         message = message.removeprefix("Value error, ").removeprefix("Assertion failed, ")

@@ -24,6 +24,7 @@ from meshgate.config.loader import (
     _line_of,
     _sorted,
     _suggest,
+    boolean_key_issue,
     format_path,
     parse_document,
 )
@@ -488,20 +489,12 @@ def _inner_model(annotation: Any) -> Any:
 def _translate(err: Any, node: yaml.Node | None) -> ConfigIssue:
     # pydantic adds validator and type names ("function-after[...]", "list[str]")
     # to locations; they mean nothing to the user.
-    raw = list(err["loc"])
-    boolean_key = bool(raw) and raw[-1] == "[key]" and isinstance(err.get("input"), bool)
-    if boolean_key:
-        # pydantic reports a key YAML read as a boolean (on, yes) as the number 1 or 0.
-        raw = [*raw[:-2], str(err["input"]).lower()]
-    loc = [p for p in raw if isinstance(p, int) or ("[" not in p and "-" not in p)]
+    boolean = boolean_key_issue(err, node)
+    if boolean is not None:
+        return boolean
+    loc = [p for p in err["loc"] if isinstance(p, int) or ("[" not in p and "-" not in p)]
     path = format_path(loc)
     kind = err["type"]
-    if boolean_key:
-        message = (
-            f"a key was read as {str(err['input']).lower()}: YAML reads unquoted on, off, "
-            "yes and no as booleans; quote the key or check its spelling"
-        )
-        return ConfigIssue(path, message, _boolean_key_line(node, loc[:-1], err["input"]))
     if kind == "extra_forbidden":
         model = _model_for(loc)
         allowed = sorted(model.model_fields) if model is not None else []
@@ -515,25 +508,6 @@ def _translate(err: Any, node: yaml.Node | None) -> ConfigIssue:
         if "input" in err and kind != "value_error" and not isinstance(err["input"], dict | list):
             message = f"{message} (got {err['input']!r})"
     return ConfigIssue(path, message, _line_of(node, loc))
-
-
-def _boolean_key_line(
-    node: yaml.Node | None, parent: Sequence[int | str], value: bool
-) -> int | None:
-    """The line of the key in the mapping at ``parent`` that YAML read as ``value``."""
-    for part in parent:
-        if isinstance(node, yaml.MappingNode):
-            node = next(
-                (v for k, v in node.value if isinstance(k, yaml.ScalarNode) and k.value == part),
-                None,
-            )
-        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int):
-            node = node.value[part] if 0 <= part < len(node.value) else None
-    if isinstance(node, yaml.MappingNode):
-        for key, _ in node.value:
-            if key.tag == "tag:yaml.org,2002:bool" and yaml.safe_load(key.value) is value:
-                return int(key.start_mark.line) + 1
-    return _line_of(node, []) if node is not None else None
 
 
 def _locate(issue: ConfigIssue, node: yaml.Node | None) -> ConfigIssue:
