@@ -8,7 +8,7 @@ lets a traceback reach the user for bad input.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,16 @@ from meshgate.config.model import Config
 from meshgate.errors import ConfigError, ConfigIssue
 from meshgate.gateway.router import covers, precedence_key
 
-__all__ = ["boolean_key_issue", "check", "format_path", "load", "loads", "parse_document"]
+__all__ = [
+    "boolean_key_issue",
+    "check",
+    "format_path",
+    "load",
+    "loads",
+    "locate",
+    "parse_document",
+    "translate",
+]
 
 
 def load(path: str | Path) -> Config:
@@ -74,11 +83,13 @@ def loads(text: str, source: str | None = None) -> Config:
     try:
         config = Config.from_dict(data)
     except ValidationError as exc:
-        issues = [_translate(err, node) for err in exc.errors(include_url=False)]
+        issues = [
+            translate(err, node, Config, _missing_hint) for err in exc.errors(include_url=False)
+        ]
         raise ConfigError(_sorted(_dedupe(issues)), source) from None
     issues = list(check(config))
     if issues:
-        raise ConfigError(_sorted([_locate(i, node) for i in issues]), source)
+        raise ConfigError(_sorted([locate(i, node) for i in issues]), source)
     return config
 
 
@@ -212,9 +223,10 @@ def format_path(loc: Sequence[int | str]) -> str:
     return out
 
 
-def _model_for(loc: Sequence[int | str]) -> type[BaseModel] | None:
-    """The model class that holds the last field of ``loc``, to list its allowed keys."""
-    model: Any = Config
+def _model_for(root: type[BaseModel], loc: Sequence[int | str]) -> type[BaseModel] | None:
+    """The model class under ``root`` that holds the last field of ``loc``, to list its
+    allowed keys."""
+    model: Any = root
     for part in loc[:-1]:
         if isinstance(part, int) or model is None:
             continue
@@ -280,7 +292,15 @@ def _boolean_key_line(
     return _line_of(node, []) if node is not None else None
 
 
-def _translate(err: Any, node: yaml.Node | None) -> ConfigIssue:
+def translate(
+    err: Any,
+    node: yaml.Node | None,
+    root: type[BaseModel],
+    missing: Callable[[Sequence[int | str]], str | None] | None = None,
+) -> ConfigIssue:
+    """A pydantic error of a document validated as ``root`` as an issue that names the
+    field, its line and the fix. ``missing`` may give a better hint for a missing
+    field than "add it"."""
     boolean = boolean_key_issue(err, node)
     if boolean is not None:
         return boolean
@@ -290,36 +310,33 @@ def _translate(err: Any, node: yaml.Node | None) -> ConfigIssue:
     path = format_path(loc)
     kind = err["type"]
     if kind == "extra_forbidden":
-        model = _model_for(loc)
+        model = _model_for(root, loc)
         allowed = sorted(model.model_fields) if model is not None else []
         key = str(loc[-1])
         message = f"unknown key {key!r}{_suggest(key, allowed)}; allowed keys: {', '.join(allowed)}"
-    elif kind == "missing" and loc[0] == "routes" and loc[-1] == "upstream":
-        message = (
-            "this field is required; add it (a name under upstreams), "
-            "or give service: (a name in the registry)"
-        )
     elif kind == "missing":
-        message = "this field is required; add it"
+        hint = missing(loc) if missing is not None else None
+        message = hint or "this field is required; add it"
     else:
         message = str(err["msg"])
         message = message.removeprefix("Value error, ").removeprefix("Assertion failed, ")
-        if (
-            "input" in err
-            and kind not in ("value_error",)
-            and not isinstance(err["input"], dict | list)
-        ):
+        if "input" in err and kind != "value_error" and not isinstance(err["input"], dict | list):
             message = f"{message} (got {err['input']!r})"
-    return _locate(ConfigIssue(path, message), node, loc)
+    return ConfigIssue(path, message, _line_of(node, loc))
 
 
-def _locate(
-    issue: ConfigIssue, node: yaml.Node | None, loc: Sequence[int | str] | None = None
-) -> ConfigIssue:
-    if loc is None:
-        loc = _parse_path(issue.path)
-    line = _line_of(node, loc)
-    return ConfigIssue(issue.path, issue.message, line)
+def _missing_hint(loc: Sequence[int | str]) -> str | None:
+    if loc[0] == "routes" and loc[-1] == "upstream":
+        return (
+            "this field is required; add it (a name under upstreams), "
+            "or give service: (a name in the registry)"
+        )
+    return None
+
+
+def locate(issue: ConfigIssue, node: yaml.Node | None) -> ConfigIssue:
+    """``issue`` with the line of its field in the document ``node``."""
+    return ConfigIssue(issue.path, issue.message, _line_of(node, _parse_path(issue.path)))
 
 
 def _parse_path(path: str) -> list[int | str]:

@@ -14,19 +14,16 @@ import string
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-import yaml
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 
 from meshgate.config.loader import (
     _dedupe,
-    _line_of,
     _sorted,
     _suggest,
-    boolean_key_issue,
-    format_path,
+    locate,
     parse_document,
+    translate,
 )
 from meshgate.config.loader import load as load_gateway_config
 from meshgate.config.model import Config
@@ -135,11 +132,11 @@ def loads_system(text: str, path: str | Path) -> SystemFile:
     try:
         system = System.model_validate(data)
     except ValidationError as exc:
-        issues = [_translate(err, node) for err in exc.errors(include_url=False)]
+        issues = [translate(err, node, System) for err in exc.errors(include_url=False)]
         raise ConfigError(_sorted(_dedupe(issues)), source) from None
     issues = list(check(system, path.parent))
     if issues:
-        raise ConfigError(_sorted([_locate(i, node) for i in issues]), source)
+        raise ConfigError(_sorted([locate(i, node) for i in issues]), source)
     root = (path.parent / system.root).resolve()
     config_path = None
     config = None
@@ -148,7 +145,7 @@ def loads_system(text: str, path: str | Path) -> SystemFile:
         config = load_gateway_config(config_path)
         issues = list(_check_gateway(system, config))
         if issues:
-            raise ConfigError(_sorted([_locate(i, node) for i in issues]), source)
+            raise ConfigError(_sorted([locate(i, node) for i in issues]), source)
     warnings = tuple(_warnings(system, config))
     return SystemFile(path, system, root, config_path, config, warnings)
 
@@ -461,60 +458,3 @@ def expand(text: str, values: Mapping[str, object]) -> str:
 
 
 # ---------------------------------------------------------------------------- errors
-
-
-def _model_for(loc: Sequence[int | str]) -> type[BaseModel] | None:
-    """The model that holds the last field of ``loc``, to list its allowed keys."""
-    model: Any = System
-    for part in loc[:-1]:
-        if isinstance(part, int) or model is None:
-            continue
-        info = model.model_fields.get(part)
-        if info is None:
-            continue  # a user-chosen key (a service name); stay on the value type
-        model = _inner_model(info.annotation)
-    return model if isinstance(model, type) and issubclass(model, BaseModel) else None
-
-
-def _inner_model(annotation: Any) -> Any:
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    for arg in getattr(annotation, "__args__", None) or ():
-        inner = _inner_model(arg)
-        if inner is not None:
-            return inner
-    return None
-
-
-def _translate(err: Any, node: yaml.Node | None) -> ConfigIssue:
-    # pydantic adds validator and type names ("function-after[...]", "list[str]")
-    # to locations; they mean nothing to the user.
-    boolean = boolean_key_issue(err, node)
-    if boolean is not None:
-        return boolean
-    loc = [p for p in err["loc"] if isinstance(p, int) or ("[" not in p and "-" not in p)]
-    path = format_path(loc)
-    kind = err["type"]
-    if kind == "extra_forbidden":
-        model = _model_for(loc)
-        allowed = sorted(model.model_fields) if model is not None else []
-        key = str(loc[-1])
-        message = f"unknown key {key!r}{_suggest(key, allowed)}; allowed keys: {', '.join(allowed)}"
-    elif kind == "missing":
-        message = "this field is required; add it"
-    else:
-        message = str(err["msg"])
-        message = message.removeprefix("Value error, ").removeprefix("Assertion failed, ")
-        if "input" in err and kind != "value_error" and not isinstance(err["input"], dict | list):
-            message = f"{message} (got {err['input']!r})"
-    return ConfigIssue(path, message, _line_of(node, loc))
-
-
-def _locate(issue: ConfigIssue, node: yaml.Node | None) -> ConfigIssue:
-    loc: list[int | str] = []
-    for part in issue.path.replace("[", ".[").split("."):
-        if part.startswith("[") and part.endswith("]") and part[1:-1].isdigit():
-            loc.append(int(part[1:-1]))
-        elif part:
-            loc.append(part)
-    return ConfigIssue(issue.path, issue.message, _line_of(node, loc))
