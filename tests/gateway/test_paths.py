@@ -8,74 +8,127 @@ import re
 import pytest
 
 from meshgate.errors import MeshgateError
-from meshgate.gateway.paths import PathError, normalize_path
+from meshgate.gateway.paths import EncodedSlashes, PathError, normalize_path
 
 
 @pytest.mark.parametrize(
-    ("raw", "decode_slashes", "expected"),
+    ("raw", "mode", "expected"),
     [
         # already canonical
-        (b"/", False, b"/"),
-        (b"/a/b/c", False, b"/a/b/c"),
-        (b"/a", False, b"/a"),
-        (b"/a/", False, b"/a/"),
-        (b"/a/b/", False, b"/a/b/"),
-        (b"", False, b"/"),
+        (b"/", "reject", b"/"),
+        (b"/a/b/c", "reject", b"/a/b/c"),
+        (b"/a", "reject", b"/a"),
+        (b"/a/", "reject", b"/a/"),
+        (b"/a/b/", "reject", b"/a/b/"),
+        (b"", "reject", b"/"),
         # dot segments (RFC 3986 5.2.4), never above the root
-        (b"/a/./b", False, b"/a/b"),
-        (b"/./a", False, b"/a"),
-        (b"/a/../b", False, b"/b"),
-        (b"/a/b/../../c", False, b"/c"),
-        (b"/a/b/..", False, b"/a/"),
-        (b"/a/b/.", False, b"/a/b/"),
-        (b"/a/..", False, b"/"),
-        (b"/..", False, b"/"),
-        (b"/.", False, b"/"),
-        (b"/../../a", False, b"/a"),
-        (b"/a/../../../b/", False, b"/b/"),
-        (b"/a/.../b", False, b"/a/.../b"),
-        (b"/a/..b/.c", False, b"/a/..b/.c"),
+        (b"/a/./b", "reject", b"/a/b"),
+        (b"/./a", "reject", b"/a"),
+        (b"/a/../b", "reject", b"/b"),
+        (b"/a/b/../../c", "reject", b"/c"),
+        (b"/a/b/..", "reject", b"/a/"),
+        (b"/a/b/.", "reject", b"/a/b/"),
+        (b"/a/..", "reject", b"/"),
+        (b"/..", "reject", b"/"),
+        (b"/.", "reject", b"/"),
+        (b"/../../a", "reject", b"/a"),
+        (b"/a/../../../b/", "reject", b"/b/"),
+        (b"/a/.../b", "reject", b"/a/.../b"),
+        (b"/a/..b/.c", "reject", b"/a/..b/.c"),
         # runs of slashes
-        (b"//a///b", False, b"/a/b"),
-        (b"/a//", False, b"/a/"),
-        (b"//", False, b"/"),
-        (b"///..//a", False, b"/a"),
+        (b"//a///b", "reject", b"/a/b"),
+        (b"/a//", "reject", b"/a/"),
+        (b"//", "reject", b"/"),
+        (b"///..//a", "reject", b"/a"),
         # encoded dots are dots
-        (b"/%2e%2e/admin", False, b"/admin"),
-        (b"/public/%2E%2E/admin", False, b"/admin"),
-        (b"/public/%2e%2E/admin", False, b"/admin"),
-        (b"/a/.%2e/b", False, b"/b"),
-        (b"/a/%2e/b", False, b"/a/b"),
-        (b"/a/%2e", False, b"/a/"),
+        (b"/%2e%2e/admin", "reject", b"/admin"),
+        (b"/public/%2E%2E/admin", "reject", b"/admin"),
+        (b"/public/%2e%2E/admin", "reject", b"/admin"),
+        (b"/a/.%2e/b", "reject", b"/b"),
+        (b"/a/%2e/b", "reject", b"/a/b"),
+        (b"/a/%2e", "reject", b"/a/"),
         # unreserved characters are decoded
-        (b"/%41", False, b"/A"),
-        (b"/%61%62c", False, b"/abc"),
-        (b"/%7E", False, b"/~"),
-        (b"/%7e%2D%5f%30", False, b"/~-_0"),
+        (b"/%41", "reject", b"/A"),
+        (b"/%61%62c", "reject", b"/abc"),
+        (b"/%7E", "reject", b"/~"),
+        (b"/%7e%2D%5f%30", "reject", b"/~-_0"),
         # everything else stays encoded, hex in upper case
-        (b"/a%20b", False, b"/a%20b"),
-        (b"/a%3fb", False, b"/a%3Fb"),
-        (b"/a%3Fb", False, b"/a%3Fb"),
-        (b"/%c3%a9t%C3%a9", False, b"/%C3%A9t%C3%A9"),
-        (b"/%25", False, b"/%25"),
-        (b"/%252e%252e/admin", False, b"/%252e%252e/admin"),
-        (b"/%23%2B%26", False, b"/%23%2B%26"),
-        # an encoded slash is data unless the configuration says otherwise
-        (b"/a%2Fb", False, b"/a%2Fb"),
-        (b"/a%2fb", False, b"/a%2Fb"),
-        (b"/a%2F..%2Fb", False, b"/a%2F..%2Fb"),
-        (b"/a%2Fb", True, b"/a/b"),
-        (b"/a%2fb", True, b"/a/b"),
-        (b"/a%2F..%2Fb", True, b"/b"),
-        (b"/a%2F%2Fb", True, b"/a/b"),
-        (b"/a%2F", True, b"/a/"),
-        (b"/a%3Fb", True, b"/a%3Fb"),
+        (b"/a%20b", "reject", b"/a%20b"),
+        (b"/a%3fb", "reject", b"/a%3Fb"),
+        (b"/a%3Fb", "reject", b"/a%3Fb"),
+        (b"/%c3%a9t%C3%a9", "reject", b"/%C3%A9t%C3%A9"),
+        (b"/%25", "reject", b"/%25"),
+        (b"/%252e%252e/admin", "reject", b"/%252e%252e/admin"),
+        (b"/%23%2B%26", "reject", b"/%23%2B%26"),
+        # an encoded slash: forwarded encoded with keep, a separator with decode
+        (b"/a%2Fb", "keep", b"/a%2Fb"),
+        (b"/a%2fb", "keep", b"/a%2Fb"),
+        (b"/a%2F..%2Fb", "keep", b"/a%2F..%2Fb"),
+        (b"/a%2Fb", "decode", b"/a/b"),
+        (b"/a%2fb", "decode", b"/a/b"),
+        (b"/a%2F..%2Fb", "decode", b"/b"),
+        (b"/a%2F%2Fb", "decode", b"/a/b"),
+        (b"/a%2F", "decode", b"/a/"),
+        (b"/a%3Fb", "decode", b"/a%3Fb"),
+        # path parameters are kept when forwarding; a dot segment with them is one
+        (b"/a;v=1/b", "reject", b"/a;v=1/b"),
+        (b"/a/..;x/b", "reject", b"/b"),
+        (b"/a/.;x/b", "reject", b"/a/b"),
+        (b"/a/;x", "reject", b"/a/"),
+        (b"/a%3Bb", "reject", b"/a%3Bb"),
+        # keep: an encoded backslash stays encoded too
+        (b"/a%5cb", "keep", b"/a%5Cb"),
         # bytes that are not escapes pass through
-        (b"/caf\xc3\xa9", False, b"/caf\xc3\xa9"),
+        (b"/caf\xc3\xa9", "reject", b"/caf\xc3\xa9"),
     ],
 )
-def test_normalize_path(raw: bytes, decode_slashes: bool, expected: bytes) -> None:
-    assert normalize_path(raw, decode_slashes=decode_slashes) == expected
+def test_normalize_path(raw: bytes, mode: EncodedSlashes, expected: bytes) -> None:
+    assert normalize_path(raw, mode)[0] == expected
+
+
+@pytest.mark.parametrize(
+    ("raw", "mode", "matched"),
+    [
+        # Tomcat and Spring route on the path without its parameters: so does the router.
+        (b"/admin;jsessionid=1/secret", "reject", b"/admin/secret"),
+        (b"/admin;x", "reject", b"/admin"),
+        (b"/public/..;/admin", "reject", b"/admin"),
+        (b"/public;a=b/../admin;c", "reject", b"/admin"),
+        # keep matches an encoded slash as the upstreams that decode it see it
+        (b"/admin%2Fsecret", "keep", b"/admin/secret"),
+        (b"/public%2F..%2Fadmin", "keep", b"/admin"),
+        (b"/admin%2Fsecret", "decode", b"/admin/secret"),
+        (b"/plain/path", "reject", b"/plain/path"),
+    ],
+)
+def test_paths_are_matched_without_parameters(
+    raw: bytes, mode: EncodedSlashes, matched: bytes
+) -> None:
+    assert normalize_path(raw, mode)[1] == matched
+
+
+def test_the_two_forms_are_one_object_when_equal() -> None:
+    forwarded, matched = normalize_path(b"/a/./b")
+    assert forwarded is matched
+
+
+@pytest.mark.parametrize(
+    ("raw", "mode", "message"),
+    [
+        (b"/admin%2Fsecret", "reject", "encoded slash (%2F)"),
+        (b"/admin%2fsecret", "reject", "encoded slash (%2F)"),
+        (b"/admin%5Csecret", "reject", "encoded backslash (%5C)"),
+        (b"/admin%5csecret", "decode", "encoded backslash (%5C)"),
+        (b"/admin\\secret", "reject", "backslash"),
+        (b"/admin\\secret", "decode", "backslash"),
+        (b"/admin\\secret", "keep", "backslash"),
+    ],
+)
+def test_ambiguous_separators_are_refused(raw: bytes, mode: EncodedSlashes, message: str) -> None:
+    with pytest.raises(PathError) as info:
+        normalize_path(raw, mode)
+    assert message in str(info.value)
+    assert "encoded_slashes" in str(info.value)
 
 
 @pytest.mark.parametrize(
@@ -94,10 +147,10 @@ def test_normalize_path(raw: bytes, decode_slashes: bool, expected: bytes) -> No
         (b"/a%00b", "encoded NUL byte (%00)"),
     ],
 )
-@pytest.mark.parametrize("decode_slashes", [False, True])
-def test_normalize_path_refuses(raw: bytes, message: str, decode_slashes: bool) -> None:
+@pytest.mark.parametrize("mode", ["reject", "decode", "keep"])
+def test_normalize_path_refuses(raw: bytes, message: str, mode: EncodedSlashes) -> None:
     with pytest.raises(PathError) as info:
-        normalize_path(raw, decode_slashes=decode_slashes)
+        normalize_path(raw, mode)
     assert message in str(info.value)
     assert isinstance(info.value, MeshgateError)
 
@@ -119,6 +172,8 @@ _PIECES = [
     "%2F..%2F",
     "%20",
     "%3f",
+    ";p",
+    "..;x",
     "%25",
     "%252e",
     "%c3%a9",
@@ -139,12 +194,13 @@ def _paths(count: int, seed: int) -> list[bytes]:
     return out
 
 
-@pytest.mark.parametrize("decode_slashes", [False, True])
-def test_normalizing_twice_changes_nothing(decode_slashes: bool) -> None:
+@pytest.mark.parametrize("mode", ["decode", "keep"])
+def test_normalizing_twice_changes_nothing(mode: EncodedSlashes) -> None:
     changed = 0
     for raw in _paths(2000, seed=7):
-        once = normalize_path(raw, decode_slashes=decode_slashes)
-        assert normalize_path(once, decode_slashes=decode_slashes) == once, raw
+        once, matched = normalize_path(raw, mode)
+        assert normalize_path(once, mode)[0] == once, raw
+        assert normalize_path(matched, mode)[1] == matched, raw
         changed += once != raw
 
         # The canonical form, spelled out.
@@ -156,6 +212,7 @@ def test_normalizing_twice_changes_nothing(decode_slashes: bool) -> None:
         for escape in _ESCAPE.findall(once):
             assert escape == escape.upper(), raw
             assert escape not in (b"2E", b"41", b"7E"), raw
-            assert escape != b"2F" or not decode_slashes, raw
+            assert escape != b"2F" or mode == "keep", raw
+        assert b"%2F" not in matched, raw
     # The generator produces paths that need normalizing, not just canonical ones.
     assert changed > 1000

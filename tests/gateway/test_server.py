@@ -8,6 +8,8 @@ import os
 
 import pytest
 
+from meshgate.config import loads
+from meshgate.errors import ConfigError
 from tests.helpers import (
     Client,
     Message,
@@ -693,17 +695,30 @@ async def test_host_with_trailing_dot_routes_like_without() -> None:
     await up.close()
 
 
-@pytest.mark.parametrize(("decode", "seen"), [(False, "/files/a%2Fb"), (True, "/files/a/b")])
-async def test_encoded_slashes_are_data_unless_configured(decode: bool, seen: str) -> None:
+@pytest.mark.parametrize(
+    ("mode", "status", "seen"),
+    [("reject", 400, None), ("keep", 200, "/files/a%2Fb"), ("decode", 200, "/files/a/b")],
+)
+async def test_encoded_slashes_follow_the_configuration(
+    mode: str, status: int, seen: str | None
+) -> None:
     up = await RawUpstream().start()
-    config = gateway_yaml(
-        {"up": [up.address]}, ROUTE, f"decode_encoded_slashes: {str(decode).lower()}"
-    )
+    config = gateway_yaml({"up": [up.address]}, ROUTE, f"encoded_slashes: {mode}")
     async with run_gateway(config) as (_, port):
         client = await Client.connect(port)
-        assert (await client.request("GET", "/files/a%2fb")).body == seen.encode()
+        res = await client.request("GET", "/files/a%2fb")
+        assert res.status == status
+        if seen is not None:
+            assert res.body == seen.encode()
         await client.close()
+    assert [r.target for r in up.requests] == ([seen] if seen else [])
     await up.close()
+
+
+async def test_the_old_slash_setting_names_its_replacement() -> None:
+    with pytest.raises(ConfigError) as info:
+        loads(gateway_yaml({"up": ["127.0.0.1:1"]}, ROUTE, "decode_encoded_slashes: true"))
+    assert "write 'encoded_slashes: decode'" in str(info.value)
 
 
 async def test_response_cut_mid_stream_is_counted_as_aborted() -> None:

@@ -27,7 +27,7 @@ from pydantic import (
     model_validator,
 )
 
-from meshgate.gateway.paths import PathError, normalize_path
+from meshgate.gateway.paths import EncodedSlashes, PathError, normalize_path
 
 __all__ = [
     "AccessLogSettings",
@@ -284,10 +284,12 @@ class GatewaySettings(_Model):
     request_id_header: str = "X-Request-ID"
     """The request id header: passed through when the client sends a valid one,
     otherwise generated; echoed to the client in the response."""
-    decode_encoded_slashes: bool = False
-    """Treat ``%2F`` in a request path as a path separator when matching and forwarding.
-    Off by default: an encoded slash is data, and decoding it lets ``/a%2F..%2Fadmin``
-    look like another path to the upstream than to the router."""
+    encoded_slashes: EncodedSlashes = "reject"
+    """What ``%2F`` (and ``%5C``) in a request path does. ``reject`` (the default): 400,
+    since upstreams disagree on whether it separates segments (uvicorn decodes it, so
+    ``/admin%2Fsecret`` would reach ``/admin/secret`` past a policy on ``/admin``).
+    ``decode``: it is a slash, for the router and the upstream alike. ``keep``: matched
+    as a slash, forwarded encoded, for upstreams that treat it as data."""
     via: str | None = "meshgate"
     """The pseudonym added to the Via header in both directions; null adds none."""
     keepalive_timeout: Duration = 75.0
@@ -308,6 +310,18 @@ class GatewaySettings(_Model):
         if value == "auto":
             return 0
         return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: object) -> object:
+        if isinstance(data, dict) and "decode_encoded_slashes" in data:
+            old = data["decode_encoded_slashes"]
+            raise ValueError(
+                "decode_encoded_slashes was replaced by encoded_slashes; write"
+                f" 'encoded_slashes: {'decode' if old is True else 'keep'}' (or leave it"
+                " out: the default, reject, answers 400 to an encoded slash)"
+            )
+        return data
 
     @field_validator("trusted_proxies", mode="before")
     @classmethod
@@ -1116,10 +1130,16 @@ class MatchSettings(_Model):
 
 
 def _normalize(path: str) -> str:
+    if ";" in path:
+        raise ValueError(
+            f"{path!r} has a ';': path parameters are ignored when matching, so this"
+            " route could never match; leave them out"
+        )
     try:
-        return normalize_path(path.encode("ascii")).decode("ascii")
+        forwarded, _ = normalize_path(path.encode("ascii"))
     except PathError as exc:
         raise ValueError(f"{path!r}: {exc}") from None
+    return forwarded.decode("ascii")
 
 
 _PLACEHOLDER_RE = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")

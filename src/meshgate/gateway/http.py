@@ -46,6 +46,7 @@ X_FORWARDED_HOST = 9
 FORWARDED = 10
 EXPECT = 11
 REQUEST_ID = 12
+AUTHORIZATION = 13
 
 _HOP_BY_HOP = (
     b"keep-alive",
@@ -68,8 +69,38 @@ REQ_HEADER_KINDS: dict[bytes, int] = {
     b"x-forwarded-host": X_FORWARDED_HOST,
     b"forwarded": FORWARDED,
     b"expect": EXPECT,
+    b"authorization": AUTHORIZATION,
+    # "Proxy" is no standard header; CGI-style servers expose it as HTTP_PROXY, which
+    # HTTP clients then take for their proxy setting (httpoxy, CVE-2016-5385).
+    b"proxy": DROP,
 }
 """Request header kinds by lowercase name (the request id header is added per config)."""
+
+
+def underscore_variants(name: bytes) -> list[bytes]:
+    """The spellings of ``name`` (lowercase) with some or all ``-`` written ``_``.
+
+    CGI and WSGI servers turn both into ``_`` (``X_User_Id`` and ``X-User-Id`` are both
+    ``HTTP_X_USER_ID``), so a client header spelled this way would pass for one the
+    gateway sets. Names with many dashes get only the all-underscore spelling beyond
+    the first six dashes' combinations.
+    """
+    dashes = [i for i, c in enumerate(name) if c == 0x2D]
+    if not dashes:
+        return []
+    out = []
+    first = dashes[:6]
+    for mask in range(1, 1 << len(first)):
+        chars = bytearray(name)
+        for bit, at in enumerate(first):
+            if mask >> bit & 1:
+                chars[at] = 0x5F
+        if len(dashes) > len(first) and mask == (1 << len(first)) - 1:
+            for at in dashes[len(first) :]:
+                chars[at] = 0x5F
+        out.append(bytes(chars))
+    return out
+
 
 RESP_HEADER_KINDS: dict[bytes, int] = {
     **dict.fromkeys(_HOP_BY_HOP, DROP),

@@ -196,8 +196,7 @@ class Runtime:
         self.rid_lower = rid.lower().encode()
         self.resp_names = http.response_names(rid)
         self.rid_prefix = self.rid_name + b": "
-        self.req_kinds = dict(http.REQ_HEADER_KINDS)
-        self.req_kinds[rid.lower().encode()] = http.REQUEST_ID
+        self.req_kinds = _request_header_kinds(config)
         via = gw.via
         self.via_req_10 = b"Via: 1.0 " + via.encode() + b"\r\n" if via else b""
         self.via_req_11 = b"Via: 1.1 " + via.encode() + b"\r\n" if via else b""
@@ -208,7 +207,7 @@ class Runtime:
         self.max_url = limits.max_url_bytes
         self.max_head = limits.max_header_bytes
         self.max_body = limits.max_body_bytes
-        self.decode_slashes = gw.decode_encoded_slashes
+        self.encoded_slashes = gw.encoded_slashes
         self.header_timeout = gw.header_timeout
         self.body_timeout = gw.body_timeout
         self.keepalive_timeout = gw.keepalive_timeout
@@ -265,6 +264,31 @@ class Runtime:
         (endpoints that a newer runtime carries on)."""
         for upstream in self.upstreams.values():
             upstream.close(keep)
+
+
+def _request_header_kinds(config: Config) -> dict[bytes, int]:
+    """The request headers the data plane acts on, by lowercase name.
+
+    Beyond :data:`~meshgate.gateway.http.REQ_HEADER_KINDS` and the request id header:
+    the identity headers any route's auth sets (``X-User-Id``, ``X-Consumer``) are
+    never taken from a client, on any route; and every one of these names spelled with
+    ``_`` for ``-`` is dropped, since CGI-style upstreams read the two as one header.
+    """
+    kinds = dict(http.REQ_HEADER_KINDS)
+    kinds[config.gateway.request_id_header.lower().encode()] = http.REQUEST_ID
+    for route in config.routes:
+        auth = route.auth
+        if auth is None:
+            continue
+        owned = list(auth.jwt.forward_claims.values()) if auth.jwt is not None else []
+        if auth.api_key is not None and auth.api_key.consumer_header:
+            owned.append(auth.api_key.consumer_header)
+        for header in owned:
+            kinds[header.lower().encode()] = http.DROP
+    for name in list(kinds):
+        for variant in http.underscore_variants(name):
+            kinds.setdefault(variant, http.DROP)
+    return kinds
 
 
 def compile_config(config: Config) -> None:

@@ -1069,12 +1069,14 @@ class ClientConnection(asyncio.Protocol):
         fwd: list[bytes] = [b"", b""]
         append = fwd.append
         host = b""
+        authorization = False
         special: list[tuple[int, bytes]] | None = None
         for name, value in headers:
             lname = name.lower()
             kind = kinds.get(lname)
             if kind is None:
-                if lname[:6] != b"proxy-":
+                proxy = lname[:6]
+                if proxy not in {b"proxy-", b"proxy_"}:
                     append(name + b": " + value + b"\r\n")
             elif kind == http.HOST:
                 if host:
@@ -1083,6 +1085,20 @@ class ClientConnection(asyncio.Protocol):
                     self._start(ex)
                     return
                 host = value
+            elif kind == http.AUTHORIZATION:
+                if authorization:
+                    # The gateway would verify one and the upstream might read the
+                    # other (nginx refuses these too).
+                    self._prepare_error(
+                        ex,
+                        400,
+                        "bad_authorization",
+                        "more than one Authorization header; send one credential",
+                    )
+                    self._start(ex)
+                    return
+                authorization = True
+                append(name + b": " + value + b"\r\n")
             elif special is None:
                 special = [(kind, value)]
             else:
@@ -1177,7 +1193,7 @@ class ClientConnection(asyncio.Protocol):
         raw_path = path
         if not path.startswith(b"/"):
             if url == b"*" and method == b"OPTIONS":
-                path = b"*"
+                path = fwd_path = b"*"
             else:
                 self._prepare_error(
                     ex, 400, "bad_target", "the request target must be an absolute path"
@@ -1186,9 +1202,15 @@ class ClientConnection(asyncio.Protocol):
                 return
         # find(), not "in": in CPython 3.11 "bytes in bytes" first tries the
         # operand as an integer and raises (and clears) a TypeError every time.
-        elif path.find(b"%") >= 0 or path.find(b"/.") >= 0 or path.find(b"//") >= 0:
+        elif (
+            path.find(b"%") >= 0
+            or path.find(b"/.") >= 0
+            or path.find(b"//") >= 0
+            or path.find(b";") >= 0
+            or path.find(b"\\") >= 0
+        ):
             try:
-                path = normalize_path(path, rt.decode_slashes)
+                fwd_path, path = normalize_path(path, rt.encoded_slashes)
             except PathError as exc:
                 self._prepare_error(ex, 400, "bad_path", str(exc))
                 self._start(ex)
@@ -1220,7 +1242,7 @@ class ClientConnection(asyncio.Protocol):
         elif path is raw_path:
             target = url  # forwarded exactly as received
         else:
-            target = path + query
+            target = fwd_path + query
 
         if extra_drop:
             fwd[2:] = [f for f in fwd[2:] if f.split(b":", 1)[0].lower() not in extra_drop]

@@ -456,6 +456,15 @@ class AuthFilter:
                 if scheme.lower() == b"bearer":
                     token = rest.strip()
             elif low == self._api_header:
+                if api_key is not None:
+                    # Which one the upstream would read is anyone's guess.
+                    return reply(
+                        exchange,
+                        400,
+                        "bad_api_key",
+                        f"more than one {self.settings.api_key.header} header;"  # type: ignore[union-attr]
+                        " send one key",
+                    )
                 api_key = value.strip()
         if self._api_query is not None:
             # Always taken out of the forwarded target, even when a header also
