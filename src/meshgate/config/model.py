@@ -55,9 +55,7 @@ _FRAMING_HEADERS = frozenset(
 _HOST_RE = re.compile(r"^(\*\.)?([A-Za-z0-9-]+\.)*[A-Za-z0-9-]+\.?$")
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*(?:([KMG])(i)?)?B?\s*$", re.IGNORECASE)
-_METHODS = frozenset(
-    {"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT"}
-)
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE"})
 
 
 class _Model(BaseModel):
@@ -1037,7 +1035,8 @@ class MatchSettings(_Model):
     """A regular expression the whole path must match; named groups can be used in
     the route's ``rewrite``."""
     methods: tuple[str, ...] = ()
-    """HTTP methods; any method when empty."""
+    """HTTP methods; when empty, any method but TRACE (which a route must list to
+    allow). CONNECT is never routed."""
     headers: dict[str, HeaderMatch] = Field(default_factory=dict)
     """Header conditions, all of which must hold: ``{X-Version: "2"}``,
     ``{X-Canary: {regex: "yes|true"}}``, ``{X-Debug: {present: true}}``."""
@@ -1065,6 +1064,11 @@ class MatchSettings(_Model):
         out = []
         for method in methods:
             upper = method.upper()
+            if upper == "CONNECT":
+                raise ValueError(
+                    "CONNECT is never routed: the gateway is a reverse proxy, not a tunnel"
+                    " to any host; remove it"
+                )
             if upper not in _METHODS:
                 raise ValueError(
                     f"{method!r} is not an HTTP method; use one of {', '.join(sorted(_METHODS))}"
@@ -1187,6 +1191,31 @@ class RouteSettings(_Model):
     """Rate limiting."""
     headers: HeaderPolicySettings | None = None
     """Request and response header changes."""
+    upgrades: tuple[str, ...] = ("websocket",)
+    """The protocols a client may switch to on this route (``Upgrade``), tunnelled once
+    the upstream answers 101. An upgrade to any other protocol is forwarded as a plain
+    request, without its ``Upgrade``; ``h2c`` never is tunnelled. ``[]``: none."""
+
+    @field_validator("upgrades", mode="before")
+    @classmethod
+    def _upgrade_list(cls, value: object) -> object:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("upgrades")
+    @classmethod
+    def _upgrade_tokens(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        out = []
+        for token in value:
+            low = token.strip().lower()
+            if low.split("/", 1)[0] == "h2c":
+                raise ValueError(
+                    "h2c is never tunnelled: inside the tunnel a client would speak HTTP/2"
+                    " to the upstream past every route and policy; remove it"
+                )
+            if not low or not _HEADER_NAME_RE.match(low.replace("/", "")):
+                raise ValueError(f"{token!r} is not a protocol name such as websocket")
+            out.append(low)
+        return tuple(out)
 
     @model_validator(mode="before")
     @classmethod

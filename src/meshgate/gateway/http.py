@@ -73,6 +73,9 @@ REQ_HEADER_KINDS: dict[bytes, int] = {
     # "Proxy" is no standard header; CGI-style servers expose it as HTTP_PROXY, which
     # HTTP clients then take for their proxy setting (httpoxy, CVE-2016-5385).
     b"proxy": DROP,
+    # Only meaningful with "Upgrade: h2c", which is never forwarded (RFC 9113 3.1 drops
+    # the upgrade altogether; HAProxy removes both).
+    b"http2-settings": DROP,
 }
 """Request header kinds by lowercase name (the request id header is added per config)."""
 

@@ -124,6 +124,7 @@ class CompiledRoute:
         "settings",
         "stats",
         "total_timeout",
+        "upgrades",
         "upstream",
     )
 
@@ -147,6 +148,7 @@ class CompiledRoute:
             else None
         )
         self.rewrites = settings.strip_prefix or settings.rewrite is not None
+        self.upgrades = frozenset(p.encode() for p in settings.upgrades)
         self.connect_timeout = timeouts.connect
         self.read_timeout = timeouts.read
         self.total_timeout = timeouts.total

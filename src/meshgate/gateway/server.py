@@ -44,8 +44,13 @@ _PIPELINE = 1
 _UPSTREAM_FULL = 2  # used by UpstreamConnection.pause_writing
 _BODY_BUFFER = 4
 _REFUSED = 8
+_TUNNEL_WAIT = 16  # bytes after an Upgrade request wait for the upstream's 101
 
 _BODY_BUFFER_LIMIT = 256 * 1024
+# What a client may send after an Upgrade request before the upstream agrees: a
+# WebSocket client sends nothing until the 101, so this only bounds a hostile one.
+_TUNNEL_PENDING_LIMIT = 64 * 1024
+_ALLOW_DEFAULT = b"Allow: GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS\r\n"
 _HOST_CHARS = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-:[]_"
 _RID_CHARS = bytes(range(0x21, 0x7F))
 _CHUNK_END = b"\r\n"
@@ -112,6 +117,7 @@ class Exchange:
     attempts = 0  # retries made
     has_body = False  # the request announced a body (Content-Length > 0 or chunked)
     tried: set[Endpoint] | None = None  # endpoints a retry must avoid
+    upgrade_to: frozenset[bytes] = frozenset()  # the protocols a 101 may switch to
     replay: list[bytes] | None = None  # the body so far, kept to be sent again
     replay_size = 0
     resp_extra = b""  # header lines filters add to the response
@@ -129,6 +135,7 @@ class Exchange:
     interim = False
     no_body = False
     queued_at = 0.0
+    raw_body_left = 0  # body bytes of a refused upgrade, read past the stopped parser
     retried = False
     t_up_end = 0.0
     until_close = False
@@ -353,6 +360,21 @@ class Exchange:
                 out.insert(2, self.resp_extra + self.set_cookie)  # whole lines, among the others
         append = out.append
         if status == 101:
+            # Only a switch the client asked for, to a protocol the route allows:
+            # anything else would open a tunnel past routing and policies.
+            if not self.upgrade or (upgrade or b"").strip().lower() not in self.upgrade_to:
+                self.status = 0
+                self.resp_started = False
+                conn.exchange = None
+                conn.transport.abort()
+                self.conn = None
+                self._leave_endpoint(failed=conn.endpoint)
+                self.fail(
+                    502,
+                    "upstream_invalid_response",
+                    "the upstream switched to a protocol the request did not ask for",
+                )
+                return
             append(b"\r\nConnection: Upgrade\r\nUpgrade: " + (upgrade or b"") + b"\r\n\r\n")
             client.transport.write(b"".join(out))
             return
@@ -470,6 +492,7 @@ class Exchange:
         client.tunnel_pending = None
         if pending:
             conn.transport.write(pending)
+        client.resume_reading_for(_TUNNEL_WAIT)
         self.keep_alive = False
         self.finish()
 
@@ -854,6 +877,7 @@ class ClientConnection(asyncio.Protocol):
         "transport",
         "tunnel",
         "tunnel_pending",
+        "upgrading",
         "worker",
     )
 
@@ -868,6 +892,7 @@ class ClientConnection(asyncio.Protocol):
         self.head_size = 0
         self.head_started = 0.0
         self.body_seen = 0.0
+        self.upgrading: Exchange | None = None
         self.idle_since = 0.0
         self.paused = 0
         self.closing = False
@@ -905,8 +930,7 @@ class ClientConnection(asyncio.Protocol):
             tunnel.transport.write(data)
             return
         if self.tunnel_pending is not None:
-            # Bytes after an Upgrade request wait for the upstream's answer.
-            self.tunnel_pending += data
+            self._after_upgrade(data)
             return
         size = self.head_size
         if size >= 0:
@@ -918,9 +942,10 @@ class ClientConnection(asyncio.Protocol):
         try:
             self.parser.feed_data(data)
         except HttpParserUpgrade as exc:
-            # The request asked to switch protocols; what follows its head is
-            # held until the upstream agrees (101) or refuses (connection closes).
-            self.tunnel_pending = data[exc.args[0] :]
+            # The request asked to switch protocols (or was a CONNECT): the parser
+            # stops after its head, and reads no more requests on this connection.
+            self.tunnel_pending = b""
+            self._after_upgrade(data[exc.args[0] :])
             return
         except HttpParserCallbackError as exc:
             reject = exc.__context__
@@ -943,6 +968,39 @@ class ClientConnection(asyncio.Protocol):
                 "headers_too_large",
                 f"the request head is larger than {self.worker.runtime.max_head} bytes",
             )
+
+    def _after_upgrade(self, data: bytes) -> None:
+        """Bytes after an Upgrade (or CONNECT) request's head, before any tunnel.
+
+        The body of an upgrade the route does not allow (sent as a plain request) is
+        read here, since the parser stopped at the head. Anything else waits for the
+        upstream's 101 (it is the tunnel's first bytes), at most
+        ``_TUNNEL_PENDING_LIMIT`` of it: then reading pauses until the upstream answers.
+        """
+        self.body_seen = CLOCK.now
+        ex = self.upgrading
+        if ex is not None:
+            left = ex.raw_body_left
+            body = data[:left]
+            ex.raw_body_left = left - len(body)
+            try:
+                ex.on_request_body(body)
+            except _Reject as reject:
+                self.upgrading = None
+                self.parsing = ex  # the request being read, as far as _refuse is concerned
+                self._refuse(reject.status, reject.error, reject.detail)
+                return
+            if not ex.raw_body_left:
+                self.upgrading = None
+                ex.req_done = True
+                # The connection ends with this request: later bytes are not read.
+                self.pause_reading_for(_REFUSED)
+            return
+        pending = self.tunnel_pending
+        pending = pending + data if pending else data
+        self.tunnel_pending = pending
+        if len(pending) > _TUNNEL_PENDING_LIMIT:
+            self.pause_reading_for(_TUNNEL_WAIT)
 
     def eof_received(self) -> bool | None:
         tunnel = self.tunnel
@@ -1237,6 +1295,59 @@ class ClientConnection(asyncio.Protocol):
         matched, groups = found
         route: CompiledRoute = matched.target  # type: ignore[assignment]
         ex.route = route
+        # TRACE echoes the request, credentials included (cross-site tracing);
+        # CONNECT would make the gateway a tunnel to anywhere.
+        if method in {b"TRACE", b"CONNECT"} and (method == b"CONNECT" or matched.methods is None):
+            if method == b"CONNECT":
+                ex.keep_alive = False  # the parser reads no request after it
+            self._prepare_error(
+                ex,
+                405,
+                "method_not_allowed",
+                f"{method.decode()} is not allowed here"
+                + ("" if method == b"CONNECT" else "; a route must list it in match.methods"),
+                headers=_ALLOW_DEFAULT,
+            )
+            self._start(ex)
+            return
+        if upgrade:
+            # Only the protocols the route allows are tunnelled; any other upgrade
+            # (h2c above all) goes on as a plain request without its Upgrade.
+            allowed = route.upgrades
+            wanted = [
+                token
+                for raw in upgrade_value.split(b",")
+                if (token := raw.strip()) and token.lower() in allowed
+            ]
+            if wanted:
+                if chunked or (content_length is not None and content_length != b"0"):
+                    self._prepare_error(
+                        ex,
+                        400,
+                        "bad_upgrade",
+                        "an Upgrade request cannot carry a body; send it without one",
+                    )
+                    self._start(ex)
+                    return
+                upgrade_value = b", ".join(wanted)
+                ex.upgrade_to = frozenset(token.lower() for token in wanted)
+            else:
+                ex.upgrade = upgrade = False
+                if chunked:
+                    # The parser stops at the head of an upgrade request; a chunked
+                    # body after it cannot be read safely.
+                    self._prepare_error(
+                        ex,
+                        400,
+                        "bad_upgrade",
+                        "this route does not allow Upgrade: "
+                        + upgrade_value.decode("latin-1")
+                        + "; send the request without Upgrade, or with Content-Length",
+                    )
+                    self._start(ex)
+                    return
+                if content_length is not None and content_length != b"0":
+                    ex.raw_body_left = int(content_length)
         if route.rewrites:
             target = matched.upstream_path(path, groups) + query
         elif path is raw_path:
@@ -1327,6 +1438,12 @@ class ClientConnection(asyncio.Protocol):
         self.parsing = None
         self.head_size = 0
         if ex is not None:
+            if ex.raw_body_left:
+                # An upgrade sent on as a plain request: the parser skipped its body,
+                # which is read in _after_upgrade.
+                self.upgrading = ex
+                self.head_size = -1  # a body is arriving (for the slow-body sweep)
+                return
             ex.req_done = True
             if ex.chunked_in:
                 conn = ex.conn
@@ -1335,7 +1452,9 @@ class ClientConnection(asyncio.Protocol):
 
     # -- request preparation: everything between the parsed head and dispatch
 
-    def _prepare_error(self, ex: Exchange, status: int, error: str, detail: str) -> None:
+    def _prepare_error(
+        self, ex: Exchange, status: int, error: str, detail: str, *, headers: bytes = b""
+    ) -> None:
         if not ex.request_id:
             ex.request_id = self.worker.next_request_id()
         ex.status = status
@@ -1352,6 +1471,7 @@ class ClientConnection(asyncio.Protocol):
             request_id=ex.request_id,
             request_id_header=ex.rt.rid_name,
             close=close,
+            extra_headers=headers,
         )
 
     def _refuse(self, status: int, error: str, detail: str) -> None:
@@ -1410,14 +1530,19 @@ class ClientConnection(asyncio.Protocol):
         if self.tunnel is not None:
             return
         ex = self.parsing
+        if ex is None and self.upgrading is not None:
+            ex = self.parsing = self.upgrading  # its body is read past the parser
         if (
             ex is not None
             and self.head_size < 0
             and not self.paused  # not waiting for the client while we hold it back
             and now - self.body_seen > rt.body_timeout + 0.1
         ):
+            self.upgrading = None
             self._refuse(408, "request_timeout", "the request body stopped arriving")
             return
+        if self.parsing is self.upgrading:
+            self.parsing = None
         if self.current is not None:
             return
         if self.head_size > 0:
