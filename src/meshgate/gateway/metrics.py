@@ -139,9 +139,10 @@ def merge_snapshots(snapshots: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
                 merged[counter] += entry[counter]
         for name, up in snap.get("upstreams", {}).items():
             for label, ep in up["endpoints"].items():
-                slot = upstreams.setdefault((name, label), {"open": 0, "idle": 0})
+                slot = upstreams.setdefault((name, label), {"open": 0, "idle": 0, "discarded": 0})
                 slot["open"] += ep["open"]
                 slot["idle"] += ep["idle"]
+                slot["discarded"] += ep.get("discarded", 0)
     return {
         "routes": list(routes.values()),
         "connections": connections,
@@ -266,4 +267,15 @@ class GatewayCollector(Collector):
             up.add_metric([name, label, "active"], counts["open"] - counts["idle"])
             up.add_metric([name, label, "idle"], counts["idle"])
         yield up
+        discarded = CounterMetricFamily(
+            "meshgate_gateway_upstream_connections_discarded",
+            "Upstream connections closed instead of reused because the upstream sent bytes "
+            "no request asked for (after a complete response, or while idle): it and the "
+            "gateway disagree on where a message ends.",
+            labels=["upstream", "endpoint"],
+        )
+        for (name, label), counts in sorted(data["upstream_connections"].items()):
+            if counts.get("discarded"):
+                discarded.add_metric([name, label], counts["discarded"])
+        yield discarded
         yield from data.get("extra", ())

@@ -406,10 +406,20 @@ class Exchange:
             append(b"\r\n\r\n")
         if self.method == b"HEAD":
             client.transport.write(b"".join(out))
-            # The parser would wait for a body that a HEAD response never has.
-            upstream_keep = conn.parser.should_keep_alive()
+            # The parser would wait for a body that a HEAD response never has; and
+            # since it would take what follows for one, any such bytes end the
+            # connection.
+            reusable = self.req_done and conn.parser.should_keep_alive()
             conn.reset_parser()
-            self._upstream_done(conn, upstream_keep)
+            self.conn = None
+            conn.exchange = None
+            if reusable and not conn.spill:
+                conn.reusable = True
+            elif reusable:
+                conn.discard()
+            else:
+                conn.upstream.release(conn, False)
+            self.finish()
         else:
             self.out = [b"".join(out)]
 
@@ -456,21 +466,13 @@ class Exchange:
             self.out = None
             self.client.transport.writelines(out)
         self.conn = None
-        upstream = conn.upstream
-        if self.req_done and conn.parser.should_keep_alive() and not upstream.waiters:
-            # Upstream.release's common case, inlined: back to the idle stack.
-            conn.exchange = None
-            if conn.paused:
-                conn.resume_reading()
-            conn.idle_since = CLOCK.now
-            conn.endpoint.idle.append(conn)
+        conn.exchange = None
+        if self.req_done and conn.parser.should_keep_alive():
+            # Pooled once the whole read is parsed, and only if nothing followed this
+            # response in it (UpstreamConnection.data_received).
+            conn.reusable = True
         else:
-            upstream.release(conn, self.req_done and conn.parser.should_keep_alive())
-        self.finish()
-
-    def _upstream_done(self, conn: UpstreamConnection, upstream_keep: bool) -> None:
-        self.conn = None
-        conn.upstream.release(conn, upstream_keep and self.req_done)
+            conn.upstream.release(conn, False)
         self.finish()
 
     def on_upstream_upgrade(self, conn: UpstreamConnection, rest: bytes) -> None:

@@ -20,7 +20,12 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from httptools import HttpParserError, HttpParserUpgrade, HttpResponseParser
+from httptools import (
+    HttpParserCallbackError,
+    HttpParserError,
+    HttpParserUpgrade,
+    HttpResponseParser,
+)
 
 from meshgate.config.model import UpstreamSettings
 from meshgate.gateway.clock import CLOCK
@@ -32,6 +37,10 @@ if TYPE_CHECKING:
     from meshgate.gateway.server import Exchange
 
 __all__ = ["Endpoint", "Notify", "Upstream", "UpstreamConnection"]
+
+
+class _Leftover(Exception):  # noqa: N818 - internal control flow, never escapes
+    """Raised inside the parser: bytes follow a complete response in the same read."""
 
 
 def endpoint_label(host: str, port: int) -> str:
@@ -60,6 +69,7 @@ class Endpoint:
         "address",
         "available",
         "clean_since",
+        "discarded",
         "drained",
         "ejected_until",
         "ejections",
@@ -109,6 +119,10 @@ class Endpoint:
         self.remote_until = 0.0
         self.drained = False
         self.available = True
+        # Connections closed rather than reused because the upstream sent bytes no
+        # request asked for: a framing disagreement, which could hand one client's
+        # response to another (response queue poisoning).
+        self.discarded = 0
 
     def refresh(self) -> None:
         """Recompute :attr:`available` after a health or drain change."""
@@ -129,6 +143,7 @@ class Endpoint:
             "ewma_ms": round(self.ewma * 1000, 3),
             "open": self.open,
             "idle": len(self.idle),
+            "discarded": self.discarded,
         }
 
     def __repr__(self) -> str:
@@ -148,6 +163,8 @@ class UpstreamConnection(asyncio.Protocol):
         "parser",
         "paused",
         "requests",
+        "reusable",
+        "spill",
         "transport",
         "tunnel",
         "upstream",
@@ -169,6 +186,12 @@ class UpstreamConnection(asyncio.Protocol):
         self.paused = False
         self.requests = 0
         self.idle_since = 0.0
+        # A response ended in the read being parsed and the connection may carry the
+        # next request: it goes back to the pool once the whole read is parsed, and
+        # only if nothing followed the response in it.
+        self.reusable = False
+        # Bytes followed the last response head in its read (a HEAD response has none).
+        self.spill = False
         # The client transport while tunnelling (after 101 Switching Protocols).
         self.tunnel: asyncio.Transport | None = None
 
@@ -187,7 +210,7 @@ class UpstreamConnection(asyncio.Protocol):
         if ex is None:
             # An idle connection must stay silent; anything it says is a protocol
             # error, and the connection cannot be trusted for the next request.
-            self.transport.abort()
+            self.discard()
             return
         ex.last_io = CLOCK.now
         if self.in_head:
@@ -202,6 +225,23 @@ class UpstreamConnection(asyncio.Protocol):
             self.parser.feed_data(data)
             if ex.out is not None:
                 ex.flush()
+            if self.reusable:
+                # Upstream.release's common case, inlined: back to the idle stack.
+                self.reusable = False
+                upstream = self.upstream
+                if upstream.waiters:
+                    upstream.release(self, True)
+                else:
+                    if self.paused:
+                        self.resume_reading()
+                    self.idle_since = CLOCK.now
+                    self.endpoint.idle.append(self)
+        except HttpParserCallbackError as exc:
+            if isinstance(exc.__context__, _Leftover):
+                self.reusable = False
+                self.discard()
+                return
+            self._invalid(exc)
         except HttpParserUpgrade as exc:
             rest = data[exc.args[0] :]
             current = self.exchange
@@ -210,11 +250,29 @@ class UpstreamConnection(asyncio.Protocol):
             elif self.tunnel is not None and rest:
                 self.tunnel.write(rest)
         except HttpParserError as exc:
-            current = self.exchange
-            self.transport.abort()
-            if current is not None:
-                self.exchange = None
-                current.on_upstream_error(self, f"invalid response from upstream: {exc}")
+            self._invalid(exc)
+
+    def _invalid(self, exc: Exception) -> None:
+        current = self.exchange
+        self.reusable = False
+        self.transport.abort()
+        if current is not None:
+            self.exchange = None
+            current.on_upstream_error(self, f"invalid response from upstream: {exc}")
+
+    def discard(self) -> None:
+        """Close the connection for bytes no request asked for (counted)."""
+        self.endpoint.discarded += 1
+        log.warning(
+            "closed a connection to %s: it sent bytes no request asked for", self.endpoint.label
+        )
+        self.transport.abort()
+
+    def on_message_begin(self) -> None:
+        if self.reusable:
+            # A second response right after the one just delivered: the upstream read
+            # something as a request that the gateway did not send as one.
+            raise _Leftover
 
     def eof_received(self) -> bool | None:
         if self.tunnel is not None:
@@ -264,6 +322,7 @@ class UpstreamConnection(asyncio.Protocol):
         else:
             self.head_buf = b""
             self.in_head = False
+            self.spill = len(buf) > end + 4
         ex = self.exchange
         if ex is not None:
             ex.on_upstream_head(self, status, block)
