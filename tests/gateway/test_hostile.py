@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from typing import Any
 
 import pytest
 
@@ -20,6 +21,7 @@ from tests.helpers import (
     Message,
     RawUpstream,
     build_request,
+    echo_handler,
     gateway_yaml,
     run_gateway,
 )
@@ -476,3 +478,88 @@ async def test_worker_survives_the_whole_corpus_at_once() -> None:
                 await asyncio.sleep(0.05)
     assert "/smuggled" not in [r.target for r in up.requests]
     await up.close()
+
+
+# ---------------------------------------------------------------------------- chunk extensions
+
+
+@pytest.mark.parametrize(
+    "tail",
+    [
+        pytest.param(lambda n: b"5;" + b"e" * n + b"\r\nhello\r\n0\r\n\r\n", id="one-extension"),
+        pytest.param(
+            lambda n: (
+                b"".join(b"1;" + b"e" * 1000 + b"\r\nx\r\n" for _ in range(n // 1000))
+                + b"0\r\n\r\n"
+            ),
+            id="many-extensions",
+        ),
+        pytest.param(lambda n: b"0\r\nX-T: " + b"t" * n + b"\r\n\r\n", id="trailer"),
+    ],
+)
+async def test_chunk_extensions_and_trailers_are_bounded(tail: Any) -> None:
+    up = await RawUpstream().start()
+    async with run_gateway(gateway_yaml({"up": [up.address]}, ROUTE, LIMITS)) as (worker, port):
+        bad = await Client.connect(port)
+        await bad.send(build_request("POST", "/ext", [("Transfer-Encoding", "chunked")]))
+        data = tail(2 << 20)  # 2 MiB of extension bytes, the body limit being 1 KiB
+        try:
+            for at in range(0, len(data), 65536):
+                await bad.send(data[at : at + 65536])
+        except ConnectionError:
+            pass  # the gateway may have closed its side by now; it answered first
+        res = await bad.read()
+        assert res.status in (400, 413), res.body
+        assert json.loads(res.body)["error"] in ("bad_chunk", "body_too_large")
+        assert await bad.closed()
+        await served_meanwhile(port)
+        assert not worker.inflight
+    assert [r.target for r in up.requests] == ["/fine"]
+
+
+async def test_small_chunk_extensions_pass_and_are_not_forwarded() -> None:
+    up = await RawUpstream(echo_handler).start()
+    async with run_gateway(gateway_yaml({"up": [up.address]}, ROUTE)) as (_, port):
+        client = await Client.connect(port)
+        await client.send(build_request("POST", "/ext", [("Transfer-Encoding", "chunked")]))
+        await client.send(b"5;name=value;x\r\nhello\r\n6;a=b\r\n world\r\n0\r\n\r\n")
+        res = await client.read()
+        assert res.status == 200
+        assert res.body == b"hello world"
+
+
+# ---------------------------------------------------------------------------- lingering close
+
+
+@pytest.mark.parametrize(
+    ("raw", "status"),
+    [
+        pytest.param(
+            b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 200_000 + b"\r\n\r\n",
+            431,
+            id="head-too-large",
+        ),
+        pytest.param(
+            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 4194304\r\n\r\n" + b"b" * (4 << 20),
+            413,
+            id="body-too-large",
+        ),
+        pytest.param(
+            b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n"
+            + b"".join(b"10000\r\n" + b"c" * 65536 + b"\r\n" for _ in range(64)),
+            413,
+            id="chunked-body-too-large",
+        ),
+    ],
+)
+async def test_a_client_still_sending_gets_the_answer_not_a_reset(raw: bytes, status: int) -> None:
+    up = await RawUpstream().start()
+    async with run_gateway(gateway_yaml({"up": [up.address]}, ROUTE, LIMITS)) as (_, port):
+        client = await Client.connect(port)
+        # Everything is written before anything is read, as a simple client does.
+        await client.send(raw)
+        res = await client.read()
+        assert res.status == status, res.body
+        assert res.header("Connection") == "close"
+        assert await client.closed()
+    assert up.requests == []

@@ -50,6 +50,12 @@ _BODY_BUFFER_LIMIT = 256 * 1024
 # What a client may send after an Upgrade request before the upstream agrees: a
 # WebSocket client sends nothing until the 101, so this only bounds a hostile one.
 _TUNNEL_PENDING_LIMIT = 64 * 1024
+# Chunk extensions and trailers are read and thrown away, but a client could send them
+# without end; past this many bytes (Node.js caps them at 16 KiB since CVE-2024-22019)
+# the request is refused. Each chunk may spend _CHUNK_FRAMING bytes on its size line
+# and CRLFs before anything counts as an extension.
+_CHUNK_EXTRA_LIMIT = 16 * 1024
+_CHUNK_FRAMING = 12
 _ALLOW_DEFAULT = b"Allow: GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS\r\n"
 _HOST_CHARS = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-:[]_"
 _RID_CHARS = bytes(range(0x21, 0x7F))
@@ -127,6 +133,8 @@ class Exchange:
     try_deadline = 0.0  # the current try's per-try timeout
     body_buf: list[bytes] | None = None
     body_size = 0
+    chunks = 0  # chunks of a chunked request body so far
+    chunk_wire = 0  # bytes of a chunked body as they came on the wire (framing included)
     chunked_in = False
     chunk_out = False
     deadline = 0.0
@@ -854,6 +862,67 @@ def _special_headers(
     )
 
 
+_LINGER_IDLE = 2.0  # seconds without a byte from the client
+_LINGER_TOTAL = 10.0
+_LINGER_BYTES = 64 << 20
+
+
+class _Lingering(asyncio.Protocol):
+    """A connection the gateway has answered and is closing while the client still
+    sends (an oversized head or body, a refused request): the write side is shut
+    (FIN after the answer), and what the client sends is read and discarded for a
+    bounded time and size, then the connection closes. Closing at once would make
+    the kernel answer the unread bytes with a reset, and a client still writing would
+    never read the answer (nginx's lingering close).
+    """
+
+    __slots__ = ("client", "last", "left", "loop", "timer", "transport", "until")
+
+    def __init__(self, client: ClientConnection) -> None:
+        self.client = client
+        self.transport = client.transport
+        self.loop = asyncio.get_running_loop()
+        now = self.loop.time()
+        self.last = now
+        self.until = now + _LINGER_TOTAL
+        self.left = _LINGER_BYTES
+        self.timer = self.loop.call_later(_LINGER_IDLE, self._check)
+
+    @classmethod
+    def start(cls, client: ClientConnection) -> None:
+        transport = client.transport
+        if transport.is_closing():
+            return
+        lingering = cls(client)
+        transport.set_protocol(lingering)
+        if transport.can_write_eof():
+            transport.write_eof()  # sent once the answer has left
+        client.paused = 0
+        transport.resume_reading()
+
+    def data_received(self, data: bytes) -> None:
+        self.last = self.loop.time()
+        self.left -= len(data)
+        if self.left <= 0:
+            self.transport.close()
+
+    def eof_received(self) -> bool:
+        return False  # the client is done: close
+
+    def _check(self) -> None:
+        now = self.loop.time()
+        if now - self.last >= _LINGER_IDLE or now >= self.until:
+            self.transport.close()
+            return
+        self.timer = self.loop.call_later(
+            min(_LINGER_IDLE - (now - self.last), self.until - now), self._check
+        )
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.timer.cancel()
+        self.client.connection_lost(exc)
+
+
 class ClientConnection(asyncio.Protocol):
     """One client connection: parses requests and runs their exchanges in order."""
 
@@ -869,6 +938,7 @@ class ClientConnection(asyncio.Protocol):
         "host_fwd",
         "host_line",
         "idle_since",
+        "lingering",
         "parser",
         "parsing",
         "paused",
@@ -895,6 +965,7 @@ class ClientConnection(asyncio.Protocol):
         self.head_started = 0.0
         self.body_seen = 0.0
         self.upgrading: Exchange | None = None
+        self.lingering = False
         self.idle_since = 0.0
         self.paused = 0
         self.closing = False
@@ -963,12 +1034,37 @@ class ClientConnection(asyncio.Protocol):
         except HttpParserError as exc:
             self._refuse(400, "bad_request", f"malformed HTTP request: {exc}")
             return
-        size = self.head_size
-        if size > 0 and size > self.worker.runtime.max_head:
+        after = self.head_size
+        if after > 0 and after > self.worker.runtime.max_head:
             self._refuse(
                 431,
                 "headers_too_large",
                 f"the request head is larger than {self.worker.runtime.max_head} bytes",
+            )
+        elif size < 0 and after < 0:
+            ex = self.parsing
+            if ex is not None and ex.chunked_in:
+                self._count_chunked(ex, len(data))
+
+    def _count_chunked(self, ex: Exchange, received: int) -> None:
+        """Hold a chunked body's extensions and trailers to their limits: they count
+        against ``max_body_bytes`` like the body, and at most 16 KiB of them in all."""
+        wire = ex.chunk_wire = ex.chunk_wire + received
+        extra = wire - ex.body_size - _CHUNK_FRAMING * ex.chunks
+        if extra > _CHUNK_EXTRA_LIMIT:
+            self._refuse(
+                400,
+                "bad_chunk",
+                f"the chunk extensions and trailers are over {_CHUNK_EXTRA_LIMIT} bytes;"
+                " send the body without them",
+            )
+            return
+        limit = self.worker.runtime.max_body
+        if limit is not None and extra > 0 and ex.body_size + extra > limit:
+            self._refuse(
+                413,
+                "body_too_large",
+                f"the request body, chunk extensions included, is larger than {limit} bytes",
             )
 
     def _after_upgrade(self, data: bytes) -> None:
@@ -1435,6 +1531,11 @@ class ClientConnection(asyncio.Protocol):
         if ex is not None:
             ex.on_request_body(body)
 
+    def on_chunk_header(self) -> None:
+        ex = self.parsing
+        if ex is not None:
+            ex.chunks += 1
+
     def on_message_complete(self) -> None:
         ex = self.parsing
         self.parsing = None
@@ -1478,11 +1579,25 @@ class ClientConnection(asyncio.Protocol):
 
     def _refuse(self, status: int, error: str, detail: str) -> None:
         """Refuse the request being read: answer in turn, then close the connection."""
+        if self.lingering:
+            return  # a response closed the connection already: nothing more is sent
+        ex = self.parsing
+        if ex is None and self.closing:
+            # What follows a request that ends the connection is not answered.
+            self.pause_reading_for(_REFUSED)
+            if self.current is None:
+                self.linger()
+            return
         self.closing = True
         self.pause_reading_for(_REFUSED)
-        ex = self.parsing
         self.parsing = None
-        if ex is not None and ex.t_start and not ex.done:
+        if ex is not None and ex.done:
+            # Already answered (by a filter, or an early error): nothing more to say,
+            # but the connection ends.
+            if self.current is None:
+                self.linger()
+            return
+        if ex is not None and ex.t_start:
             if ex is self.current:
                 # Its head was fine and it was dispatched; its body was not.
                 ex.keep_alive = False
@@ -1505,6 +1620,18 @@ class ClientConnection(asyncio.Protocol):
 
     # -- between exchanges
 
+    def linger(self) -> None:
+        """Close once the answer is out, reading what the client still sends meanwhile.
+
+        The client may still be sending: closing now would make the kernel reset the
+        connection, and the answer could be lost unread. Started on the next loop turn,
+        outside the parser's callbacks (the parser may be mid-read).
+        """
+        if not self.lingering:
+            self.lingering = True
+            self.pause_reading_for(_REFUSED)
+            asyncio.get_running_loop().call_soon(_Lingering.start, self)
+
     def exchange_done(self, ex: Exchange) -> None:
         if ex is not self.current:
             return
@@ -1513,7 +1640,10 @@ class ClientConnection(asyncio.Protocol):
         if self.tunnel is not None:
             return
         if not ex.keep_alive or (self.closing and not self.pending):
-            transport.close()
+            if ex.req_done and not self.paused & _REFUSED and self.head_size <= 0:
+                transport.close()
+            else:
+                self.linger()
             return
         pending = self.pending
         if pending:
