@@ -7,7 +7,6 @@ keeps the runtime it started with.
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Mapping, Sequence
 from functools import lru_cache
 from typing import TypeVar
@@ -20,6 +19,7 @@ from meshgate.config.model import (
     UpstreamSettings,
 )
 from meshgate.gateway import http
+from meshgate.gateway.addresses import parse_ip
 from meshgate.gateway.filters import Chain, build_chain
 from meshgate.gateway.metrics import RouteStats, WorkerMetrics
 from meshgate.gateway.router import RouteMatch, Router
@@ -219,9 +219,8 @@ class Runtime:
     def _is_trusted(self, ip: str) -> bool:
         if not self._trusted:
             return False
-        try:
-            addr = ipaddress.ip_address(ip)
-        except ValueError:
+        addr = parse_ip(ip)
+        if addr is None:
             return False
         return any(addr in net for net in self._trusted)
 

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 from httptools import HttpParserCallbackError, HttpParserError, HttpParserUpgrade, HttpRequestParser
 
 from meshgate.gateway import http
+from meshgate.gateway.addresses import canonical_ip
 from meshgate.gateway.clock import CLOCK
 from meshgate.gateway.filters import PENDING
 from meshgate.gateway.http import IDEMPOTENT_METHODS, error_response, status_line
@@ -987,10 +988,10 @@ class ClientConnection(asyncio.Protocol):
         worker.connections.add(self)
         peer = transport.get_extra_info("peername")
         ip = peer[0] if isinstance(peer, tuple) else "unix"
-        if ip[:7] == "::ffff:" and "." in ip:
+        if ip[:7] == "::ffff:":
             # An IPv4 client of a dual-stack listener: judged (allow and deny
             # lists, trusted proxies, rate-limit keys) by its IPv4 address.
-            ip = ip[7:]
+            ip = canonical_ip(ip) or ip
         self.peer_ip = ip
         self.peer_trusted = worker.runtime.is_trusted(ip)
         self.peer_cert = bool(transport.get_extra_info("peercert"))

@@ -263,3 +263,42 @@ def test_a_single_range_may_be_written_without_a_list() -> None:
     assert settings is not None
     assert [str(n) for n in settings.allow] == ["10.0.0.0/8"]
     assert [str(n) for n in settings.deny] == ["10.1.0.0/16"]
+
+
+@pytest.mark.parametrize(
+    "xff",
+    [
+        "::ffff:10.1.2.3",
+        "::FFFF:10.1.2.3",
+        "::ffff:a01:203",
+        "[::ffff:10.1.2.3]",
+        "[::ffff:10.1.2.3]:443",
+        "10.1.2.3:51234",
+        "0:0:0:0:0:ffff:10.1.2.3",
+    ],
+)
+async def test_ipv4_rules_hold_for_every_spelling_of_an_ipv4_client(xff: str) -> None:
+    up = await RawUpstream().start()
+    route = ip_route("{deny: [10.0.0.0/8], forwarded: true}")
+    config = gateway_yaml({"up": [up.address]}, route, "trusted_proxies: [127.0.0.0/8]")
+    async with run_gateway(config) as (_, port):
+        client = await Client.connect(port)
+        res = await client.request("GET", "/", [("X-Forwarded-For", xff)])
+        await client.close()
+    assert_forbidden(res, "10.1.2.3")
+    assert up.requests == []
+    await up.close()
+
+
+async def test_an_ipv4_mapped_trusted_proxy_hop_is_skipped_like_its_ipv4_form() -> None:
+    up = await RawUpstream().start()
+    route = ip_route("{allow: [203.0.113.0/24], forwarded: true}")
+    config = gateway_yaml({"up": [up.address]}, route, "trusted_proxies: [127.0.0.0/8, 10.0.0.0/8]")
+    async with run_gateway(config) as (_, port):
+        client = await Client.connect(port)
+        res = await client.request(
+            "GET", "/", [("X-Forwarded-For", "203.0.113.9, ::ffff:10.0.0.7")]
+        )
+        await client.close()
+    assert res.status == 200, res.body
+    await up.close()

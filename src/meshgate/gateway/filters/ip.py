@@ -7,6 +7,7 @@ from functools import lru_cache
 from typing import TYPE_CHECKING
 
 from meshgate.config.model import Config, IpFilterSettings
+from meshgate.gateway.addresses import parse_ip
 from meshgate.gateway.filters import Verdict, reply
 
 if TYPE_CHECKING:
@@ -28,12 +29,11 @@ def client_address(exchange: Exchange, trusted: tuple[Network, ...]) -> str:
         if name.lower() == b"x-forwarded-for":
             hops.extend(h.strip().decode("latin-1") for h in value.split(b","))
     for hop in reversed(hops):
-        try:
-            address = ipaddress.ip_address(hop)
-        except ValueError:
+        address = parse_ip(hop)
+        if address is None:
             return peer  # a malformed list is not believed
         if not any(address in net for net in trusted):
-            return hop
+            return str(address)
     return peer
 
 
@@ -50,9 +50,8 @@ class IpFilter:
         self.permitted = lru_cache(maxsize=65536)(self._permitted)
 
     def _permitted(self, ip: str) -> bool:
-        try:
-            address = ipaddress.ip_address(ip)
-        except ValueError:
+        address = parse_ip(ip)
+        if address is None:
             return False
         if any(address in net for net in self._deny):
             return False
