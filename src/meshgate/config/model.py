@@ -27,6 +27,7 @@ from pydantic import (
     model_validator,
 )
 
+from meshgate.config.secrets import SecretURL, SecretValue, mask_url
 from meshgate.gateway.paths import EncodedSlashes, PathError, normalize_path
 
 __all__ = [
@@ -235,7 +236,7 @@ class RegistrySettings(_Model):
     """Keep the registry in a SQLite file, so that a restart keeps its instances."""
     path: str | None = None
     """The SQLite file; default ``~/.meshgate/registry-<admin port>.sqlite``."""
-    redis: str | None = None
+    redis: SecretURL | None = None
     """Share one registry between gateway nodes through this Redis
     (``redis://host:port/db``); ``persist`` and ``path`` then do not apply."""
     key_prefix: str = "meshgate:registry"
@@ -250,7 +251,7 @@ class RegistrySettings(_Model):
     @classmethod
     def _url(cls, value: str | None) -> str | None:
         if value is not None and not value.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError(f"{value!r} is not a Redis URL; write redis://host:port/db")
+            raise ValueError(f"{mask_url(value)!r} is not a Redis URL; write redis://host:port/db")
         return value
 
     @field_validator("token")
@@ -446,7 +447,7 @@ class PassiveHealthSettings(_Model):
 class SharedHealthSettings(_Model):
     """Health shared through Redis, so that every gateway node agrees."""
 
-    redis: str
+    redis: SecretURL
     """The Redis URL, e.g. ``redis://127.0.0.1:6379/0``."""
     key_prefix: str = "meshgate"
     """Prefix of the keys and channel the gateways share."""
@@ -455,7 +456,7 @@ class SharedHealthSettings(_Model):
     @classmethod
     def _url(cls, value: str) -> str:
         if not value.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError(f"{value!r} is not a Redis URL; write redis://host:port/db")
+            raise ValueError(f"{mask_url(value)!r} is not a Redis URL; write redis://host:port/db")
         return value
 
 
@@ -708,7 +709,7 @@ class JwtSettings(_Model):
     with a public key are refused."""
     keys: tuple[JwtKeySettings, ...] = ()
     """Verification keys."""
-    jwks_url: str | None = None
+    jwks_url: SecretURL | None = None
     """A JWKS endpoint; keys are cached, refetched for an unknown ``kid`` (at most
     every ``jwks_min_refresh``) and every ``jwks_refresh``."""
     jwks_refresh: Duration = 600.0
@@ -746,7 +747,7 @@ class JwtSettings(_Model):
         if not self.keys and self.jwks_url is None:
             raise ValueError("give keys, a jwks_url, or both")
         if self.jwks_url is not None and not self.jwks_url.startswith(("https://", "http://")):
-            raise ValueError(f"jwks_url {self.jwks_url!r} must be an http(s) URL")
+            raise ValueError(f"jwks_url {mask_url(self.jwks_url)!r} must be an http(s) URL")
         hmac = "HS256" in self.algorithms
         if hmac and len(self.algorithms) > 1:
             raise ValueError(
@@ -804,7 +805,7 @@ class AuthSettings(_Model):
 class ConsumerSettings(_Model):
     """A named API consumer and its keys."""
 
-    api_keys: tuple[str, ...] = Field(min_length=1)
+    api_keys: tuple[SecretValue, ...] = Field(min_length=1)
     """Its keys, stored hashed: ``sha256:<hex>`` (``meshgate hash-key`` prints it)."""
     scopes: tuple[str, ...] = ()
     """Scopes the consumer has."""
@@ -849,7 +850,7 @@ class RateLimitSettings(_Model):
     by: str = "ip"
     """What is limited: ``route`` (everyone together), ``ip``, ``consumer`` (the
     authenticated caller; else its IP), or ``header:<Name>``."""
-    redis: str | None = None
+    redis: SecretURL | None = None
     """Count in Redis (exact across workers and gateway nodes) instead of per worker."""
     on_redis_error: Literal["open", "closed"] = "open"
     """When Redis is unreachable: let requests through (open) or refuse them (closed)."""
@@ -869,7 +870,7 @@ class RateLimitSettings(_Model):
     @classmethod
     def _url(cls, value: str | None) -> str | None:
         if value is not None and not value.startswith(("redis://", "rediss://", "unix://")):
-            raise ValueError(f"{value!r} is not a Redis URL; write redis://host:port/db")
+            raise ValueError(f"{mask_url(value)!r} is not a Redis URL; write redis://host:port/db")
         return value
 
 
@@ -931,10 +932,18 @@ class HeaderRules(_Model):
         return self
 
 
+class RequestHeaderRules(HeaderRules):
+    """Header changes to the request sent upstream; the values it adds may be
+    credentials (an upstream's API key), so they are masked wherever shown."""
+
+    add: dict[str, SecretValue] = Field(default_factory=dict)
+    """Headers to set (replacing any of the same name); shown masked."""
+
+
 class HeaderPolicySettings(_Model):
     """Header changes on the way in (request) and out (response)."""
 
-    request: HeaderRules = Field(default_factory=HeaderRules)
+    request: RequestHeaderRules = Field(default_factory=RequestHeaderRules)
     """Changes to the request sent upstream."""
     response: HeaderRules = Field(default_factory=HeaderRules)
     """Changes to the response sent to the client."""

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hmac
 import os
-import re
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ from pydantic import SecretStr
 
 from meshgate.config.loader import loads
 from meshgate.config.model import AdminSettings
+from meshgate.config.secrets import public_dump
 from meshgate.errors import ConfigError
 from meshgate.gateway.metrics import GatewayCollector
 from meshgate.registry.api import create_router
@@ -31,21 +31,6 @@ if TYPE_CHECKING:
     from meshgate.registry.store import Registry
 
 __all__ = ["AdminToken", "create_admin_app"]
-
-
-_URL_PASSWORD = re.compile(r"^([a-z][a-z0-9+.-]*://[^:/@]*:)[^@]*@", re.IGNORECASE)
-
-
-def redact(value: Any) -> Any:
-    """``value`` (a JSON document) with the passwords of URLs replaced by ``***``
-    (secret fields are already masked by their model)."""
-    if isinstance(value, str):
-        return _URL_PASSWORD.sub(r"\1***@", value)
-    if isinstance(value, dict):
-        return {key: redact(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [redact(item) for item in value]
-    return value
 
 
 @dataclass(frozen=True)
@@ -137,7 +122,9 @@ def create_admin_app(
 
     @admin.get("/config")
     async def config() -> dict[str, Any]:
-        shown: dict[str, Any] = redact(supervisor.config.model_dump(mode="json"))
+        # Every secret-typed field masked (tokens, URL passwords, credentials that
+        # header rules add), whatever the value looks like.
+        shown: dict[str, Any] = public_dump(supervisor.config)
         return shown
 
     @admin.post("/config/validate")
