@@ -353,7 +353,7 @@ async def test_no_route_is_json_404() -> None:
         client = await Client.connect(port)
         res = await client.request("GET", "/other")
         assert res.status == 404
-        assert res.header("Content-Type") == "application/json"
+        assert res.header("Content-Type") == "application/problem+json"
         assert b'"error":"no_route"' in res.body
         assert b"GET /other" in res.body
         # The connection keeps serving.

@@ -10,6 +10,8 @@ import json
 import re
 from http import HTTPStatus
 
+from meshgate.gateway.errors import PROBLEMS, problem_type
+
 __all__ = [
     "REQ_HEADER_KINDS",
     "RESP_HEADER_KINDS",
@@ -265,9 +267,24 @@ def error_response(
     upstream: str | None = None,
     close: bool = False,
     extra_headers: bytes = b"",
+    instance: bytes | None = None,
 ) -> bytes:
-    """A complete HTTP response with a small JSON body; never carries a stack trace."""
-    body: dict[str, str] = {"error": error, "detail": detail}
+    """A complete HTTP response with an RFC 9457 problem body; never a stack trace.
+
+    ``error`` is a code of :data:`~meshgate.gateway.errors.PROBLEMS` (its title); the
+    code, ``route``, ``upstream`` and ``request_id`` are extension members. ``instance``
+    is the request target; only its path is shown (a query may hold a key).
+    """
+    problem = PROBLEMS.get(error)
+    body: dict[str, object] = {
+        "type": problem_type(error),
+        "title": problem.title if problem is not None else _phrase(status),
+        "status": status,
+        "detail": detail,
+    }
+    if instance:
+        body["instance"] = instance.split(b"?", 1)[0].decode("latin-1")
+    body["error"] = error
     if route is not None:
         body["route"] = route
     if upstream is not None:
@@ -277,7 +294,7 @@ def error_response(
     payload = json.dumps(body, separators=(",", ":")).encode() + b"\n"
     head = [
         status_line(status),
-        b"Content-Type: application/json\r\nContent-Length: ",
+        b"Content-Type: application/problem+json\r\nContent-Length: ",
         str(len(payload)).encode(),
         b"\r\n",
     ]
@@ -287,3 +304,10 @@ def error_response(
         head.append(b"Connection: close\r\n")
     head += [extra_headers, b"\r\n", payload]
     return b"".join(head)
+
+
+def _phrase(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Error"

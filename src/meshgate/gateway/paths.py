@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from meshgate.errors import MeshgateError
+from meshgate.gateway.errors import PathError
 
 __all__ = ["EncodedSlashes", "PathError", "normalize_path"]
 
@@ -40,11 +40,6 @@ _HEX = frozenset(b"0123456789abcdefABCDEF")
 _SLASH = 0x2F
 _BACKSLASH = 0x5C
 _DOTS = (b".", b"..")
-
-
-class PathError(MeshgateError):
-    """A request path is refused: a bad percent-escape, a NUL byte, or an ambiguous
-    separator (a backslash, or an encoded slash where they are refused)."""
 
 
 def _decode(path: bytes, encoded_slashes: EncodedSlashes, as_separator: bool) -> bytes:

@@ -688,6 +688,7 @@ class Exchange:
                 # Lines filters added (CORS, RateLimit) belong on errors too: a
                 # browser must be able to read a 502 from an allowed origin.
                 extra_headers=headers + self.resp_extra,
+                instance=self.url,
             )
         )
         self.finish()
@@ -1576,6 +1577,7 @@ class ClientConnection(asyncio.Protocol):
             request_id_header=ex.rt.rid_name,
             close=close,
             extra_headers=headers,
+            instance=ex.url,
         )
 
     def _refuse(self, status: int, error: str, detail: str) -> None:

@@ -165,7 +165,7 @@ def assert_challenged(res: Message, error: str = "invalid_token") -> dict[str, A
     challenge = res.header("WWW-Authenticate")
     assert challenge is not None
     assert challenge.startswith('Bearer realm="meshgate"')
-    assert res.header("Content-Type") == "application/json"
+    assert res.header("Content-Type") == "application/problem+json"
     body: dict[str, Any] = json.loads(res.body)
     assert body["error"] == error
     assert body["route"] == "api"

@@ -143,7 +143,7 @@ async def test_burst_plus_one_pass_then_429(backend: str) -> None:
         assert body["error"] == "rate_limited"
         assert body["route"] == "api"
         assert res.header("X-Request-ID") is not None
-        assert res.header("Content-Type") == "application/json"
+        assert res.header("Content-Type") == "application/problem+json"
     await up.close()
 
 

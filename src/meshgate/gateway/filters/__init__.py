@@ -64,7 +64,7 @@ def reply(
     *,
     headers: bytes = b"",
 ) -> bytes:
-    """A complete JSON error response for ``exchange``, answered by a filter."""
+    """A complete problem-details error response for ``exchange``, answered by a filter."""
     # A request whose body is still on its way ends the connection: what is left of
     # it would otherwise be read and thrown away.
     exchange.keep_alive = exchange.keep_alive and (exchange.req_done or not exchange.has_body)
@@ -79,6 +79,7 @@ def reply(
         route=route.name if route is not None else None,
         close=not exchange.keep_alive,
         extra_headers=headers + exchange.resp_extra if exchange.resp_extra else headers,
+        instance=exchange.url,
     )
 
 
