@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from bisect import bisect_left
 from collections import deque
 from collections.abc import Callable
@@ -61,6 +62,8 @@ _ALLOW_DEFAULT = b"Allow: GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS\r\n"
 _HOST_CHARS = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-:[]_"
 _RID_CHARS = bytes(range(0x21, 0x7F))
 _CHUNK_END = b"\r\n"
+# A path with any of these is normalized before routing (see gateway/paths.py).
+_needs_normalizing = re.compile(rb"[%;\\]|/[./]").search
 _LAST_CHUNK = b"0\r\n\r\n"
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
@@ -1358,15 +1361,8 @@ class ClientConnection(asyncio.Protocol):
                 )
                 self._start(ex)
                 return
-        # find(), not "in": in CPython 3.11 "bytes in bytes" first tries the
-        # operand as an integer and raises (and clears) a TypeError every time.
-        elif (
-            path.find(b"%") >= 0
-            or path.find(b"/.") >= 0
-            or path.find(b"//") >= 0
-            or path.find(b";") >= 0
-            or path.find(b"\\") >= 0
-        ):
+        # One regex search (in C) is cheaper than even two bytes.find() calls.
+        elif _needs_normalizing(path) is not None:
             try:
                 fwd_path, path = normalize_path(path, rt.encoded_slashes)
             except PathError as exc:
@@ -1448,6 +1444,7 @@ class ClientConnection(asyncio.Protocol):
                     return
                 if content_length is not None and content_length != b"0":
                     ex.raw_body_left = int(content_length)
+                    self.upgrading = ex
         if route.rewrites:
             target = matched.upstream_path(path, groups) + query
         elif path is raw_path:
@@ -1543,10 +1540,9 @@ class ClientConnection(asyncio.Protocol):
         self.parsing = None
         self.head_size = 0
         if ex is not None:
-            if ex.raw_body_left:
+            if self.upgrading is ex:
                 # An upgrade sent on as a plain request: the parser skipped its body,
                 # which is read in _after_upgrade.
-                self.upgrading = ex
                 self.head_size = -1  # a body is arriving (for the slow-body sweep)
                 return
             ex.req_done = True
