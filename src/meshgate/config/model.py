@@ -214,6 +214,46 @@ class AccessLogSettings(_Model):
     """A file to append to, or ``-`` for standard output."""
 
 
+class TracingSettings(_Model):
+    """Traces of requests through the gateway, exported as OTLP (HTTP/protobuf).
+
+    Tracing is on when an endpoint is known: ``endpoint`` here, or else the standard
+    ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` / ``OTEL_EXPORTER_OTLP_ENDPOINT`` variables
+    (``meshgate up`` sets them for every process of a system).
+    """
+
+    enabled: bool = True
+    """Set false to record no spans even when an endpoint is known."""
+    endpoint: str | None = None
+    """The OTLP/HTTP base URL (``http://collector:4318``); spans go to ``/v1/traces``."""
+    headers: dict[str, SecretValue] = Field(default_factory=dict)
+    """Headers sent with every export (an API key of a hosted collector)."""
+    ratio: float = Field(default=0.01, ge=0.0, le=1.0)
+    """The share of requests without a sampled parent that are traced (per route:
+    ``routes[].tracing.ratio``). A request whose ``traceparent`` says sampled is
+    always traced (parent-based sampling)."""
+    errors: bool = True
+    """Trace every request answered with a 5xx (or cut off), whatever the ratio."""
+    service_name: str = "meshgate-gateway"
+    """The ``service.name`` of the gateway's spans."""
+    max_queue: int = Field(default=20_000, ge=100, le=10_000_000)
+    """Spans waiting for export; beyond this the oldest are dropped (and counted)."""
+
+    @field_validator("endpoint")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError(f"{mask_url(value)!r} is not an http(s) URL; write http://host:4318")
+        return value
+
+
+class RouteTracingSettings(_Model):
+    """A route's own sampling."""
+
+    ratio: float = Field(ge=0.0, le=1.0)
+    """The share of this route's requests without a sampled parent that are traced."""
+
+
 class LimitsSettings(_Model):
     """Limits on what a client may send; requests past them are refused."""
 
@@ -275,6 +315,8 @@ class GatewaySettings(_Model):
     """The service registry (on the admin listener)."""
     access_log: AccessLogSettings = Field(default_factory=AccessLogSettings)
     """The access log."""
+    tracing: TracingSettings = Field(default_factory=TracingSettings)
+    """Request traces (OpenTelemetry, OTLP)."""
     limits: LimitsSettings = Field(default_factory=LimitsSettings)
     """Limits on client requests."""
     trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
@@ -1200,6 +1242,8 @@ class RouteSettings(_Model):
     """Rate limiting."""
     headers: HeaderPolicySettings | None = None
     """Request and response header changes."""
+    tracing: RouteTracingSettings | None = None
+    """Overrides ``gateway.tracing.ratio`` for this route."""
     upgrades: tuple[str, ...] = ("websocket",)
     """The protocols a client may switch to on this route (``Upgrade``), tunnelled once
     the upstream answers 101. An upgrade to any other protocol is forwarded as a plain

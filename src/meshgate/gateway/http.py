@@ -49,6 +49,8 @@ FORWARDED = 10
 EXPECT = 11
 REQUEST_ID = 12
 AUTHORIZATION = 13
+TRACEPARENT = 14  # only while tracing is on (else forwarded untouched)
+TRACESTATE = 15
 
 _HOP_BY_HOP = (
     b"keep-alive",

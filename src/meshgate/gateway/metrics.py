@@ -123,8 +123,11 @@ def merge_snapshots(snapshots: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
     routes: dict[tuple[str, str], dict[str, Any]] = {}
     connections = 0
     upstreams: dict[tuple[str, str], dict[str, int]] = {}
+    spans = {"exported": 0, "dropped": 0, "failures": 0}
     for snap in snapshots:
         connections += snap.get("connections", 0)
+        for key, value in (snap.get("tracing") or {}).items():
+            spans[key] = spans.get(key, 0) + value
         for entry in snap.get("routes", ()):
             key = (entry["route"], entry["upstream"])
             merged = routes.get(key)
@@ -147,6 +150,7 @@ def merge_snapshots(snapshots: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
         "routes": list(routes.values()),
         "connections": connections,
         "upstream_connections": upstreams,
+        "spans": spans,
     }
 
 
@@ -278,4 +282,17 @@ class GatewayCollector(Collector):
             if counts.get("discarded"):
                 discarded.add_metric([name, label], counts["discarded"])
         yield discarded
+        spans = data.get("spans") or {}
+        exported = CounterMetricFamily(
+            "meshgate_gateway_spans_exported",
+            "Trace spans the workers sent to the collector.",
+        )
+        exported.add_metric([], spans.get("exported", 0))
+        yield exported
+        dropped = CounterMetricFamily(
+            "meshgate_gateway_spans_dropped",
+            "Trace spans lost: the export queue was full or the collector did not take them.",
+        )
+        dropped.add_metric([], spans.get("dropped", 0))
+        yield dropped
         yield from data.get("extra", ())

@@ -23,6 +23,7 @@ from meshgate.gateway.addresses import parse_ip
 from meshgate.gateway.filters import Chain, build_chain
 from meshgate.gateway.metrics import RouteStats, WorkerMetrics
 from meshgate.gateway.router import RouteMatch, Router
+from meshgate.gateway.tracing import Tracer
 from meshgate.gateway.upstream.pool import Endpoint, Notify, Upstream, endpoint_label
 
 __all__ = ["CompiledRoute", "Runtime"]
@@ -124,6 +125,7 @@ class CompiledRoute:
         "settings",
         "stats",
         "total_timeout",
+        "trace_ratio",
         "upgrades",
         "upstream",
     )
@@ -149,6 +151,7 @@ class CompiledRoute:
         )
         self.rewrites = settings.strip_prefix or settings.rewrite is not None
         self.upgrades = frozenset(p.encode() for p in settings.upgrades)
+        self.trace_ratio = 0.0  # set by Runtime: the route's, or gateway.tracing's
         self.connect_timeout = timeouts.connect
         self.read_timeout = timeouts.read
         self.total_timeout = timeouts.total
@@ -168,9 +171,12 @@ class Runtime:
         notify: Notify | None = None,
         previous: Runtime | None = None,
         dynamic: Mapping[str, Sequence[EndpointSpec]] | None = None,
+        tracer: Tracer | None = None,
     ) -> None:
         gw = config.gateway
         self.config = config
+        # The worker's tracer (None: tracing is off, and trace context passes through).
+        self.tracer = tracer
         self.scheme = scheme.encode()
         self.upstreams: dict[str, Upstream] = {
             name: _upstream(name, settings, notify, previous, dynamic or {})
@@ -189,6 +195,9 @@ class Runtime:
                 retries,
                 build_chain(route, config),
             )
+            compiled.trace_ratio = (
+                route.tracing.ratio if route.tracing is not None else gw.tracing.ratio
+            )
             matches.append(RouteMatch(route, index, compiled))
         self.router = Router(matches)
         self.unrouted = metrics.route("", "")
@@ -199,6 +208,11 @@ class Runtime:
         self.resp_names = http.response_names(rid)
         self.rid_prefix = self.rid_name + b": "
         self.req_kinds = _request_header_kinds(config)
+        if tracer is not None:
+            # The gateway states the trace context it continues; the client's lines
+            # are read, not forwarded.
+            self.req_kinds[b"traceparent"] = http.TRACEPARENT
+            self.req_kinds[b"tracestate"] = http.TRACESTATE
         via = gw.via
         self.via_req_10 = b"Via: 1.0 " + via.encode() + b"\r\n" if via else b""
         self.via_req_11 = b"Via: 1.1 " + via.encode() + b"\r\n" if via else b""

@@ -128,6 +128,13 @@ class Exchange:
     has_body = False  # the request announced a body (Content-Length > 0 or chunked)
     tried: set[Endpoint] | None = None  # endpoints a retry must avoid
     upgrade_to: frozenset[bytes] = frozenset()  # the protocols a 101 may switch to
+    # Trace context (hex ids), set by Tracer.begin when tracing is on.
+    trace_id = b""
+    span_id = b""  # the gateway's server span (sampled requests only)
+    up_span = b""  # its upstream (client) span
+    parent_span = b""  # the client's span, from its traceparent
+    tracestate = b""
+    sampled = False
     replay: list[bytes] | None = None  # the body so far, kept to be sent again
     replay_size = 0
     resp_extra = b""  # header lines filters add to the response
@@ -751,6 +758,15 @@ class Exchange:
         if aborted:
             stats.aborted += 1
         endpoint = self.endpoint
+        tracer = self.rt.tracer
+        if tracer is not None and (self.sampled or (tracer.errors and (status >= 500 or aborted))):
+            tracer.end(
+                self,
+                end,
+                route.upstream.name if route is not None else "",
+                endpoint.label if endpoint is not None else "",
+                client.peer_ip,
+            )
         if endpoint is not None:
             # The last try's endpoint: its load, latency and health.
             self.endpoint = None
@@ -805,19 +821,32 @@ def _connection_tokens(value: bytes, extra: set[bytes] | None) -> set[bytes] | N
     return extra
 
 
-_NO_SPECIALS = (b"", None, b"", None, b"", b"", False, b"", b"", b"", b"")
+_NO_SPECIALS = (b"", None, b"", None, b"", b"", False, b"", b"", b"", b"", b"", b"")
 
 
 def _special_headers(
     items: list[tuple[int, bytes]], trusted: bool
 ) -> tuple[
-    bytes, bytes | None, bytes, set[bytes] | None, bytes, bytes, bool, bytes, bytes, bytes, bytes
+    bytes,
+    bytes | None,
+    bytes,
+    set[bytes] | None,
+    bytes,
+    bytes,
+    bool,
+    bytes,
+    bytes,
+    bytes,
+    bytes,
+    bytes,
+    bytes,
 ]:
     """The request headers the gateway acts on (other than Host), read in one pass.
 
     Returns (request id, Content-Length, Transfer-Encoding, names listed in Connection,
-    Upgrade, Expect, whether Connection was sent, and from a trusted peer the
-    X-Forwarded-For, -Proto, -Host and Forwarded values). Hop-by-hop headers and
+    Upgrade, Expect, whether Connection was sent, from a trusted peer the
+    X-Forwarded-For, -Proto, -Host and Forwarded values, and (while tracing is on)
+    traceparent and tracestate). Hop-by-hop headers and
     forwarding headers from an untrusted peer are simply not returned: dropped.
     """
     request_id = b""
@@ -828,8 +857,14 @@ def _special_headers(
     expect = b""
     has_connection = False
     xff = xfp = xfh = forwarded = b""
+    traceparent = tracestate = b""
     for kind, value in items:
-        if kind == http.REQUEST_ID:
+        if kind == http.TRACEPARENT:
+            # Two traceparents are invalid (W3C trace context 3.2): a new trace.
+            traceparent = b"-" if traceparent else value
+        elif kind == http.TRACESTATE:
+            tracestate = tracestate + b"," + value if tracestate else value
+        elif kind == http.REQUEST_ID:
             request_id = value
         elif kind == http.CONTENT_LENGTH:
             content_length = value
@@ -864,6 +899,8 @@ def _special_headers(
         xfp,
         xfh,
         forwarded,
+        traceparent,
+        tracestate,
     )
 
 
@@ -1278,6 +1315,8 @@ class ClientConnection(asyncio.Protocol):
             xfp,
             xfh,
             forwarded,
+            traceparent,
+            tracestate,
         ) = _NO_SPECIALS if special is None else _special_headers(special, self.peer_trusted)
         trusted = self.peer_trusted
         ex.upgrade = upgrade = parser.should_upgrade() if upgrade_value else False
@@ -1486,6 +1525,9 @@ class ClientConnection(asyncio.Protocol):
             fwd.append(self.host_fwd)
         else:
             fwd.append(self.fwd[2])
+        tracer = rt.tracer
+        if tracer is not None:
+            fwd.append(tracer.begin(ex, traceparent, tracestate, route.trace_ratio))
         fwd += (
             rt.via_req_10 if ex.http10 else rt.via_req_11,
             rt.rid_prefix,

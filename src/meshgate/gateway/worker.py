@@ -32,6 +32,7 @@ from meshgate.gateway.redirect import RedirectProtocol
 from meshgate.gateway.runtime import EndpointSpec, Runtime
 from meshgate.gateway.server import ClientConnection, Exchange
 from meshgate.gateway.tls import TlsTerminator
+from meshgate.gateway.tracing import Tracer, resolve_endpoint
 from meshgate.gateway.upstream.pool import Endpoint
 
 __all__ = ["Worker", "listen_socket", "worker_main"]
@@ -62,6 +63,13 @@ def listen_socket(
     return sock
 
 
+def _tracer(config: Config, index: int) -> Tracer | None:
+    """The worker's tracer, or None when tracing is off (no endpoint known)."""
+    settings = config.gateway.tracing
+    url = resolve_endpoint(settings)
+    return Tracer(settings, url, worker=index) if url is not None else None
+
+
 class Worker:
     """The state one worker's data plane shares across connections."""
 
@@ -75,7 +83,10 @@ class Worker:
         # The endpoints of service upstreams (the registry's instances), by upstream,
         # as the supervisor last sent them: they outlive reloads.
         self.dynamic: dict[str, tuple[EndpointSpec, ...]] = {}
-        self.runtime = Runtime(config, self.metrics, self._scheme, notify=self._notify)
+        self.tracer = _tracer(config, index)
+        self.runtime = Runtime(
+            config, self.metrics, self._scheme, notify=self._notify, tracer=self.tracer
+        )
         self.connections: set[ClientConnection] = set()
         self.inflight: set[Exchange] = set()
         self.draining = False
@@ -186,6 +197,8 @@ class Worker:
                 self._close_orphans()
         if self.access_log is not None:
             self.access_log.flush()
+        if self.tracer is not None:
+            self.tracer.flush()
         self._timer = asyncio.get_running_loop().call_later(_TICK, self._tick)
 
     def apply(self, config: Config) -> None:
@@ -198,6 +211,10 @@ class Worker:
         tls = config.gateway.tls
         if self.tls is not None and tls is not None:
             self.tls.update(tls)  # raises before anything changed if a file is bad
+        if config.gateway.tracing != old.config.gateway.tracing:
+            if self.tracer is not None:
+                self.tracer.close()
+            self.tracer = _tracer(config, self.index)
         self.runtime = Runtime(
             config,
             self.metrics,
@@ -205,6 +222,7 @@ class Worker:
             notify=self._notify,
             previous=old,
             dynamic=self.dynamic,
+            tracer=self.tracer,
         )
         self.reloads += 1
         live = self.runtime.endpoints()
@@ -248,6 +266,7 @@ class Worker:
             "inflight": len(self.inflight),
             "upstreams": {name: up.stats() for name, up in rt.upstreams.items()},
             "reloads": self.reloads,
+            "tracing": self.tracer.stats() if self.tracer is not None else None,
         }
 
     def snapshot(self) -> dict[str, Any]:
@@ -282,6 +301,9 @@ class Worker:
         if self.access_log is not None:
             self.access_log.close()
             self.access_log = None
+        if self.tracer is not None:
+            self.tracer.close()
+            self.tracer = None
 
 
 # ---------------------------------------------------------------------------- process
