@@ -39,6 +39,8 @@ class RouteStats:
         "aborted",
         "budget_exhausted",
         "by_class",
+        "duration_buckets",
+        "duration_sum",
         "gateway_buckets",
         "gateway_sum",
         "rate_limit_redis_errors",
@@ -50,6 +52,8 @@ class RouteStats:
 
     def __init__(self) -> None:
         self.by_class = [0, 0, 0, 0, 0, 0]
+        self.duration_buckets = [0] * (len(BUCKETS) + 1)
+        self.duration_sum = 0.0
         self.gateway_buckets = [0] * (len(BUCKETS) + 1)
         self.gateway_sum = 0.0
         self.upstream_buckets = [0] * (len(BUCKETS) + 1)
@@ -65,6 +69,8 @@ class RouteStats:
     def observe(self, status: int, total: float, upstream: float) -> None:
         """Count one finished exchange: its status and where its time went."""
         self.by_class[status // 100 if 100 <= status < 600 else 5] += 1
+        self.duration_buckets[bisect_left(BUCKETS, total)] += 1
+        self.duration_sum += total
         gateway = total - upstream
         if gateway < 0.0:
             gateway = 0.0
@@ -77,6 +83,8 @@ class RouteStats:
     def snapshot(self) -> dict[str, Any]:
         return {
             "by_class": list(self.by_class),
+            "duration_buckets": list(self.duration_buckets),
+            "duration_sum": self.duration_sum,
             "gateway_buckets": list(self.gateway_buckets),
             "gateway_sum": self.gateway_sum,
             "upstream_buckets": list(self.upstream_buckets),
@@ -134,8 +142,9 @@ def merge_snapshots(snapshots: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
             if merged is None:
                 routes[key] = {k: (list(v) if isinstance(v, list) else v) for k, v in entry.items()}
                 continue
-            for field in ("by_class", "gateway_buckets", "upstream_buckets"):
+            for field in ("by_class", "duration_buckets", "gateway_buckets", "upstream_buckets"):
                 _add(merged[field], entry[field])
+            merged["duration_sum"] += entry["duration_sum"]
             merged["gateway_sum"] += entry["gateway_sum"]
             merged["upstream_sum"] += entry["upstream_sum"]
             for counter in _COUNTERS:
@@ -248,13 +257,19 @@ class GatewayCollector(Collector):
             "the route's on_redis_error let these requests through or refused them (503).",
         )
         yield _histogram(
-            "meshgate_gateway_gateway_seconds",
-            "Time spent in the gateway per request (total minus upstream time).",
+            "meshgate_gateway_request_duration_seconds",
+            "Time from a request's first byte to its response's last, per request.",
+            routes,
+            "duration",
+        )
+        yield _histogram(
+            "meshgate_gateway_processing_duration_seconds",
+            "Time spent in the gateway itself per request (total minus upstream time).",
             routes,
             "gateway",
         )
         yield _histogram(
-            "meshgate_gateway_upstream_seconds",
+            "meshgate_gateway_upstream_duration_seconds",
             "Time from sending a request upstream to its response's last byte.",
             [e for e in routes if e["upstream"]],
             "upstream",

@@ -746,6 +746,8 @@ class Exchange:
         stats = route.stats if route is not None else self.rt.unrouted
         # RouteStats.observe, inlined: this runs for every request.
         stats.by_class[status // 100 if 100 <= status < 600 else 5] += 1
+        stats.duration_buckets[bisect_left(BUCKETS, total)] += 1
+        stats.duration_sum += total
         gateway_time = total - upstream_time
         if gateway_time < 0.0:
             gateway_time = 0.0
