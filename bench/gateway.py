@@ -245,6 +245,18 @@ def _prepare_auth(ctx: ScenarioContext) -> Scenario:
     )
 
 
+def _prepare_tracing(ratio: float) -> Callable[[ScenarioContext], Scenario]:
+    """Tracing at ``ratio``, exporting OTLP to the upstream nginx (which answers every
+    export with 200 on its ``/v1/traces`` location, off the proxy's CPU)."""
+
+    def prepare(ctx: ScenarioContext) -> Scenario:
+        endpoint = f"http://127.0.0.1:{ctx.upstream_ports[0]}"
+        tracing = {"endpoint": endpoint, "ratio": ratio}
+        return dataclasses.replace(ctx.scenario, meshgate_gateway={"tracing": tracing})
+
+    return prepare
+
+
 SCENARIOS: dict[str, Scenario] = {
     s.name: s
     for s in (
@@ -274,6 +286,17 @@ SCENARIOS: dict[str, Scenario] = {
             "one round trip); nginx and HAProxy proxy plainly: the ratio is against "
             "plain nginx",
             prepare=_prepare_auth,
+        ),
+        Scenario(
+            "trace1",
+            "basic, with tracing at 1 % (OTLP export to the upstream nginx, which "
+            "answers 200); nginx and HAProxy proxy plainly",
+            prepare=_prepare_tracing(0.01),
+        ),
+        Scenario(
+            "trace100",
+            "basic, with every request traced (two spans each, exported as OTLP)",
+            prepare=_prepare_tracing(1.0),
         ),
     )
 }
@@ -701,7 +724,9 @@ def nginx_argv(nginx: str, workdir: Path, name: str, conf: Path) -> list[str]:
 
 def upstream_nginx_conf(workdir: Path, ports: Sequence[int], docroot: Path) -> str:
     servers = "\n".join(
-        f"    server {{ listen 127.0.0.1:{port}; root {docroot}; location / {{ }} }}"
+        f"    server {{ listen 127.0.0.1:{port}; root {docroot}; location / {{ }}"
+        # An OTLP sink for the tracing scenarios: it takes any export and answers 200.
+        " location = /v1/traces { client_body_buffer_size 1m; return 200; } }"
         for port in ports
     )
     return f"""# the upstream: static files, as cheap per request as nginx gets

@@ -75,8 +75,23 @@ class FakeTransport(asyncio.Transport):
         return 0
 
 
+TRACING: float | None = None
+"""With ``--tracing RATIO``: that share of requests is traced, and each batch of span
+records is encoded as OTLP in the measured thread (as the exporter thread would), so
+the figure is tracing's whole CPU cost per request; nothing is sent."""
+
+
 async def setup() -> tuple[ClientConnection, UpstreamConnection, FakeTransport]:
-    worker = Worker(loads(CONFIG))
+    text = CONFIG
+    if TRACING is not None:
+        # A port where nobody listens: the exporter thread never gets a batch (flush is
+        # never called); the benchmark encodes the records itself.
+        text = text.replace(
+            "access_log: {enabled: false}",
+            "access_log: {enabled: false}, tracing: "
+            f"{{endpoint: 'http://127.0.0.1:9', ratio: {TRACING}}}",
+        )
+    worker = Worker(loads(text))
     client = ClientConnection(worker)
     client_transport = FakeTransport()
     client.connection_made(client_transport)
@@ -93,11 +108,16 @@ def run(iterations: int, profile: bool) -> float:
     client, conn, client_transport = asyncio.run(setup())
     feed_client = client.data_received
     feed_upstream = conn.data_received
+    tracer = client.worker.tracer
 
     def loop(n: int) -> None:
-        for _ in range(n):
+        for i in range(n):
             feed_client(REQUEST)
             feed_upstream(RESPONSE)
+            if tracer is not None and i % 256 == 255:
+                records, tracer.records = tracer.records, []
+                if records:
+                    tracer._encoder.request(records, 0.0)
 
     loop(1000)
     if not client_transport.written or client_transport.closed:
@@ -116,9 +136,13 @@ def run(iterations: int, profile: bool) -> float:
 
 def run_once(iterations: int) -> None:
     client, conn, _ = asyncio.run(setup())
-    for _ in range(iterations):
+    tracer = client.worker.tracer
+    for i in range(iterations):
         client.data_received(REQUEST)
         conn.data_received(RESPONSE)
+        if tracer is not None and i % 256 == 255:
+            records, tracer.records = tracer.records, []
+            tracer._encoder.request(records, 0.0)
 
 
 def main() -> None:
@@ -126,11 +150,19 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=200_000)
     parser.add_argument("--profile", action="store_true")
     parser.add_argument(
+        "--tracing",
+        type=float,
+        metavar="RATIO",
+        help="trace this share of requests and encode their spans in the measured loop",
+    )
+    parser.add_argument(
         "--once",
         action="store_true",
         help="run the iterations once, untimed (for counting instructions under valgrind)",
     )
     args = parser.parse_args()
+    global TRACING  # noqa: PLW0603 - a setting of this one-shot script
+    TRACING = args.tracing
     if args.once:
         run_once(args.iterations)
         return

@@ -130,9 +130,11 @@ async def test_a_sampled_request_gives_a_server_and_a_client_span_in_the_callers
     assert a["url.path"] == "/items"  # never the query
     assert a["http.response.status_code"] == 200
     assert a["meshgate.route"] == "api"
+    # The trace came from the client, so the gateway's request id is an attribute.
     assert a["meshgate.request_id"] == res.header("X-Request-ID")
-    assert a["meshgate.gateway.duration_ms"] >= 0
-    assert a["meshgate.upstream.duration_ms"] > 0
+    # The split between gateway and upstream time: the client span is the upstream's.
+    upstream_time = upstream_span.end_time_unix_nano - upstream_span.start_time_unix_nano
+    assert 0 < upstream_time <= server.end_time_unix_nano - server.start_time_unix_nano
     c = attrs(upstream_span)
     assert c["peer.service"] == "up"
     assert c["server.address"] == "127.0.0.1"

@@ -109,15 +109,22 @@ class Exchange:
         "reused",
         "route",
         "rt",
+        "sampled",
         "status",
         "t_start",
         "t_up",
+        "trace_id",
+        "up_span",
         "upgrade",
         "url",
     )
 
     # Slots set when the head is prepared or the exchange attached.
     headers: list[tuple[bytes, bytes]]
+    # Slots set by Tracer.begin once the request is routed (tracing on only).
+    trace_id: bytes
+    sampled: bool
+    up_span: bytes
     http10: bool
     upgrade: bool
     last_io: float
@@ -128,13 +135,10 @@ class Exchange:
     has_body = False  # the request announced a body (Content-Length > 0 or chunked)
     tried: set[Endpoint] | None = None  # endpoints a retry must avoid
     upgrade_to: frozenset[bytes] = frozenset()  # the protocols a 101 may switch to
-    # Trace context (hex ids), set by Tracer.begin when tracing is on.
-    trace_id = b""
-    span_id = b""  # the gateway's server span (sampled requests only)
-    up_span = b""  # its upstream (client) span
+    # Trace context (hex ids) beyond the slots Tracer.begin sets when tracing is on
+    # (trace_id, sampled, up_span).
     parent_span = b""  # the client's span, from its traceparent
     tracestate = b""
-    sampled = False
     replay: list[bytes] | None = None  # the body so far, kept to be sent again
     replay_size = 0
     resp_extra = b""  # header lines filters add to the response
@@ -761,14 +765,12 @@ class Exchange:
             stats.aborted += 1
         endpoint = self.endpoint
         tracer = self.rt.tracer
-        if tracer is not None and (self.sampled or (tracer.errors and (status >= 500 or aborted))):
-            tracer.end(
-                self,
-                end,
-                route.upstream.name if route is not None else "",
-                endpoint.label if endpoint is not None else "",
-                client.peer_ip,
-            )
+        if (
+            tracer is not None
+            and route is not None
+            and (self.sampled or (tracer.errors and (status >= 500 or aborted)))
+        ):
+            tracer.end(self, end, endpoint.label if endpoint is not None else "")
         if endpoint is not None:
             # The last try's endpoint: its load, latency and health.
             self.endpoint = None
@@ -1432,6 +1434,13 @@ class ClientConnection(asyncio.Protocol):
         matched, groups = found
         route: CompiledRoute = matched.target  # type: ignore[assignment]
         ex.route = route
+        tracer = rt.tracer
+        # Every routed exchange has its trace context (finish() may record it).
+        trace_line = (
+            tracer.begin(ex, traceparent, tracestate, route.trace_ratio)
+            if tracer is not None
+            else b""
+        )
         # TRACE echoes the request, credentials included (cross-site tracing);
         # CONNECT would make the gateway a tunnel to anywhere.
         if method in {b"TRACE", b"CONNECT"} and (method == b"CONNECT" or matched.methods is None):
@@ -1527,9 +1536,8 @@ class ClientConnection(asyncio.Protocol):
             fwd.append(self.host_fwd)
         else:
             fwd.append(self.fwd[2])
-        tracer = rt.tracer
-        if tracer is not None:
-            fwd.append(tracer.begin(ex, traceparent, tracestate, route.trace_ratio))
+        if trace_line:
+            fwd.append(trace_line)
         fwd += (
             rt.via_req_10 if ex.http10 else rt.via_req_11,
             rt.rid_prefix,

@@ -13,7 +13,8 @@ route are encoded once) and posts it to the collector.
 
 Each request gives two spans: a SERVER span for the whole exchange, and a CLIENT span
 for the upstream part (the last try), with the route, upstream, endpoint, status and
-retries, and the split between gateway and upstream time as attributes.
+retries as attributes; the CLIENT span's duration is the upstream's time, the rest of
+the SERVER span the gateway's.
 """
 
 from __future__ import annotations
@@ -28,9 +29,10 @@ import socket
 import struct
 import threading
 import time
+from binascii import unhexlify
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 if TYPE_CHECKING:
@@ -39,17 +41,18 @@ if TYPE_CHECKING:
 
 __all__ = ["SpanRecord", "Tracer", "parse_traceparent", "resolve_endpoint"]
 
+_random = random.random
+
 log = logging.getLogger("meshgate.gateway.tracing")
 
 _HEX = frozenset(b"0123456789abcdef")
 _ZERO_TRACE = b"0" * 32
 _ZERO_SPAN = b"0" * 16
 
-SpanRecord = tuple[Any, ...]
-"""(trace id, server span id, parent span id, upstream span id, tracestate, start,
-end, upstream start, upstream end, method, path, status, route name, upstream name,
-endpoint label, retries, client address, request id, why it was cut off): ids as hex
-bytes, times from ``perf_counter``."""
+SpanRecord = tuple["Exchange", float, str]
+"""(the finished exchange, its end as a ``perf_counter`` time, the label of the endpoint
+its last try used): the exporter thread reads the rest from the exchange, which nothing
+changes once it has finished."""
 
 
 def resolve_endpoint(settings: TracingSettings, env: Mapping[str, str] | None = None) -> str | None:
@@ -141,8 +144,63 @@ def _kv(key: str, value: str | int | float | bool) -> bytes:
     return _len(9, _kv_message(key, value))
 
 
-_SERVER, _CLIENT = 2, 3
+def _ld(n: int) -> bytes:
+    """A length prefix (varint): one byte for the short fields that are the rule."""
+    return _BYTE[n] if n < 128 else _varint(n)
+
+
+_BYTE = [bytes((i,)) for i in range(128)]
+_Q = struct.Struct("<Q").pack
+_TRACE_ID = b"\x0a\x10"  # field 1, 16 bytes
+_SPAN_ID = b"\x12\x08"  # field 2, 8 bytes
+_PARENT_ID = b"\x22\x08"  # field 4, 8 bytes
+_START = b"\x39"  # field 7, fixed64
+_END = b"\x41"  # field 8, fixed64
+_KIND_SERVER = b"\x30\x02"  # field 6 = SERVER
+_KIND_CLIENT = b"\x30\x03"  # field 6 = CLIENT
 _STATUS_ERROR = _len(15, _varint(3 << 3) + _varint(2))
+_SPAN = b"\x12"  # ScopeSpans.spans, field 2
+_IDS = struct.Struct("<2s16s2s8s").pack  # trace id and span id with their tags
+_TIMES = struct.Struct("<3sQ1sQ").pack  # kind, then start and end with their tags
+_SERVER_TIMES = _KIND_SERVER + _START
+_CLIENT_TIMES = _KIND_CLIENT + _START
+
+
+class _Attr:
+    """One attribute key, its encoded prefix computed once."""
+
+    __slots__ = ("key",)
+
+    def __init__(self, name: str) -> None:
+        self.key = _len(1, name.encode())
+
+    def text(self, value: bytes) -> bytes:
+        any_value = b"\x0a" + _ld(len(value)) + value
+        body = self.key + b"\x12" + _ld(len(any_value)) + any_value
+        return b"\x4a" + _ld(len(body)) + body
+
+    def integer(self, value: int) -> bytes:
+        any_value = b"\x18" + (
+            _BYTE[value] if 0 <= value < 128 else _varint(value & 0xFFFFFFFFFFFFFFFF)
+        )
+        body = self.key + b"\x12" + _ld(len(any_value)) + any_value
+        return b"\x4a" + _ld(len(body)) + body
+
+    def number(self, value: float) -> bytes:
+        body = self.key + b"\x12\x09\x21" + _F64.pack(value)
+        return b"\x4a" + _ld(len(body)) + body
+
+
+_METHOD = _Attr("http.request.method")
+_PATH = _Attr("url.path")
+_STATUS = _Attr("http.response.status_code")
+_CLIENT_ADDRESS = _Attr("client.address")
+_REQUEST_ID = _Attr("meshgate.request_id")
+_RETRIES = _Attr("meshgate.retries")
+_ABORTED = _Attr("meshgate.aborted")
+_RESEND = _Attr("http.request.resend_count")
+_SERVER_ADDRESS = _Attr("server.address")
+_SERVER_PORT = _Attr("server.port")
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,7 +214,12 @@ class _RouteParts:
 
 
 class _Encoder:
-    """Encodes span records as an OTLP ``ExportTraceServiceRequest``."""
+    """Encodes span records as an OTLP ``ExportTraceServiceRequest``.
+
+    Written for speed (it runs once per traced request): whatever a route, method,
+    status, client or endpoint share is encoded once and cached; a record costs a few
+    joins of pre-encoded pieces.
+    """
 
     def __init__(self, service_name: str, instance: str) -> None:
         resource = b"".join(
@@ -171,21 +234,21 @@ class _Encoder:
         self._resource = _len(1, resource)
         self._scope = _len(1, _len(1, b"meshgate.gateway"))
         self._routes: dict[tuple[str, str], _RouteParts] = {}
+        self._common: dict[tuple[bytes, int], bytes] = {}  # (method, status) attributes
+        self._clients: dict[str, bytes] = {}
+        self._paths: dict[bytes, bytes] = {}
+        self._endpoints: dict[str, bytes] = {}
 
     def _route(self, route: str, upstream: str) -> _RouteParts:
         parts = self._routes.get((route, upstream))
         if parts is None:
             common = _kv("meshgate.route", route) if route else b""
+            if upstream:
+                client = common + _kv("meshgate.upstream", upstream) + _kv("peer.service", upstream)
+            else:
+                client = common
             parts = self._routes[(route, upstream)] = _RouteParts(
-                {},
-                {},
-                common + (_kv("http.route", route) if route else b""),
-                common
-                + (
-                    _kv("meshgate.upstream", upstream) + _kv("peer.service", upstream)
-                    if upstream
-                    else b""
-                ),
+                {}, {}, common + (_kv("http.route", route) if route else b""), client
             )
         return parts
 
@@ -199,65 +262,125 @@ class _Encoder:
 
     def span_bytes(self, rec: SpanRecord, offset: float) -> list[bytes]:
         """The encoded ``Span`` messages (as ScopeSpans.spans items) of one record."""
-        (
-            trace_hex, span_hex, parent_hex, up_hex, state, start, end, up_start, up_end,
-            method, path, status, route, upstream, endpoint, retries, client, rid, aborted,
-        ) = rec  # fmt: skip
-        parts = self._route(route, upstream)
-        trace_id = _len(1, bytes.fromhex(trace_hex.decode()))
-        state_field = _len(3, state) if state else b""
-        failed = status >= 500 or bool(aborted)
-        server = [
-            trace_id,
-            _len(2, bytes.fromhex(span_hex.decode())),
-            state_field,
-            _len(4, bytes.fromhex(parent_hex.decode())) if parent_hex else b"",
-            self._name(parts.server_name, method, route),
-            _varint(6 << 3) + _varint(_SERVER),
-            _fixed64(7, int((start + offset) * 1e9)),
-            _fixed64(8, int((end + offset) * 1e9)),
-            parts.server_attrs,
-            _kv("http.request.method", method.decode("latin-1")),
-            _kv("url.path", path.decode("latin-1")),
-            _kv("http.response.status_code", status),
-            _kv("client.address", client),
-            _kv("meshgate.request_id", rid.decode("latin-1")),
-        ]
-        upstream_time = (up_end or end) - up_start if up_start else 0.0
-        gateway_ms = max(0.0, (end - start - upstream_time) * 1000)
-        server.append(_kv("meshgate.gateway.duration_ms", round(gateway_ms, 3)))
-        if upstream_time:
-            server.append(_kv("meshgate.upstream.duration_ms", round(upstream_time * 1000, 3)))
+        ex, end, endpoint = rec
+        trace_hex = ex.trace_id
+        up_hex = ex.up_span
+        if up_hex:
+            up_id = unhexlify(up_hex)
+            # The server span's id is the upstream span's with its lowest bit flipped
+            # (upstream span ids all share that bit, so no two spans collide).
+            span_id = up_id[:7] + bytes((up_id[7] ^ 1,))
+        else:
+            # A failed request that was not sampled: its spans get ids of their own.
+            span_id, up_id = os.urandom(8), os.urandom(8)
+        parent_hex = ex.parent_span
+        state = ex.tracestate
+        start = ex.t_start
+        up_start = ex.t_up
+        up_end = ex.t_up_end
+        method = ex.method
+        path = ex.url.split(b"?", 1)[0]
+        status = ex.status
+        compiled = ex.route
+        route = compiled.name if compiled is not None else ""
+        upstream = compiled.upstream.name if compiled is not None else ""
+        retries = ex.attempts
+        client = ex.client.peer_ip
+        rid = ex.request_id
+        aborted = ex.aborted
+        parts = self._routes.get((route, upstream)) or self._route(route, upstream)
+        trace_id = unhexlify(trace_hex)
+        common = self._common.get((method, status))
+        if common is None:
+            common = self._common[(method, status)] = _METHOD.text(method) + _STATUS.integer(status)
+        path_attr = self._paths.get(path)
+        if path_attr is None:
+            if len(self._paths) > 4096:
+                self._paths.clear()  # bounded, however many paths there are
+            path_attr = self._paths[path] = _PATH.text(path)
+        client_attr = self._clients.get(client)
+        if client_attr is None:
+            if len(self._clients) > 4096:
+                self._clients.clear()  # bounded, however many clients there are
+            client_attr = self._clients[client] = _CLIENT_ADDRESS.text(client.encode())
+        # The fields of a span in one pack each: ids, then kind and times.
+        extra = b""
+        if state or parent_hex:
+            extra = (b"\x1a" + _ld(len(state)) + state if state else b"") + (
+                _PARENT_ID + unhexlify(parent_hex) if parent_hex else b""
+            )
+        tail = b""
+        if rid != trace_hex or retries or aborted or status >= 500:
+            tail = self._server_tail(rid, trace_hex, retries, aborted, status)
+        body = b"".join(
+            (
+                _IDS(_TRACE_ID, trace_id, _SPAN_ID, span_id),
+                extra,
+                parts.server_name.get(method) or self._name(parts.server_name, method, route),
+                _TIMES(_SERVER_TIMES, int((start + offset) * 1e9), _END, int((end + offset) * 1e9)),
+                parts.server_attrs,
+                common,
+                path_attr,
+                client_attr,
+                tail,
+            )
+        )
+        n = len(body)
+        out = [_SPAN + (_BYTE[n] if n < 128 else _varint(n)) + body]
+        if up_start:
+            if state:
+                extra = b"\x1a" + _ld(len(state)) + state
+            body = b"".join(
+                (
+                    _IDS(_TRACE_ID, trace_id, _SPAN_ID, up_id),
+                    extra if state else b"",
+                    _PARENT_ID,
+                    span_id,
+                    parts.client_name.get(method)
+                    or self._name(parts.client_name, method, upstream),
+                    _TIMES(
+                        _CLIENT_TIMES,
+                        int((up_start + offset) * 1e9),
+                        _END,
+                        int(((up_end or end) + offset) * 1e9),
+                    ),
+                    parts.client_attrs,
+                    common,
+                    self._endpoints.get(endpoint) or self._endpoint(endpoint),
+                    _RESEND.integer(retries) if retries else b"",
+                    _STATUS_ERROR if status >= 400 or aborted else b"",
+                )
+            )
+            n = len(body)
+            out.append(_SPAN + (_BYTE[n] if n < 128 else _varint(n)) + body)
+        return out
+
+    @staticmethod
+    def _server_tail(
+        rid: bytes, trace_hex: bytes, retries: int, aborted: str, status: int
+    ) -> bytes:
+        tail = []
+        if rid != trace_hex:
+            # A request id of the client's own (the gateway's ids are the trace ids).
+            tail.append(_REQUEST_ID.text(rid))
         if retries:
-            server.append(_kv("meshgate.retries", retries))
+            tail.append(_RETRIES.integer(retries))
         if aborted:
-            server.append(_kv("meshgate.aborted", aborted))
-        if failed:
-            server.append(_STATUS_ERROR)
-        out = [_len(2, b"".join(server))]
-        if up_start and up_hex:
+            tail.append(_ABORTED.text(aborted.encode()))
+        if status >= 500 or aborted:
+            tail.append(_STATUS_ERROR)
+        return b"".join(tail)
+
+    def _endpoint(self, endpoint: str) -> bytes:
+        out = self._endpoints.get(endpoint)
+        if out is None:
             host, _, port = endpoint.rpartition(":")
-            client_span = [
-                trace_id,
-                _len(2, bytes.fromhex(up_hex.decode())),
-                state_field,
-                _len(4, bytes.fromhex(span_hex.decode())),
-                self._name(parts.client_name, method, upstream),
-                _varint(6 << 3) + _varint(_CLIENT),
-                _fixed64(7, int((up_start + offset) * 1e9)),
-                _fixed64(8, int(((up_end or end) + offset) * 1e9)),
-                parts.client_attrs,
-                _kv("http.request.method", method.decode("latin-1")),
-                _kv("http.response.status_code", status),
-                _kv("server.address", host.strip("[]")),
-            ]
+            out = _SERVER_ADDRESS.text(host.strip("[]").encode())
             if port.isdigit():
-                client_span.append(_kv("server.port", int(port)))
-            if retries:
-                client_span.append(_kv("http.request.resend_count", retries))
-            if status >= 400 or aborted:
-                client_span.append(_STATUS_ERROR)
-            out.append(_len(2, b"".join(client_span)))
+                out += _SERVER_PORT.integer(int(port))
+            if len(self._endpoints) > 4096:
+                self._endpoints.clear()
+            self._endpoints[endpoint] = out
         return out
 
     def request(self, records: list[SpanRecord], offset: float) -> bytes:
@@ -271,7 +394,7 @@ class _Encoder:
 
 def _span_count(records: list[SpanRecord]) -> int:
     """Spans in ``records``: two for a request that reached an upstream, else one."""
-    return sum(2 if rec[7] and rec[3] else 1 for rec in records)
+    return sum(2 if rec[0].t_up else 1 for rec in records)
 
 
 class Tracer:
@@ -289,6 +412,8 @@ class Tracer:
         self._seed = seed
         self._count = 0
         self._prefix = os.urandom(8).hex().encode()
+        # The worker's request id prefix: ids it made are trace ids as they are.
+        self.rid_prefix = b"-"
         # The span id an unsampled request names as its upstream span: never recorded,
         # so one per worker will do, and forwarding it costs one join.
         self._unsampled = b"-" + os.urandom(8).hex().encode() + b"-00\r\n"
@@ -310,76 +435,62 @@ class Tracer:
 
     # -- hot path ------------------------------------------------------------
 
-    def _ids(self) -> tuple[bytes, bytes]:
+    def _span_hex(self) -> bytes:
+        """A new span id, hex (the upstream span's; the server span's is derived)."""
         count = self._count = self._count + 1
-        value = self._seed ^ (count << 1)
-        return b"%016x" % (value & 0xFFFFFFFFFFFFFFFF), b"%016x" % (
-            (value ^ 1) & 0xFFFFFFFFFFFFFFFF
-        )
+        return b"%016x" % ((self._seed ^ (count << 1)) & 0xFFFFFFFFFFFFFFFF)
 
     def begin(self, ex: Exchange, parent: bytes, state: bytes, ratio: float) -> bytes:
         """Decide ``ex``'s sampling and return the ``traceparent`` (and ``tracestate``)
-        lines to send upstream."""
-        parsed = parse_traceparent(parent) if parent else None
-        if parsed is not None:
-            trace_id, parent_span, sampled = parsed
-            ex.parent_span = parent_span
-        else:
-            trace_id = b""
-            sampled = random.random() < ratio  # noqa: S311 - sampling, not secrecy
-        tail = b"tracestate: " + state + b"\r\n" if state else b""
+        lines to send upstream. Sets ``ex.trace_id``, ``ex.sampled`` and ``ex.up_span``
+        (the upstream span's id, named as the parent upstream; empty if not sampled)."""
+        if parent:
+            return self._continue(ex, parent, state, ratio)
+        # No parent: a new trace; a tracestate without a traceparent means nothing
+        # (W3C trace context 3.3) and is dropped.
+        if _random() >= ratio:
+            rid = ex.request_id
+            # Our own request ids are 32 hex digits, unique: the trace id for free.
+            trace_id = ex.trace_id = (
+                rid if len(rid) == 32 and rid.startswith(self.rid_prefix) else self.new_trace_id()
+            )
+            ex.sampled = False
+            ex.up_span = b""
+            return b"traceparent: 00-" + trace_id + self._unsampled
+        return self._sample(ex, self.new_trace_id(), b"")
+
+    def _continue(self, ex: Exchange, parent: bytes, state: bytes, ratio: float) -> bytes:
+        parsed = parse_traceparent(parent)
+        if parsed is None:
+            ex.trace_id = b""
+            ex.sampled = False
+            ex.up_span = b""
+            return self.begin(ex, b"", b"", ratio)
+        trace_id, ex.parent_span, sampled = parsed
+        tail = b""
         if state:
             ex.tracestate = state
+            tail = b"tracestate: " + state + b"\r\n"
         if not sampled:
-            if not trace_id:
-                rid = ex.request_id
-                # Our own request ids are 32 hex digits, unique: the trace id for free.
-                trace_id = rid if len(rid) == 32 and _HEX.issuperset(rid) else self.new_trace_id()
             ex.trace_id = trace_id
+            ex.sampled = False
+            ex.up_span = b""
             return b"traceparent: 00-" + trace_id + self._unsampled + tail
-        if not trace_id:
-            trace_id = self.new_trace_id()
+        return self._sample(ex, trace_id, tail)
+
+    def _sample(self, ex: Exchange, trace_id: bytes, tail: bytes) -> bytes:
         ex.trace_id = trace_id
         ex.sampled = True
-        server, upstream = self._ids()
-        ex.span_id = server
-        ex.up_span = upstream
+        upstream = ex.up_span = self._span_hex()
         return b"traceparent: 00-" + trace_id + b"-" + upstream + b"-01\r\n" + tail
 
     def new_trace_id(self) -> bytes:
         count = self._count = self._count + 1
         return self._prefix + b"%016x" % ((self._seed + count) & 0xFFFFFFFFFFFFFFFF)
 
-    def end(self, ex: Exchange, end: float, upstream: str, endpoint: str, client: str) -> None:
+    def end(self, ex: Exchange, end: float, endpoint: str) -> None:
         """Record ``ex`` (sampled, or failed with ``errors`` on)."""
-        span = ex.span_id
-        up_span = ex.up_span
-        if not span:
-            span, up_span = self._ids()
-        route = ex.route
-        self.records.append(
-            (
-                ex.trace_id,
-                span,
-                ex.parent_span,
-                up_span,
-                ex.tracestate,
-                ex.t_start,
-                end,
-                ex.t_up,
-                ex.t_up_end,
-                ex.method,
-                ex.url.split(b"?", 1)[0],
-                ex.status,
-                route.name if route is not None else "",
-                upstream,
-                endpoint,
-                ex.attempts,
-                client,
-                ex.request_id,
-                ex.aborted,
-            )
-        )
+        self.records.append((ex, end, endpoint))
 
     # -- export ----------------------------------------------------------------
 

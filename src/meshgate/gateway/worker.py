@@ -97,6 +97,8 @@ class Worker:
         self.reloads = 0
         self.rid_prefix = os.urandom(8).hex().encode()
         self.rid_count = 0
+        if self.tracer is not None:
+            self.tracer.rid_prefix = self.rid_prefix
         self._ticks = 0
         self._last_tick = CLOCK.now
         self._timer: asyncio.TimerHandle | None = None
@@ -215,6 +217,8 @@ class Worker:
             if self.tracer is not None:
                 self.tracer.close()
             self.tracer = _tracer(config, self.index)
+            if self.tracer is not None:
+                self.tracer.rid_prefix = self.rid_prefix
         self.runtime = Runtime(
             config,
             self.metrics,
