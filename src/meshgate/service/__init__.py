@@ -19,7 +19,7 @@ See docs/services.md.
 """
 
 from meshgate.service.app import Check, Service
-from meshgate.service.client import DeadlineExceededError, ServiceClient, ServiceUnavailableError
+from meshgate.service.client import ServiceClient
 from meshgate.service.context import (
     TraceContext,
     current_caller,
@@ -28,7 +28,15 @@ from meshgate.service.context import (
     current_trace,
     remaining,
 )
-from meshgate.service.identity import IdentityError, IdentitySigner, verify_identity
+from meshgate.service.errors import (
+    DeadlineExceededError,
+    IdentityError,
+    NoRegistryError,
+    ServiceError,
+    ServiceStartupError,
+    ServiceUnavailableError,
+)
+from meshgate.service.identity import IdentitySigner, verify_identity
 from meshgate.service.logs import JsonFormatter, configure_logging
 
 __all__ = [
@@ -37,8 +45,11 @@ __all__ = [
     "IdentityError",
     "IdentitySigner",
     "JsonFormatter",
+    "NoRegistryError",
     "Service",
     "ServiceClient",
+    "ServiceError",
+    "ServiceStartupError",
     "ServiceUnavailableError",
     "TraceContext",
     "configure_logging",
