@@ -110,9 +110,42 @@ async def test_validation_and_duplicates(users: httpx.AsyncClient) -> None:
     ]:
         response = await users.post("/users", json=body)
         assert response.status_code == 422, body
-        assert [e["loc"][-1] for e in response.json()["detail"]] == [field]
+        assert response.headers["content-type"] == "application/problem+json"
+        assert [e["loc"][-1] for e in response.json()["errors"]] == [field]
     assert (await users.get("/users/not-a-number")).status_code == 422
     assert (await users.get("/users", params={"limit": 0})).status_code == 422
+
+
+@pytest.mark.parametrize(
+    ("path", "params", "field"),
+    [
+        # What a fuzzer found: integers past the columns' 32 bits were driver errors.
+        ("/users/105828820558784692224", {}, ["path", "user_id"]),
+        ("/users/2147483648", {}, ["path", "user_id"]),
+        ("/users/0", {}, ["path", "user_id"]),
+        ("/users", {"after": "444051663231111624329886613635072"}, ["query", "after"]),
+        ("/users", {"after": "2147483648"}, ["query", "after"]),
+    ],
+)
+async def test_ids_out_of_range_are_422(
+    users: httpx.AsyncClient, path: str, params: dict[str, str], field: list[str]
+) -> None:
+    response = await users.get(path, params=params)
+    assert response.status_code == 422, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+    assert [e["loc"] for e in response.json()["errors"]] == [field]
+    assert (await users.patch(path, json={"name": "x"})).status_code in (405, 422)
+    assert (await users.get("/users/2147483647")).status_code == 404  # the largest id is fine
+
+
+async def test_control_characters_are_refused(users: httpx.AsyncClient) -> None:
+    for body in (
+        {"email": "a@b.co", "name": "nul\x00byte"},
+        {"email": "a\x00@b.co", "name": "x"},
+        {"email": "a@b.co", "name": "bell\x07"},
+    ):
+        response = await users.post("/users", json=body)
+        assert response.status_code == 422, (body, response.text)
 
 
 async def test_pagination(users: httpx.AsyncClient) -> None:
@@ -182,6 +215,7 @@ async def test_database_outage_is_a_503_then_recovers(tmp_path: Path) -> None:
                 down = await users.post("/users", json={"email": "d@example.com", "name": "D"})
                 assert down.status_code == 503
                 body = down.json()
+                assert down.headers["content-type"] == "application/problem+json"
                 assert body["error"] == "dependency_unavailable"
                 assert body["dependency"] == "database"
                 assert "users" in body["detail"]

@@ -19,12 +19,21 @@ from pathlib import Path
 from typing import Annotated
 
 from fastapi import HTTPException, Query, Response
+from fastapi import Path as PathParam
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
-from examples.shop.users.models import Base, User, UserIn, UserOut, UserPage, UserPatch
+from examples.shop.users.models import (
+    MAX_ID,
+    Base,
+    User,
+    UserIn,
+    UserOut,
+    UserPage,
+    UserPatch,
+)
 from meshgate.data import Cache, CacheUnavailableError, Database
-from meshgate.service import Service
+from meshgate.service import Service, problem_responses
 
 log = logging.getLogger("shop.users")
 
@@ -32,6 +41,8 @@ MIGRATIONS = Path(__file__).with_name("migrations")
 """This service's Alembic migrations (``meshgate db upgrade`` runs them)."""
 
 metadata = Base.metadata
+
+UserId = Annotated[int, PathParam(ge=1, le=MAX_ID, description="The user's id.")]
 
 
 def _conflict(email: str) -> HTTPException:
@@ -84,7 +95,7 @@ def create_service(
                 "user %d changed but its cached copy stays until it expires: %s", user_id, exc
             )
 
-    @app.post("/users", status_code=201)
+    @app.post("/users", status_code=201, responses=problem_responses(409))
     async def create_user(body: UserIn, response: Response) -> UserOut:
         try:
             async with database.session() as session:
@@ -97,15 +108,17 @@ def create_service(
         response.headers["Location"] = f"/users/{out.id}"
         return out
 
-    @app.get("/users/{user_id}")
-    async def get_user(user_id: int) -> UserOut:
+    @app.get("/users/{user_id}", responses=problem_responses(404))
+    async def get_user(user_id: UserId) -> UserOut:
         found = await cache.get_or_load(f"user:{user_id}", lambda: _load(user_id))
         return UserOut.model_validate(found)
 
     @app.get("/users")
     async def list_users(
         limit: Annotated[int, Query(ge=1, le=200)] = 50,
-        after: Annotated[int, Query(ge=0, description="The last id of the previous page")] = 0,
+        after: Annotated[
+            int, Query(ge=0, le=MAX_ID, description="The last id of the previous page")
+        ] = 0,
     ) -> UserPage:
         async with database.session() as session:
             rows = await session.scalars(
@@ -115,8 +128,8 @@ def create_service(
         items = [UserOut.model_validate(u) for u in users[:limit]]
         return UserPage(items=items, next=items[-1].id if len(users) > limit else None)
 
-    @app.patch("/users/{user_id}")
-    async def update_user(user_id: int, body: UserPatch) -> UserOut:
+    @app.patch("/users/{user_id}", responses=problem_responses(404, 409))
+    async def update_user(user_id: UserId, body: UserPatch) -> UserOut:
         changes = body.model_dump(exclude_none=True)
         try:
             async with database.session() as session:
@@ -133,8 +146,8 @@ def create_service(
         await _forget(user_id)
         return out
 
-    @app.delete("/users/{user_id}", status_code=204)
-    async def delete_user(user_id: int) -> Response:
+    @app.delete("/users/{user_id}", status_code=204, responses=problem_responses(404))
+    async def delete_user(user_id: UserId) -> Response:
         async with database.session() as session:
             user = await session.get(User, user_id)
             if user is None:

@@ -38,6 +38,7 @@ from meshgate.service.errors import (
 )
 from meshgate.service.identity import IdentitySigner, verify_identity
 from meshgate.service.logs import JsonFormatter, configure_logging
+from meshgate.service.problems import Problem, ProblemError, problem_responses
 
 __all__ = [
     "Check",
@@ -46,6 +47,8 @@ __all__ = [
     "IdentitySigner",
     "JsonFormatter",
     "NoRegistryError",
+    "Problem",
+    "ProblemError",
     "Service",
     "ServiceClient",
     "ServiceError",
@@ -57,6 +60,7 @@ __all__ = [
     "current_deadline",
     "current_request_id",
     "current_trace",
+    "problem_responses",
     "remaining",
     "verify_identity",
 ]
