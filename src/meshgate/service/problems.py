@@ -233,6 +233,7 @@ class ValidationProblem(Problem):
 
 
 _DESCRIPTIONS = {
+    400: "The body cannot be read (not UTF-8, say).",
     404: "Not found (also: no route matches the path).",
     409: "Conflicts with the current state.",
     422: "The request is not valid; `errors` lists every invalid field.",
@@ -280,6 +281,12 @@ def document(schema: dict[str, Any]) -> dict[str, Any]:
             responses = operation.get("responses") if isinstance(operation, dict) else None
             if not responses:
                 continue
+            if "requestBody" in operation and "400" not in responses:
+                # FastAPI answers 400 for a body it cannot decode (422 for bad JSON).
+                responses["400"] = {
+                    "description": _DESCRIPTIONS[400],
+                    "content": {"application/json": {"schema": {"$ref": ref + "Problem"}}},
+                }
             for status, response in responses.items():
                 content = response.get("content", {})
                 json_content = content.get("application/json")
