@@ -49,7 +49,7 @@ from prometheus_client import (
 from starlette.types import ASGIApp
 
 from meshgate.errors import MeshgateError
-from meshgate.service import problems
+from meshgate.service import logs, problems
 from meshgate.service.context import current_caller
 from meshgate.service.middleware import ServiceMiddleware
 from meshgate.service.problems import ProblemError
@@ -385,9 +385,14 @@ class Service:
         ``serve([sock])``; its ``handle_exit`` drains like SIGTERM)."""
         bound = sock.getsockname()
         self.address = advertise or _env("MESHGATE_ADVERTISE_ADDRESS") or f"{bound[0]}:{bound[1]}"
+        logs.set_instance(os.environ.get("MESHGATE_INSTANCE") or self.instance_id())
         config = uvicorn.Config(
             self.app,
             log_level=log_level,
+            # uvicorn's records go to the root logger, JSON once configure_logging ran;
+            # its default configuration would give them handlers and a format of
+            # their own. The access log is the SDK's (meshgate.access).
+            log_config=None,
             access_log=False,
             timeout_graceful_shutdown=int(self.drain_timeout) or 1,
             loop="none",
