@@ -1,8 +1,10 @@
 """The users service: create, read, list, update and delete users.
 
-Stored in SQL (``USERS_DATABASE_URL``; SQLite ``users.db`` by default) with a
-cache-aside for reads (``USERS_CACHE_URL``; in memory by default, Redis in real
-deployments). Run it with ``meshgate serve examples.shop.users.app:service``.
+Stored in SQL (``USERS_DATABASE_URL``; SQLite ``users.db`` by default), at the head
+of its migrations (``meshgate db upgrade examples.shop.users.app``, or
+``MESHGATE_MIGRATE=1`` to migrate when it starts), with a cache-aside for reads
+(``USERS_CACHE_URL``; in memory by default, Redis in real deployments). Run it
+with ``meshgate serve examples.shop.users.app:service``.
 
 The in-memory cache is per process: with several instances, one may serve a user
 that another just changed for up to ``USERS_CACHE_TTL`` seconds (2 by default).
@@ -64,19 +66,16 @@ def create_service(
     if cache_ttl is None:
         default_ttl = "2" if cache_url.startswith("memory") else "300"
         cache_ttl = float(os.environ.get("USERS_CACHE_TTL", default_ttl))
+    # With its migrations named, readiness fails (and the service will not start)
+    # unless the database is at their head: a lost or replaced database says so.
     database = Database(
-        database_url or os.environ.get("USERS_DATABASE_URL", "sqlite:///users.db"), name="users"
+        database_url or os.environ.get("USERS_DATABASE_URL", "sqlite:///users.db"),
+        name="users",
+        migrations=MIGRATIONS,
     )
     cache = Cache(cache_url, prefix=cache_prefix, default_ttl=cache_ttl, name="users")
     service = Service("users", version="1.0.0", database=database, cache=cache)
     app = service.app
-
-    @service.on_startup
-    async def create_tables() -> None:
-        """Tables for a first run without migrations (``USERS_CREATE_TABLES=1``);
-        real deployments run ``meshgate db upgrade`` instead."""
-        if os.environ.get("USERS_CREATE_TABLES") == "1":
-            await database.create_all(metadata)
 
     async def _load(user_id: int) -> dict[str, object]:
         async with database.session() as session:

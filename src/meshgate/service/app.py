@@ -5,7 +5,10 @@ with:
 
 - ``/health/live`` (the process answers) and ``/health/ready`` (its own
   dependencies answer: database, cache and any check added with
-  :meth:`Service.add_check`; 503 naming the one that is down, or while draining);
+  :meth:`Service.add_check`; 503 naming the one that is down, or while draining;
+  see :mod:`meshgate.service.readiness`);
+- a database that names its migrations checked before the service starts: at
+  their head revision, or migrated when ``migrate`` is on, or a clear refusal;
 - ``/metrics`` in the Prometheus format (requests, latency, in flight, and the
   data layer's metrics);
 - the request's id (``X-Request-ID``), W3C trace context (``traceparent``),
@@ -29,7 +32,6 @@ import logging
 import os
 import re
 import socket
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
@@ -53,6 +55,7 @@ from meshgate.service import logs, problems
 from meshgate.service.context import current_caller
 from meshgate.service.middleware import ServiceMiddleware
 from meshgate.service.problems import ProblemError
+from meshgate.service.readiness import Check, prepare_database, run_checks
 
 if TYPE_CHECKING:
     from meshgate.data import Cache, Database
@@ -62,11 +65,7 @@ __all__ = ["Check", "Service"]
 
 log = logging.getLogger("meshgate.service")
 
-Check = Callable[[], Awaitable[object]]
-"""A readiness check: returns (anything) when the dependency answers, raises when not."""
-
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
-_CHECK_TIMEOUT = 2.0
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
@@ -109,6 +108,7 @@ class Service:
         ttl: float = 10.0,
         drain_timeout: float = 10.0,
         deregister_delay: float = 1.0,
+        migrate: bool | None = None,
     ) -> None:
         """
         Args:
@@ -127,6 +127,9 @@ class Service:
             drain_timeout: how long requests in flight may take to finish on exit.
             deregister_delay: how long to keep serving after leaving the registry,
                 so that gateways and clients stop sending before the listener closes.
+            migrate: when the database names its ``migrations`` and is not at their
+                head when the service starts, upgrade it (True) or refuse to start
+                (False); None: ``MESHGATE_MIGRATE`` (``1``, ``true``, ``yes``), else False.
         """
         if not _NAME_RE.match(name):
             raise MeshgateError(
@@ -144,6 +147,10 @@ class Service:
         self.ttl = ttl
         self.drain_timeout = drain_timeout
         self.deregister_delay = deregister_delay
+        if migrate is None:
+            migrate = (_env("MESHGATE_MIGRATE") or "").lower() in ("1", "true", "yes")
+        self.migrate = migrate
+        self._prepared = False
         self.checks: dict[str, Check] = {}
         # check(), not ping(): a check passes by returning and fails by raising
         # the reason, which /health/ready shows.
@@ -234,24 +241,22 @@ class Service:
 
     async def readiness(self) -> tuple[bool, dict[str, Any]]:
         """Run every check at once; (all passed, each check's outcome)."""
-
-        async def run(check: Check) -> dict[str, Any]:
-            started = time.perf_counter()
-            try:
-                async with asyncio.timeout(_CHECK_TIMEOUT):
-                    await check()
-            except TimeoutError:
-                return {"ok": False, "error": f"no answer within {_CHECK_TIMEOUT:g}s"}
-            except Exception as exc:  # noqa: BLE001 - any failure is "not ready", with its reason
-                return {"ok": False, "error": str(exc) or type(exc).__name__}
-            return {"ok": True, "latency_ms": round((time.perf_counter() - started) * 1000, 2)}
-
-        names = list(self.checks)
-        results = await asyncio.gather(*(run(self.checks[n]) for n in names))
-        outcome = dict(zip(names, results, strict=True))
-        ready = all(r["ok"] for r in results)
+        ready, outcome = await run_checks(self.checks)
         self._ready_gauge.labels(self.name).set(1 if ready and not self.draining else 0)
         return ready, outcome
+
+    async def prepare(self) -> None:
+        """What must hold before the service starts (once; the startup runs it): its
+        database at the head of its migrations, or migrated when ``migrate`` is on.
+
+        Raises:
+            ServiceStartupError: it may not start, saying why and what to do.
+        """
+        if self._prepared:
+            return
+        if self.database is not None:
+            await prepare_database(self.name, self.database, migrate=self.migrate)
+        self._prepared = True
 
     def _add_routes(self) -> None:
         app = self.app
@@ -283,6 +288,7 @@ class Service:
 
     @asynccontextmanager
     async def _lifespan(self, app: FastAPI) -> AsyncIterator[None]:
+        await self.prepare()
         for func in self._startup:
             await func()
         registering = asyncio.get_running_loop().create_task(self._register_when_ready())
@@ -372,7 +378,12 @@ class Service:
 
         ``advertise`` is the address registered (default: the bound one, or
         ``MESHGATE_ADVERTISE_ADDRESS``).
+
+        Raises:
+            ServiceStartupError: the service may not start (see :meth:`prepare`);
+                raised before it listens.
         """
+        await self.prepare()
         if sock is None:
             sock = socket.create_server((host, port), reuse_port=False)
         server = self.server(sock, advertise=advertise, log_level=log_level)
