@@ -12,6 +12,7 @@ from urllib.parse import urlsplit
 import pytest
 from prometheus_client import CollectorRegistry
 from sqlalchemy import Column, Integer, MetaData, String, Table, func, insert, select, text
+from sqlalchemy import exc as sa_exc
 
 from meshgate.data import (
     Database,
@@ -479,3 +480,23 @@ async def test_check_requires_the_head_of_the_migrations(db_url: str, tmp_path: 
         async with db.connection() as conn:
             await conn.execute(text(f"DROP TABLE IF EXISTS {version_table}"))
         await db.close()
+
+
+async def test_a_missing_table_is_named_when_the_migrations_are_known(
+    db_url: str, tmp_path: Path
+) -> None:
+    folder = tmp_path / "migrations"
+    _revisions(folder)
+    missing = unique("missing")
+    registry = CollectorRegistry()
+    async with Database(db_url, registry=registry, migrations=folder, name="known") as db:
+        with pytest.raises(UnmigratedDatabaseError, match="not at the schema of the migrations"):
+            async with db.session() as session:
+                await session.execute(text(f"SELECT id FROM {missing}"))  # noqa: S608
+    labels = {"database": "known", "error": "schema"}
+    assert registry.get_sample_value("meshgate_db_errors_total", labels) == 1
+    # Without migrations to compare with, it is the statement's own error.
+    async with Database(db_url, registry=CollectorRegistry()) as db:
+        with pytest.raises(sa_exc.DBAPIError):
+            async with db.session() as session:
+                await session.execute(text(f"SELECT id FROM {missing}"))  # noqa: S608

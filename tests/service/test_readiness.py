@@ -142,3 +142,22 @@ async def test_a_database_that_is_down_at_start_is_left_to_readiness(folder: Pat
         closed.close()
     assert ready.status_code == 503
     assert "cannot connect" in ready.json()["checks"]["database"]["error"]
+
+
+async def test_a_request_that_finds_no_table_is_a_503_naming_the_migrations(
+    tmp_path: Path, folder: Path
+) -> None:
+    path = tmp_path / "notes.db"
+    migrations.upgrade(f"sqlite:///{path}", folder)
+    service = make_service(path, folder)
+    async with in_process(service) as client:
+        assert service.database is not None
+        async with service.database.connection() as conn:
+            await conn.execute(text("DROP TABLE notes"))  # a schema not the migrations'
+        response = await client.post("/notes")
+    assert response.status_code == 503
+    assert response.headers["content-type"] == "application/problem+json"
+    body = response.json()
+    assert body["error"] == "database_not_migrated"
+    assert body["type"] == "https://meshgate.dev/problems/database_not_migrated"
+    assert "no such table: notes" in body["detail"]

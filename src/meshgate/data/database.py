@@ -42,6 +42,7 @@ from meshgate.data.errors import (
     DatabaseUnavailableError,
     DataError,
     StatementTimeoutError,
+    UnmigratedDatabaseError,
 )
 from meshgate.errors import ConfigError, ConfigIssue
 
@@ -415,6 +416,8 @@ class Database:
             return None  # the pool replaces the connection; nothing reaches the caller
         kind = self._classify(context)
         error = context.original_exception
+        if kind == "schema" and self.migrations is None:
+            kind = None  # without migrations to compare with, a statement's own error
         if kind is None:
             label = (
                 "integrity"
@@ -425,6 +428,12 @@ class Database:
             return None
         self._metrics.errors.labels(self.name, kind).inc()
         where = f"database {self.name!r} ({self.url})"
+        if kind == "schema":
+            return UnmigratedDatabaseError(
+                f"{where} lacks what a statement needs ({error}): it is not at the schema "
+                f"of the migrations in {self.migrations} (lost, replaced, or never "
+                "migrated?); migrate it: `meshgate db upgrade SERVICE`"
+            )
         if kind == "timeout":
             limit = self._backend.settings.statement_timeout
             within = f" (statement_timeout {limit:g} s)" if limit is not None else ""

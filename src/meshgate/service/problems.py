@@ -396,8 +396,7 @@ def data_problem(exc: Exception) -> tuple[str, str]:
         return "dependency_unavailable", "cache"
     if isinstance(exc, errors.StatementTimeoutError):
         return "statement_timeout", "database"
-    unmigrated = getattr(errors, "UnmigratedDatabaseError", None)
-    if unmigrated is not None and isinstance(exc, unmigrated):
+    if isinstance(exc, errors.UnmigratedDatabaseError):
         return "database_not_migrated", "database"
     if isinstance(exc, errors.DatabaseUnavailableError):
         return "dependency_unavailable", "database"

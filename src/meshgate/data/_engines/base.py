@@ -14,7 +14,7 @@ from meshgate.errors import ConfigIssue
 
 __all__ = ["Backend", "ErrorClass", "Settings"]
 
-ErrorClass = Literal["unavailable", "timeout"]
+ErrorClass = Literal["unavailable", "timeout", "schema"]
 """What a driver error means to a service: retry later, or the statement was too slow."""
 
 

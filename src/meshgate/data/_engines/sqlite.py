@@ -173,4 +173,6 @@ class SQLite(Backend):
                 or "disk i/o error" in message
             ):
                 return "unavailable"
+            if message.startswith(("no such table", "no such column")):
+                return "schema"
         return None
