@@ -38,7 +38,7 @@ import zlib
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from alembic import command
 from alembic.config import Config
@@ -54,6 +54,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from meshgate.data._engines.sqlite import BEGIN_OPTION
 from meshgate.data.database import Database
 from meshgate.data.errors import DataError, MigrationError, UnmigratedDatabaseError
+from meshgate.data.types import UTCDateTime
 
 __all__ = [
     "ENV_TEMPLATE",
@@ -384,12 +385,22 @@ def run_env(context: Any, target_metadata: MetaData | None = None) -> None:
         render_as_batch=connection.dialect.name == "sqlite",
         compare_type=True,
         include_name=_include_name(metadata),
+        render_item=_render_item,
     )
     with context.begin_transaction():
         context.run_migrations()
 
 
 # -- internals
+
+
+def _render_item(kind: str, obj: Any, autogen_context: Any) -> str | Literal[False]:
+    """Autogenerate writes meshgate's column types by name, with their import (Alembic
+    would write ``meshgate.data.types.UTCDateTime()`` and import nothing)."""
+    if kind == "type" and isinstance(obj, UTCDateTime):
+        autogen_context.imports.add("from meshgate.data.types import UTCDateTime")
+        return "UTCDateTime()"
+    return False
 
 
 def _include_name(metadata: MetaData | None) -> Callable[[str | None, str, Any], bool]:
