@@ -239,6 +239,11 @@ class Database:
                 await session.close()
         except sa_exc.TimeoutError as exc:
             raise self._pool_exhausted() from exc
+        except sa_exc.DBAPIError as exc:
+            translated = self._schema_error(exc)
+            if translated is None:
+                raise
+            raise translated from exc
 
     @asynccontextmanager
     async def connection(self) -> AsyncIterator[AsyncConnection]:
@@ -250,6 +255,29 @@ class Database:
                 yield conn
         except sa_exc.TimeoutError as exc:
             raise self._pool_exhausted() from exc
+        except sa_exc.DBAPIError as exc:
+            translated = self._schema_error(exc)
+            if translated is None:
+                raise
+            raise translated from exc
+
+    def _schema_error(self, exc: sa_exc.DBAPIError) -> UnmigratedDatabaseError | None:
+        """For a database with migrations, a statement that found no table or column:
+        the schema is not theirs. Translated here, where it leaves the caller's block,
+        not in ``handle_error``: SQLAlchemy's own probes (MySQL's ``has_table``) catch
+        that error and must still get it."""
+        if (
+            self.migrations is None
+            or exc.orig is None
+            or self._backend.classify(exc.orig) != "schema"
+        ):
+            return None
+        self._metrics.errors.labels(self.name, "schema").inc()
+        return UnmigratedDatabaseError(
+            f"database {self.name!r} ({self.url}) lacks what a statement needs "
+            f"({exc.orig}): it is not at the schema of the migrations in {self.migrations} "
+            "(lost, replaced, or never migrated?); migrate it: `meshgate db upgrade SERVICE`"
+        )
 
     async def check(self, timeout: float = 2.0) -> dict[str, str]:
         """Check that the database answers and is the one expected; for readiness.
@@ -416,8 +444,8 @@ class Database:
             return None  # the pool replaces the connection; nothing reaches the caller
         kind = self._classify(context)
         error = context.original_exception
-        if kind == "schema" and self.migrations is None:
-            kind = None  # without migrations to compare with, a statement's own error
+        if kind == "schema":
+            return None  # counted and translated by _schema_error, if at all
         if kind is None:
             label = (
                 "integrity"
@@ -428,12 +456,6 @@ class Database:
             return None
         self._metrics.errors.labels(self.name, kind).inc()
         where = f"database {self.name!r} ({self.url})"
-        if kind == "schema":
-            return UnmigratedDatabaseError(
-                f"{where} lacks what a statement needs ({error}): it is not at the schema "
-                f"of the migrations in {self.migrations} (lost, replaced, or never "
-                "migrated?); migrate it: `meshgate db upgrade SERVICE`"
-            )
         if kind == "timeout":
             limit = self._backend.settings.statement_timeout
             within = f" (statement_timeout {limit:g} s)" if limit is not None else ""
