@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 __all__ = [
+    "PROBLEM_TYPE",
     "ConfigError",
     "ConfigIssue",
     "GatewayError",
@@ -20,6 +21,11 @@ __all__ = [
     "UpstreamTimeoutError",
     "UpstreamUnavailableError",
 ]
+
+
+PROBLEM_TYPE = "https://meshgate.dev/problems/"
+"""The base of the ``type`` of every RFC 9457 problem the platform answers with, from
+the gateway and from services alike (``<base><code>``, documented with each code)."""
 
 
 class MeshgateError(Exception):

@@ -95,6 +95,35 @@ def test_a_module_with_its_database_metadata_and_migrations(
             del sys.modules[name]
 
 
+def test_a_module_that_makes_clients_at_import(
+    runner: CliRunner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """docs/services.md's pattern, ``users = service.client("users")`` at module level,
+    imports without a registry: the database commands never call it."""
+    monkeypatch.delenv("MESHGATE_REGISTRY_URL", raising=False)
+    package = unique("svc")
+    (tmp_path / package).mkdir()
+    (tmp_path / package / "__init__.py").write_text("")
+    (tmp_path / package / "app.py").write_text(
+        "from prometheus_client import CollectorRegistry\n"
+        "from meshgate.data import Database\n"
+        "from meshgate.service import Service\n"
+        f"db = Database('sqlite:///{tmp_path / 'orders.db'}', registry=CollectorRegistry())\n"
+        "service = Service('orders', database=db)\n"
+        "users = service.client('users')\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    service = f"{package}.app"
+    try:
+        for args in (["init", service], ["revision", service, "-m", "first"], ["upgrade", service]):
+            result = runner.invoke(app, args)
+            assert result.exit_code == 0, result.output
+        assert "at revision " in result.stdout
+    finally:
+        for name in [m for m in sys.modules if m == package or m.startswith(package + ".")]:
+            del sys.modules[name]
+
+
 def test_what_is_missing_is_named(runner: CliRunner, tmp_path: Path) -> None:
     result = runner.invoke(app, ["upgrade", "users", "--database-url", "sqlite:///x.db"])
     assert result.exit_code == 2

@@ -12,8 +12,16 @@ from urllib.parse import urlsplit
 import pytest
 from prometheus_client import CollectorRegistry
 from sqlalchemy import Column, Integer, MetaData, String, Table, func, insert, select, text
+from sqlalchemy import exc as sa_exc
 
-from meshgate.data import Database, DatabaseUnavailableError, StatementTimeoutError
+from meshgate.data import (
+    Database,
+    DatabaseFileGoneError,
+    DatabaseUnavailableError,
+    StatementTimeoutError,
+    UnmigratedDatabaseError,
+    migrations,
+)
 from meshgate.data.database import statement_kind
 from meshgate.errors import ConfigError
 from tests.data.conftest import service_url, tcp_proxy, unique
@@ -391,3 +399,104 @@ async def test_pooled_connections_dropped_while_idle_are_replaced(server_url: st
             await asyncio.sleep(0.05)
             async with database.session() as session:
                 assert (await session.execute(text("SELECT 1"))).scalar() == 1
+
+
+# -- the database the service expects: its SQLite file, its schema revision
+
+
+def _revisions(folder: Path) -> tuple[str, str]:
+    """A migrations folder with two (empty) revisions; their ids, oldest first."""
+    migrations.init(folder)
+    first = migrations.revision("first", folder).revision
+    second = migrations.revision("second", folder).revision
+    return first, second
+
+
+async def test_a_deleted_sqlite_file_fails_check_and_sessions(tmp_path: Path) -> None:
+    """Deleting the data folder under a running service (issue 11): its open
+    connection still writes into the deleted file, so the loss must be named."""
+    path = tmp_path / "data" / "users.db"
+    path.parent.mkdir()
+    metadata, table = _items()
+    async with Database(f"sqlite:///{path}", registry=CollectorRegistry()) as db:
+        await db.create_all(metadata)
+        assert await db.check() == {}
+        for leftover in path.parent.iterdir():
+            leftover.unlink()  # rm -rf .meshgate/data
+        with pytest.raises(DatabaseFileGoneError, match="was deleted") as caught:
+            await db.check()
+        assert str(path) in str(caught.value)
+        assert "restart the service" in str(caught.value)
+        assert isinstance(caught.value, DatabaseUnavailableError)  # a 503
+        with pytest.raises(DatabaseFileGoneError):
+            async with db.session() as session:
+                await session.execute(insert(table).values(id=1, name="lost"))
+        with pytest.raises(DatabaseFileGoneError):
+            async with db.connection():
+                pass
+        assert not await db.ping()
+
+
+async def test_a_replaced_sqlite_file_fails_check(tmp_path: Path) -> None:
+    path = tmp_path / "users.db"
+    async with Database(f"sqlite:///{path}", registry=CollectorRegistry()) as db:
+        await db.check()
+        path.unlink()
+        path.write_bytes(b"")  # another file at the same path
+        with pytest.raises(DatabaseFileGoneError, match="was replaced by another file"):
+            await db.check()
+
+
+async def test_check_requires_the_head_of_the_migrations(db_url: str, tmp_path: Path) -> None:
+    folder = tmp_path / "migrations"
+    first, second = _revisions(folder)
+    version_table = unique("version")
+    db = Database(
+        db_url,
+        registry=CollectorRegistry(),
+        migrations=folder,
+        version_table=version_table,
+    )
+    try:
+        with pytest.raises(UnmigratedDatabaseError, match="has no schema revision") as caught:
+            await db.check()
+        assert f"no {version_table} table" in str(caught.value)
+        assert second in str(caught.value)
+        assert "meshgate db upgrade" in str(caught.value)
+        assert caught.value.status == 503
+
+        migrations.upgrade(db_url, folder, first, version_table=version_table)
+        with pytest.raises(UnmigratedDatabaseError, match=f"is at revision {first}, behind"):
+            await db.check()
+
+        migrations.upgrade(db_url, folder, version_table=version_table)
+        assert await db.check() == {"revision": second}
+
+        async with db.connection() as conn:
+            await conn.execute(text(f"UPDATE {version_table} SET version_num = 'f00dcafe'"))  # noqa: S608
+        with pytest.raises(UnmigratedDatabaseError, match="ahead of this code"):
+            await db.check()
+    finally:
+        async with db.connection() as conn:
+            await conn.execute(text(f"DROP TABLE IF EXISTS {version_table}"))
+        await db.close()
+
+
+async def test_a_missing_table_is_named_when_the_migrations_are_known(
+    db_url: str, tmp_path: Path
+) -> None:
+    folder = tmp_path / "migrations"
+    _revisions(folder)
+    missing = unique("missing")
+    registry = CollectorRegistry()
+    async with Database(db_url, registry=registry, migrations=folder, name="known") as db:
+        with pytest.raises(UnmigratedDatabaseError, match="not at the schema of the migrations"):
+            async with db.session() as session:
+                await session.execute(text(f"SELECT id FROM {missing}"))  # noqa: S608
+    labels = {"database": "known", "error": "schema"}
+    assert registry.get_sample_value("meshgate_db_errors_total", labels) == 1
+    # Without migrations to compare with, it is the statement's own error.
+    async with Database(db_url, registry=CollectorRegistry()) as db:
+        with pytest.raises(sa_exc.DBAPIError):
+            async with db.session() as session:
+                await session.execute(text(f"SELECT id FROM {missing}"))  # noqa: S608

@@ -17,9 +17,11 @@ def test_exported_members() -> None:
             "CacheUnavailableError",
             "DataError",
             "Database",
+            "DatabaseFileGoneError",
             "DatabaseUnavailableError",
             "MigrationError",
             "StatementTimeoutError",
+            "UnmigratedDatabaseError",
         ]
     )
 
@@ -32,4 +34,6 @@ def test_errors_form_one_tree_with_statuses() -> None:
     assert errors.DatabaseUnavailableError.status == 503
     assert errors.CacheUnavailableError.status == 503
     assert errors.StatementTimeoutError.status == 503
+    assert errors.UnmigratedDatabaseError.status == 503
+    assert errors.DatabaseFileGoneError.status == 503
     assert errors.MigrationError.status == 500

@@ -12,6 +12,7 @@ from prometheus_client import CollectorRegistry
 from sqlalchemy import Column, Integer, MetaData, String, Table, inspect, text
 
 from meshgate.data import Database, MigrationError, migrations
+from meshgate.data.types import UTCDateTime
 from tests.data.conftest import unique
 
 
@@ -143,6 +144,30 @@ def test_autogenerate_leaves_other_tables_alone(schema: Schema) -> None:
         version_table=schema.version_table,
     )
     assert "drop_table" not in made.path.read_text()
+
+
+def test_autogenerate_writes_utc_datetime_with_its_import(schema: Schema) -> None:
+    folder = migrations.init(schema.folder)
+    stamped = MetaData()
+    Table(
+        schema.table,
+        stamped,
+        Column("id", Integer, primary_key=True),
+        Column("created_at", UTCDateTime(), nullable=False),
+    )
+    made = migrations.revision(
+        "stamped",
+        folder,
+        autogenerate=True,
+        database_url=schema.url,
+        metadata=stamped,
+        version_table=schema.version_table,
+    )
+    script = made.path.read_text()
+    assert "from meshgate.data.types import UTCDateTime" in script
+    assert "sa.Column('created_at', UTCDateTime(), nullable=False)" in script
+    assert migrations.upgrade(schema.url, folder, version_table=schema.version_table)
+    assert schema.columns() == {"id", "created_at"}
 
 
 def test_a_database_ahead_of_the_scripts_is_refused(schema: Schema) -> None:

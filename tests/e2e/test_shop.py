@@ -187,7 +187,8 @@ def test_users_crud_through_the_gateway(shop: Shop) -> None:
 
         invalid = client.post("/api/users", json={"email": "nope", "name": ""}, headers=auth)
         assert invalid.status_code == 422
-        fields = {tuple(e["loc"]) for e in invalid.json()["detail"]}
+        assert invalid.headers["content-type"] == "application/problem+json"
+        fields = {tuple(e["loc"]) for e in invalid.json()["errors"]}
         assert fields == {("body", "email"), ("body", "name")}
 
         fetched = client.get(f"/api/users/{user['id']}")
@@ -225,6 +226,8 @@ def test_web_calls_users_through_the_platform(shop: Shop) -> None:
         user_id = signup.json()["user"]["id"]
         again = client.post("/api/signup", json={"email": "grace@example.com", "name": "G"})
         assert again.status_code == 409  # the users service's answer, passed on
+        assert again.headers["content-type"] == "application/problem+json"
+        assert again.json()["type"] == "about:blank"
         profile = client.get(f"/api/profile/{user_id}")
         assert profile.status_code == 200, profile.text
         assert profile.json()["greeting"] == "Hello, Grace!"

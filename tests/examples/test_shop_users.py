@@ -4,6 +4,7 @@ mid-request (503 naming the dependency, then recovery without a restart)."""
 
 from __future__ import annotations
 
+import shutil
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
@@ -15,6 +16,8 @@ import redis
 from examples.shop.users.app import MIGRATIONS, create_service
 
 from meshgate.data.migrations import upgrade
+from meshgate.errors import ConfigError
+from meshgate.service import ServiceStartupError
 from meshgate.service.testing import in_process
 from tests.data.conftest import service_url, tcp_proxy
 
@@ -110,9 +113,42 @@ async def test_validation_and_duplicates(users: httpx.AsyncClient) -> None:
     ]:
         response = await users.post("/users", json=body)
         assert response.status_code == 422, body
-        assert [e["loc"][-1] for e in response.json()["detail"]] == [field]
+        assert response.headers["content-type"] == "application/problem+json"
+        assert [e["loc"][-1] for e in response.json()["errors"]] == [field]
     assert (await users.get("/users/not-a-number")).status_code == 422
     assert (await users.get("/users", params={"limit": 0})).status_code == 422
+
+
+@pytest.mark.parametrize(
+    ("path", "params", "field"),
+    [
+        # What a fuzzer found: integers past the columns' 32 bits were driver errors.
+        ("/users/105828820558784692224", {}, ["path", "user_id"]),
+        ("/users/2147483648", {}, ["path", "user_id"]),
+        ("/users/0", {}, ["path", "user_id"]),
+        ("/users", {"after": "444051663231111624329886613635072"}, ["query", "after"]),
+        ("/users", {"after": "2147483648"}, ["query", "after"]),
+    ],
+)
+async def test_ids_out_of_range_are_422(
+    users: httpx.AsyncClient, path: str, params: dict[str, str], field: list[str]
+) -> None:
+    response = await users.get(path, params=params)
+    assert response.status_code == 422, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+    assert [e["loc"] for e in response.json()["errors"]] == [field]
+    assert (await users.patch(path, json={"name": "x"})).status_code in (405, 422)
+    assert (await users.get("/users/2147483647")).status_code == 404  # the largest id is fine
+
+
+async def test_control_characters_are_refused(users: httpx.AsyncClient) -> None:
+    for body in (
+        {"email": "a@b.co", "name": "nul\x00byte"},
+        {"email": "a\x00@b.co", "name": "x"},
+        {"email": "a@b.co", "name": "bell\x07"},
+    ):
+        response = await users.post("/users", json=body)
+        assert response.status_code == 422, (body, response.text)
 
 
 async def test_pagination(users: httpx.AsyncClient) -> None:
@@ -182,6 +218,7 @@ async def test_database_outage_is_a_503_then_recovers(tmp_path: Path) -> None:
                 down = await users.post("/users", json={"email": "d@example.com", "name": "D"})
                 assert down.status_code == 503
                 body = down.json()
+                assert down.headers["content-type"] == "application/problem+json"
                 assert body["error"] == "dependency_unavailable"
                 assert body["dependency"] == "database"
                 assert "users" in body["detail"]
@@ -222,3 +259,43 @@ async def test_redis_outage_degrades_reads_and_keeps_writes(tmp_path: Path) -> N
     for key in plain.scan_iter(f"{prefix}*"):
         plain.delete(key)
     plain.close()
+
+
+async def test_a_deleted_database_is_named_then_refused_or_migrated_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 11: deleting .meshgate/data/ while the shop runs (the README's way to
+    start empty) used to go unnoticed, then give plain-text 500s after a restart."""
+    monkeypatch.delenv("MESHGATE_MIGRATE", raising=False)
+    data = tmp_path / ".meshgate" / "data"
+    data.mkdir(parents=True)
+    url = f"sqlite:///{data / 'users.db'}"
+    upgrade(url, MIGRATIONS)
+    async with in_process(create_service(url, "memory://")) as users:
+        made = await users.post("/users", json={"email": "a@example.com", "name": "A"})
+        assert made.status_code == 201
+        shutil.rmtree(data)
+        ready = await users.get("/health/ready")
+        assert ready.status_code == 503
+        assert "was deleted" in ready.json()["checks"]["database"]["error"]
+        lost = await users.post("/users", json={"email": "b@example.com", "name": "B"})
+        assert lost.status_code == 503, lost.text  # not a 201 into the deleted file
+        assert lost.headers["content-type"] == "application/problem+json"
+        assert "was deleted" in lost.json()["detail"]
+
+    # A restart without the folder: a clear configuration error.
+    with pytest.raises(ConfigError, match="does not exist"):
+        create_service(url, "memory://")
+    # With the folder back (meshgate up makes it), but nothing migrated: a refusal.
+    data.mkdir(parents=True)
+    with pytest.raises(ServiceStartupError, match="has no schema revision") as caught:
+        async with in_process(create_service(url, "memory://")):
+            pass
+    assert "meshgate db upgrade" in str(caught.value)
+    # A service that may migrate (MESHGATE_MIGRATE=1) starts empty, migrated again.
+    monkeypatch.setenv("MESHGATE_MIGRATE", "1")
+    async with in_process(create_service(url, "memory://")) as users:
+        assert (await users.get("/health/ready")).status_code == 200
+        again = await users.post("/users", json={"email": "a@example.com", "name": "A"})
+        assert again.status_code == 201
+        assert (await users.get("/users")).json()["items"] == [again.json()]

@@ -130,7 +130,9 @@ async def test_deadline_is_visible_and_enforced() -> None:
         late = await client.get("/context", headers={DEADLINE_HEADER: "0"})
     assert 1.0 < fine.json()["remaining"] <= 1.5
     assert late.status_code == 504
+    assert late.headers["content-type"] == "application/problem+json"
     assert late.json()["error"] == "deadline_exceeded"
+    assert late.json()["type"] == "https://meshgate.dev/problems/deadline_exceeded"
 
 
 async def test_service_identity() -> None:
@@ -149,11 +151,15 @@ async def test_service_identity() -> None:
     assert ok.json() == {"caller": "web"}
     assert none.status_code == 401
     assert "no service identity" in none.json()["detail"]
+    assert none.json()["error"] == "identity_required"
     assert wrong_caller.status_code == 403
+    assert wrong_caller.json()["error"] == "caller_forbidden"
+    assert wrong_caller.headers["content-type"] == "application/problem+json"
     assert wrong_audience.status_code == 401
     assert "not addressed to 'orders'" in wrong_audience.json()["detail"]
     assert bad_signature.status_code == 401
     assert bad_signature.json()["error"] == "invalid_identity"
+    assert bad_signature.headers["content-type"] == "application/problem+json"
     assert caller.json()["caller"] == "billing"
 
 
@@ -164,6 +170,7 @@ async def test_identity_without_a_secret_is_refused_clearly() -> None:
         response = await client.get("/health/live", headers={IDENTITY_HEADER: token})
     assert response.status_code == 401
     assert "MESHGATE_SERVICE_SECRET" in response.json()["detail"]
+    assert response.json()["error"] == "identity_not_configured"
 
 
 async def test_dependency_outage_is_a_503_naming_it() -> None:
@@ -173,9 +180,15 @@ async def test_dependency_outage_is_a_503_naming_it() -> None:
             db = await client.get("/db-down", headers={"X-Request-ID": "r-db"})
             cache = await client.get("/cache-down")
     assert db.status_code == 503
+    assert db.headers["content-type"] == "application/problem+json"
     assert db.json() == {
-        "error": "dependency_unavailable",
+        "type": "https://meshgate.dev/problems/dependency_unavailable",
+        "title": "Dependency unavailable",
+        "status": 503,
         "detail": "database 'orders' (postgresql://db/orders) is unreachable",
+        "instance": "/db-down",
+        "error": "dependency_unavailable",
+        "request_id": "r-db",
         "dependency": "database",
     }
     assert cache.status_code == 503

@@ -15,6 +15,7 @@ from fastapi import Depends, Request, Response
 from meshgate.config.model import CircuitBreakerSettings
 from meshgate.service import (
     DeadlineExceededError,
+    NoRegistryError,
     Service,
     ServiceClient,
     ServiceUnavailableError,
@@ -236,17 +237,46 @@ async def test_circuit_breaker_opens_and_fails_fast() -> None:
         await client.close()
 
 
-async def test_unknown_service_and_no_configuration() -> None:
-    from meshgate.errors import MeshgateError
-
-    with pytest.raises(MeshgateError, match="MESHGATE_REGISTRY_URL"):
-        ServiceClient("users")
+async def test_unknown_service_and_no_configuration(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("MESHGATE_REGISTRY_URL", raising=False)
+    unconfigured = ServiceClient("users")  # made at import time, say: nothing to find yet
+    try:
+        with pytest.raises(NoRegistryError, match="MESHGATE_REGISTRY_URL") as caught:
+            await unconfigured.get("/echo")
+        assert "cannot call 'users'" in str(caught.value)
+        assert isinstance(caught.value, ServiceUnavailableError)  # a 503 at the boundary
+    finally:
+        await unconfigured.close()
     client = ServiceClient("users", endpoints=[])
     try:
         with pytest.raises(ServiceUnavailableError, match="no instance of 'users'"):
             await client.get("/echo")
     finally:
         await client.close()
+
+
+async def test_the_registry_is_resolved_at_the_first_call(
+    monkeypatch: pytest.MonkeyPatch, fleet: tuple[Fleet, list[str]]
+) -> None:
+    """A client made before MESHGATE_REGISTRY_URL is known finds the registry then."""
+    from meshgate.registry import MemoryRegistry
+    from meshgate.registry.model import InstanceSpec
+    from tests.registry.conftest import TOKEN, Server, make_app
+
+    monkeypatch.delenv("MESHGATE_REGISTRY_URL", raising=False)
+    client = Service("web").client("users", timeout=2.0)
+    _, addresses = fleet
+    async with MemoryRegistry() as registry:
+        await registry.register("users", "users-a", InstanceSpec(address=addresses[0]))
+        server = await Server(make_app(registry)).start()
+        monkeypatch.setenv("MESHGATE_REGISTRY_URL", server.url)
+        monkeypatch.setenv("MESHGATE_REGISTRY_TOKEN", TOKEN)
+        try:
+            response = await client.get("/echo")
+            assert response.json() == {"instance": "a"}
+        finally:
+            await client.close()
+            await server.stop()
 
 
 async def test_set_instances_keeps_state_of_those_that_stay(

@@ -1,8 +1,10 @@
 """The users service: create, read, list, update and delete users.
 
-Stored in SQL (``USERS_DATABASE_URL``; SQLite ``users.db`` by default) with a
-cache-aside for reads (``USERS_CACHE_URL``; in memory by default, Redis in real
-deployments). Run it with ``meshgate serve examples.shop.users.app:service``.
+Stored in SQL (``USERS_DATABASE_URL``; SQLite ``users.db`` by default), at the head
+of its migrations (``meshgate db upgrade examples.shop.users.app``, or
+``MESHGATE_MIGRATE=1`` to migrate when it starts), with a cache-aside for reads
+(``USERS_CACHE_URL``; in memory by default, Redis in real deployments). Run it
+with ``meshgate serve examples.shop.users.app:service``.
 
 The in-memory cache is per process: with several instances, one may serve a user
 that another just changed for up to ``USERS_CACHE_TTL`` seconds (2 by default).
@@ -19,12 +21,21 @@ from pathlib import Path
 from typing import Annotated
 
 from fastapi import HTTPException, Query, Response
+from fastapi import Path as PathParam
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
-from examples.shop.users.models import Base, User, UserIn, UserOut, UserPage, UserPatch
+from examples.shop.users.models import (
+    MAX_ID,
+    Base,
+    User,
+    UserIn,
+    UserOut,
+    UserPage,
+    UserPatch,
+)
 from meshgate.data import Cache, CacheUnavailableError, Database
-from meshgate.service import Service
+from meshgate.service import Service, problem_responses
 
 log = logging.getLogger("shop.users")
 
@@ -32,6 +43,8 @@ MIGRATIONS = Path(__file__).with_name("migrations")
 """This service's Alembic migrations (``meshgate db upgrade`` runs them)."""
 
 metadata = Base.metadata
+
+UserId = Annotated[int, PathParam(ge=1, le=MAX_ID, description="The user's id.")]
 
 
 def _conflict(email: str) -> HTTPException:
@@ -53,19 +66,16 @@ def create_service(
     if cache_ttl is None:
         default_ttl = "2" if cache_url.startswith("memory") else "300"
         cache_ttl = float(os.environ.get("USERS_CACHE_TTL", default_ttl))
+    # With its migrations named, readiness fails (and the service will not start)
+    # unless the database is at their head: a lost or replaced database says so.
     database = Database(
-        database_url or os.environ.get("USERS_DATABASE_URL", "sqlite:///users.db"), name="users"
+        database_url or os.environ.get("USERS_DATABASE_URL", "sqlite:///users.db"),
+        name="users",
+        migrations=MIGRATIONS,
     )
     cache = Cache(cache_url, prefix=cache_prefix, default_ttl=cache_ttl, name="users")
     service = Service("users", version="1.0.0", database=database, cache=cache)
     app = service.app
-
-    @service.on_startup
-    async def create_tables() -> None:
-        """Tables for a first run without migrations (``USERS_CREATE_TABLES=1``);
-        real deployments run ``meshgate db upgrade`` instead."""
-        if os.environ.get("USERS_CREATE_TABLES") == "1":
-            await database.create_all(metadata)
 
     async def _load(user_id: int) -> dict[str, object]:
         async with database.session() as session:
@@ -84,7 +94,7 @@ def create_service(
                 "user %d changed but its cached copy stays until it expires: %s", user_id, exc
             )
 
-    @app.post("/users", status_code=201)
+    @app.post("/users", status_code=201, responses=problem_responses(409))
     async def create_user(body: UserIn, response: Response) -> UserOut:
         try:
             async with database.session() as session:
@@ -97,15 +107,17 @@ def create_service(
         response.headers["Location"] = f"/users/{out.id}"
         return out
 
-    @app.get("/users/{user_id}")
-    async def get_user(user_id: int) -> UserOut:
+    @app.get("/users/{user_id}", responses=problem_responses(404))
+    async def get_user(user_id: UserId) -> UserOut:
         found = await cache.get_or_load(f"user:{user_id}", lambda: _load(user_id))
         return UserOut.model_validate(found)
 
     @app.get("/users")
     async def list_users(
         limit: Annotated[int, Query(ge=1, le=200)] = 50,
-        after: Annotated[int, Query(ge=0, description="The last id of the previous page")] = 0,
+        after: Annotated[
+            int, Query(ge=0, le=MAX_ID, description="The last id of the previous page")
+        ] = 0,
     ) -> UserPage:
         async with database.session() as session:
             rows = await session.scalars(
@@ -115,8 +127,8 @@ def create_service(
         items = [UserOut.model_validate(u) for u in users[:limit]]
         return UserPage(items=items, next=items[-1].id if len(users) > limit else None)
 
-    @app.patch("/users/{user_id}")
-    async def update_user(user_id: int, body: UserPatch) -> UserOut:
+    @app.patch("/users/{user_id}", responses=problem_responses(404, 409))
+    async def update_user(user_id: UserId, body: UserPatch) -> UserOut:
         changes = body.model_dump(exclude_none=True)
         try:
             async with database.session() as session:
@@ -133,8 +145,8 @@ def create_service(
         await _forget(user_id)
         return out
 
-    @app.delete("/users/{user_id}", status_code=204)
-    async def delete_user(user_id: int) -> Response:
+    @app.delete("/users/{user_id}", status_code=204, responses=problem_responses(404))
+    async def delete_user(user_id: UserId) -> Response:
         async with database.session() as session:
             user = await session.get(User, user_id)
             if user is None:

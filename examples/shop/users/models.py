@@ -11,15 +11,29 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 from meshgate.data.types import UTCDateTime
 
+MAX_ID = 2**31 - 1
+"""The largest id: ``id`` is an INTEGER column, 32 bits on PostgreSQL and MariaDB.
+Ids in paths and queries are bounded by it, so that a larger one is a 422 rather
+than an error of the database driver."""
+
 # Deliberately simple: one @, something before it, a dot after it. Whether the
-# address exists is for a confirmation mail to find out, not for a regex.
+# address exists is for a confirmation mail to find out, not for a regex. Control
+# characters are refused everywhere: PostgreSQL cannot store NUL in text.
 Email = Annotated[
     str,
     StringConstraints(
-        strip_whitespace=True, to_lower=True, max_length=254, pattern=r"^[^@\s]+@[^@\s]+\.[^@\s]+$"
+        strip_whitespace=True,
+        to_lower=True,
+        max_length=254,
+        pattern=r"^[^@\s\x00-\x1f\x7f]+@[^@\s\x00-\x1f\x7f]+\.[^@\s\x00-\x1f\x7f]+$",
     ),
 ]
-Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100)]
+Name = Annotated[
+    str,
+    StringConstraints(
+        strip_whitespace=True, min_length=1, max_length=100, pattern=r"^[^\x00-\x1f\x7f]+$"
+    ),
+]
 
 
 class Base(DeclarativeBase):

@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any
+from typing import Annotated, Any
 
+import httpx
 import jwt
-from fastapi import Header, HTTPException
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi import Header, HTTPException, Path
+from fastapi.responses import PlainTextResponse, Response
 from pydantic import BaseModel
 
-from meshgate.service import Service
+from examples.shop.users.models import MAX_ID
+from meshgate.service import Service, problem_responses
 
 service = Service("web", version="1.0.0")
 app = service.app
@@ -28,12 +30,20 @@ class Signup(BaseModel):
     name: str
 
 
-def _relay(response: Any) -> JSONResponse:
-    """The users service's answer, passed on as it is (its errors are already clear)."""
-    return JSONResponse(response.json(), status_code=response.status_code)
+UserId = Annotated[int, Path(ge=1, le=MAX_ID, description="The user's id.")]
 
 
-@app.post("/api/demo-token", response_class=PlainTextResponse)
+def _relay(response: httpx.Response) -> Response:
+    """The users service's answer, passed on as it is: its errors are already clear
+    problems (with users' request id, which is this request's too)."""
+    return Response(
+        response.content,
+        status_code=response.status_code,
+        media_type=response.headers.get("content-type"),
+    )
+
+
+@app.post("/api/demo-token", response_class=PlainTextResponse, responses=problem_responses(404))
 async def demo_token(sub: str = "demo") -> str:
     """A JWT the gateway accepts on user writes, for trying the shop locally. Only
     when SHOP_DEMO_TOKEN_SECRET is set (``meshgate up`` of the shop sets it to the
@@ -47,18 +57,18 @@ async def demo_token(sub: str = "demo") -> str:
     return jwt.encode(claims, secret, algorithm="HS256")
 
 
-@app.get("/api/profile/{user_id}")
-async def profile(user_id: int) -> Any:
+@app.get("/api/profile/{user_id}", responses=problem_responses(404))
+async def profile(user_id: UserId) -> Any:
     """A user's profile page data."""
     response = await users.get(f"/users/{user_id}")
     if response.status_code != 200:
         return _relay(response)
     user = response.json()
-    first = user["name"].split()[0]
+    first = (user["name"].split() or [user["name"]])[0]
     return {"user": user, "greeting": f"Hello, {first}!", "served_by": "web"}
 
 
-@app.get("/api/home")
+@app.get("/api/home", responses=problem_responses(502))
 async def home() -> dict[str, Any]:
     """The newest users, for the home page."""
     response = await users.get("/users", params={"limit": 5})
@@ -67,7 +77,7 @@ async def home() -> dict[str, Any]:
     return {"newest": response.json()["items"]}
 
 
-@app.post("/api/signup", status_code=201)
+@app.post("/api/signup", status_code=201, responses=problem_responses(409, 422))
 async def signup(body: Signup, idempotency_key: str | None = Header(default=None)) -> Any:
     """Create an account. With an ``Idempotency-Key`` the call to users may be
     retried on another instance when the first one fails."""

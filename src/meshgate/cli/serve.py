@@ -57,8 +57,14 @@ def serve(
 ) -> None:
     """Run one instance of a service: JSON logs, registration in the registry
     (MESHGATE_REGISTRY_URL, MESHGATE_REGISTRY_TOKEN) once ready, and a drain on
-    SIGTERM or Ctrl-C."""
-    from meshgate.service import Service, configure_logging  # noqa: PLC0415
+    SIGTERM or Ctrl-C. Exits 1, saying why, when the service may not start (its
+    database is not migrated)."""
+    from meshgate.service import (  # noqa: PLC0415
+        Service,
+        ServiceStartupError,
+        configure_logging,
+        logs,
+    )
 
     service = load_service(target)
     if not isinstance(service, Service):
@@ -77,4 +83,9 @@ def serve(
         raise typer.Exit(1) from None
     host, port = sock.getsockname()[:2]
     err.print(f"{service.name} on http://{host}:{port}", highlight=False)
-    _run(service.serve(sock=sock, advertise=advertise, log_level=log_level))
+    try:
+        _run(service.serve(sock=sock, advertise=advertise, log_level=log_level))
+    except ServiceStartupError as exc:
+        logs.flush()
+        err.print(f"error: {exc}", markup=False, highlight=False)
+        raise typer.Exit(1) from None

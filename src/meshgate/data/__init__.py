@@ -9,10 +9,12 @@ from meshgate.data.cache import Cache
 from meshgate.data.database import Database
 from meshgate.data.errors import (
     CacheUnavailableError,
+    DatabaseFileGoneError,
     DatabaseUnavailableError,
     DataError,
     MigrationError,
     StatementTimeoutError,
+    UnmigratedDatabaseError,
 )
 
 __all__ = [
@@ -20,7 +22,9 @@ __all__ = [
     "CacheUnavailableError",
     "DataError",
     "Database",
+    "DatabaseFileGoneError",
     "DatabaseUnavailableError",
     "MigrationError",
     "StatementTimeoutError",
+    "UnmigratedDatabaseError",
 ]

@@ -12,11 +12,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import os
 import re
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from functools import lru_cache
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
@@ -35,7 +37,13 @@ from sqlalchemy.pool import QueuePool
 
 from meshgate.data._engines import Backend, ErrorClass, Settings, mask_url, parse_url
 from meshgate.data._metrics import PoolStats, database_metrics
-from meshgate.data.errors import DatabaseUnavailableError, DataError, StatementTimeoutError
+from meshgate.data.errors import (
+    DatabaseFileGoneError,
+    DatabaseUnavailableError,
+    DataError,
+    StatementTimeoutError,
+    UnmigratedDatabaseError,
+)
 from meshgate.errors import ConfigError, ConfigIssue
 
 __all__ = ["STATEMENT_KINDS", "Database", "statement_kind"]
@@ -93,6 +101,14 @@ class Database:
     ``mysql://user:password@host:3306/db`` (``mariadb://`` too); the async driver is
     chosen for you. Pool settings left at None take the engine's default (docs/data.md).
 
+    ``migrations`` is the folder of the service's migrations: :meth:`check` (its
+    readiness) then also fails unless the database is at their head revision, so that
+    a database that was never migrated, lost, or replaced is named as such instead of
+    answering "no such table" to requests. A SQLite file is watched in any case: once
+    deleted or replaced while in use, :meth:`check` and new sessions fail with
+    :class:`~meshgate.data.errors.DatabaseFileGoneError` (nothing written to the old
+    file would be kept).
+
     Nothing connects until first use. Raises :class:`~meshgate.errors.ConfigError`
     for a bad URL or setting, naming it and the fix.
     """
@@ -112,6 +128,8 @@ class Database:
         name: str = "default",
         registry: CollectorRegistry | None = None,
         connect_args: Mapping[str, Any] | None = None,
+        migrations: str | Path | None = None,
+        version_table: str = "alembic_version",
     ) -> None:
         _check_settings(
             name,
@@ -140,6 +158,14 @@ class Database:
         """The URL with the driver made explicit and the password masked."""
         self.slow_query = slow_query
         """Statements slower than this many seconds are logged; None: never."""
+        self.migrations = Path(migrations) if migrations is not None else None
+        """The folder of the migrations the database must be at the head of; None: any."""
+        self.version_table = version_table
+        """The table where the database records its revision."""
+        self.file = self._backend.file()
+        """The SQLite file (absolute), or None (a server, or SQLite in memory)."""
+        self._identity: tuple[int, int] | None = None  # the file's (device, inode) once open
+        self._expected: tuple[str, ...] | None = None  # the head revisions, read once
         # Parameters stay out of logs and exception texts: they may hold secrets or PII.
         self.engine: AsyncEngine = create_async_engine(
             self._backend.url,
@@ -200,6 +226,7 @@ class Database:
         ``pool_timeout``; :class:`~meshgate.data.errors.StatementTimeoutError` when a
         statement exceeds ``statement_timeout``.
         """
+        self._verify_file()
         session = self._sessions()
         try:
             try:
@@ -212,35 +239,120 @@ class Database:
                 await session.close()
         except sa_exc.TimeoutError as exc:
             raise self._pool_exhausted() from exc
+        except sa_exc.DBAPIError as exc:
+            translated = self._schema_error(exc)
+            if translated is None:
+                raise
+            raise translated from exc
 
     @asynccontextmanager
     async def connection(self) -> AsyncIterator[AsyncConnection]:
         """A Core connection in a transaction, committed when the block ends and rolled
         back when it raises; errors as for :meth:`session`."""
+        self._verify_file()
         try:
             async with self.engine.begin() as conn:
                 yield conn
         except sa_exc.TimeoutError as exc:
             raise self._pool_exhausted() from exc
+        except sa_exc.DBAPIError as exc:
+            translated = self._schema_error(exc)
+            if translated is None:
+                raise
+            raise translated from exc
 
-    async def check(self, timeout: float = 2.0) -> None:
-        """Run ``SELECT 1``; raise :class:`~meshgate.data.errors.DatabaseUnavailableError`
-        saying why when there is no answer within ``timeout`` seconds."""
+    def _schema_error(self, exc: sa_exc.DBAPIError) -> UnmigratedDatabaseError | None:
+        """For a database with migrations, a statement that found no table or column:
+        the schema is not theirs. Translated here, where it leaves the caller's block,
+        not in ``handle_error``: SQLAlchemy's own probes (MySQL's ``has_table``) catch
+        that error and must still get it."""
+        if (
+            self.migrations is None
+            or exc.orig is None
+            or self._backend.classify(exc.orig) != "schema"
+        ):
+            return None
+        self._metrics.errors.labels(self.name, "schema").inc()
+        return UnmigratedDatabaseError(
+            f"database {self.name!r} ({self.url}) lacks what a statement needs "
+            f"({exc.orig}): it is not at the schema of the migrations in {self.migrations} "
+            "(lost, replaced, or never migrated?); migrate it: `meshgate db upgrade SERVICE`"
+        )
+
+    async def check(self, timeout: float = 2.0) -> dict[str, str]:
+        """Check that the database answers and is the one expected; for readiness.
+
+        Runs ``SELECT 1``; then checks that a SQLite file is still the one opened, and,
+        with ``migrations``, that the database is at their head revision. Returns what
+        was found (``{"revision": ...}`` with ``migrations``).
+
+        Raises:
+            DatabaseUnavailableError: no answer within ``timeout`` seconds, or an error.
+            DatabaseFileGoneError: the SQLite file was deleted or replaced.
+            UnmigratedDatabaseError: not at the migrations' head, saying where it is.
+        """
+        where = f"database {self.name!r} ({self.url})"
         try:
             async with asyncio.timeout(timeout), self.engine.connect() as conn:
                 await conn.exec_driver_sql("SELECT 1")
+                self._verify_file()
+                if self.migrations is None:
+                    return {}
+                revision = await conn.run_sync(self._verify_revision)
+                return {"revision": revision or "base"}
         except DataError:
             raise
         except TimeoutError as exc:
             raise DatabaseUnavailableError(
-                f"database {self.name!r} ({self.url}) did not answer SELECT 1 within {timeout:g} s"
+                f"{where} did not answer SELECT 1 within {timeout:g} s"
             ) from exc
         except sa_exc.TimeoutError as exc:
             raise self._pool_exhausted() from exc
         except sa_exc.DBAPIError as exc:
-            raise DatabaseUnavailableError(
-                f"database {self.name!r} ({self.url}) failed SELECT 1: {exc.orig}"
-            ) from exc
+            raise DatabaseUnavailableError(f"{where} failed SELECT 1: {exc.orig}") from exc
+
+    def _verify_revision(self, conn: Connection) -> str | None:
+        from meshgate.data import migrations  # noqa: PLC0415 - it imports this module
+
+        assert self.migrations is not None  # noqa: S101 - checked by the caller
+        if self._expected is None:
+            self._expected = migrations.heads(self.migrations)
+        return migrations.verify_revision(
+            conn,
+            self.migrations,
+            self._expected,
+            version_table=self.version_table,
+            where=f"database {self.name!r} ({self.url})",
+        )
+
+    def _verify_file(self) -> None:
+        """Raise when the SQLite file is no longer the one the connections opened."""
+        if self._identity is None or self.file is None:
+            return
+        try:
+            stat = os.stat(self.file)
+        except FileNotFoundError:
+            what = "was deleted"
+        else:
+            if (stat.st_dev, stat.st_ino) == self._identity:
+                return
+            what = "was replaced by another file"
+        self._metrics.errors.labels(self.name, "unavailable").inc()
+        raise DatabaseFileGoneError(
+            f"database {self.name!r}: its SQLite file {self.file} {what} while the service "
+            "had it open; what is written now would be lost with the old file. Restore the "
+            "file, or restart the service to use a new one (it must be migrated: meshgate "
+            "up does it for services with migrate: true)"
+        )
+
+    def _opened(self, _dbapi_connection: Any, _record: Any) -> None:
+        # The first connection pins the file: later ones must find the same one.
+        if self._identity is None and self.file is not None:
+            try:
+                stat = os.stat(self.file)
+            except OSError:
+                return
+            self._identity = (stat.st_dev, stat.st_ino)
 
     async def ping(self, timeout: float = 2.0) -> bool:
         """Whether the database answers ``SELECT 1`` within ``timeout`` seconds; for
@@ -296,6 +408,7 @@ class Database:
     def _install(self, engine: Any) -> None:
         self._backend.install(engine)
         event.listen(engine, "do_connect", self._do_connect)
+        event.listen(engine, "connect", self._opened)
         event.listen(engine, "handle_error", self._handle_error)
         event.listen(engine, "before_cursor_execute", self._before)
         event.listen(engine, "after_cursor_execute", self._after)
@@ -331,6 +444,8 @@ class Database:
             return None  # the pool replaces the connection; nothing reaches the caller
         kind = self._classify(context)
         error = context.original_exception
+        if kind == "schema":
+            return None  # counted and translated by _schema_error, if at all
         if kind is None:
             label = (
                 "integrity"

@@ -14,9 +14,11 @@ from meshgate.errors import MeshgateError
 __all__ = [
     "CacheUnavailableError",
     "DataError",
+    "DatabaseFileGoneError",
     "DatabaseUnavailableError",
     "MigrationError",
     "StatementTimeoutError",
+    "UnmigratedDatabaseError",
 ]
 
 
@@ -32,6 +34,21 @@ class DatabaseUnavailableError(DataError):
 
     Retry later: new sessions reconnect by themselves once the database is back.
     """
+
+    status = 503
+
+
+class DatabaseFileGoneError(DatabaseUnavailableError):
+    """The SQLite file the database opened was deleted or replaced while in use (503).
+
+    Its open connections still reach the old file, where nothing written survives
+    them: restore the file, or restart the service (which then finds a database to
+    migrate)."""
+
+
+class UnmigratedDatabaseError(DataError):
+    """The database is not at the schema revision of the service's migrations: never
+    migrated (or deleted, or replaced), behind them, or ahead of them (503)."""
 
     status = 503
 

@@ -23,6 +23,10 @@ failing revision there may leave part of its changes behind.
 Failures raise :class:`~meshgate.data.errors.MigrationError` (unknown revision,
 missing folder, lock not acquired, a database ahead of the scripts, a revision's own
 error) or :class:`~meshgate.data.errors.DatabaseUnavailableError`.
+
+:func:`heads` and :func:`verify_revision` are what a :class:`~meshgate.data.Database`
+given its ``migrations`` checks readiness with: the database must be at the head of
+the scripts.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ import zlib
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from alembic import command
 from alembic.config import Config
@@ -49,7 +53,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from meshgate.data._engines.sqlite import BEGIN_OPTION
 from meshgate.data.database import Database
-from meshgate.data.errors import DataError, MigrationError
+from meshgate.data.errors import DataError, MigrationError, UnmigratedDatabaseError
+from meshgate.data.types import UTCDateTime
 
 __all__ = [
     "ENV_TEMPLATE",
@@ -57,11 +62,13 @@ __all__ = [
     "Revision",
     "current",
     "downgrade",
+    "heads",
     "history",
     "init",
     "revision",
     "run_env",
     "upgrade",
+    "verify_revision",
 ]
 
 T = TypeVar("T")
@@ -246,6 +253,79 @@ def history(script_location: str | Path) -> list[Revision]:
         raise MigrationError(f"migrations in {script_location}: {exc}") from exc
 
 
+def heads(script_location: str | Path) -> tuple[str, ...]:
+    """The head revisions of the scripts (one, unless the history branches); empty
+    when there is no script yet.
+
+    Raises :class:`~meshgate.data.errors.MigrationError` when the folder is missing or
+    its scripts cannot be read."""
+    config = _config(script_location, VERSION_TABLE)
+    scripts = _scripts(config)
+    try:
+        return tuple(sorted(scripts.get_heads()))
+    except (CommandError, RevisionError) as exc:
+        raise MigrationError(f"migrations in {script_location}: {exc}") from exc
+
+
+def verify_revision(
+    conn: Connection,
+    script_location: str | Path,
+    expected: tuple[str, ...],
+    *,
+    version_table: str = VERSION_TABLE,
+    where: str = "the database",
+) -> str | None:
+    """Check that the database of ``conn`` (a sync connection) is at ``expected``, the
+    :func:`heads` of ``script_location``; return its revision (None at base, when there
+    is no script).
+
+    Raises :class:`~meshgate.data.errors.UnmigratedDatabaseError` naming what is wrong:
+    no revision (never migrated, or deleted or replaced since), an older one, or one
+    the scripts do not have (migrated by newer code). ``where`` names the database in
+    the message.
+    """
+    found = tuple(
+        sorted(
+            MigrationContext.configure(
+                conn, opts={"version_table": version_table}
+            ).get_current_heads()
+        )
+    )
+    if found == expected:
+        return ",".join(found) or None
+    want = ", ".join(expected) or "base"
+    upgrade_hint = (
+        "migrate it: `meshgate db upgrade SERVICE` (meshgate up runs it for services "
+        "with migrate: true), or let the service migrate it when it starts "
+        "(Service(..., migrate=True) or MESHGATE_MIGRATE=1)"
+    )
+    if not found:
+        raise UnmigratedDatabaseError(
+            f"{where} has no schema revision (no {version_table} table, or an empty one), "
+            f"but the migrations in {script_location} are at {want}: it was never "
+            f"migrated, or was deleted or replaced since; {upgrade_hint}"
+        )
+    scripts = _scripts(_config(script_location, version_table))
+    unknown = []
+    for head in found:
+        try:
+            known = scripts.get_revision(head)
+        except (CommandError, RevisionError):
+            known = None
+        if known is None:
+            unknown.append(head)
+    if unknown:
+        raise UnmigratedDatabaseError(
+            f"{where} is at revision {', '.join(unknown)}, which the migrations in "
+            f"{script_location} do not have: it is ahead of this code (migrated by a newer "
+            "version?); deploy the code that has that revision, or downgrade with it"
+        )
+    raise UnmigratedDatabaseError(
+        f"{where} is at revision {', '.join(found)}, behind the migrations in "
+        f"{script_location} ({want}); {upgrade_hint}"
+    )
+
+
 def revision(
     message: str,
     script_location: str | Path,
@@ -305,12 +385,22 @@ def run_env(context: Any, target_metadata: MetaData | None = None) -> None:
         render_as_batch=connection.dialect.name == "sqlite",
         compare_type=True,
         include_name=_include_name(metadata),
+        render_item=_render_item,
     )
     with context.begin_transaction():
         context.run_migrations()
 
 
 # -- internals
+
+
+def _render_item(kind: str, obj: Any, autogen_context: Any) -> str | Literal[False]:
+    """Autogenerate writes meshgate's column types by name, with their import (Alembic
+    would write ``meshgate.data.types.UTCDateTime()`` and import nothing)."""
+    if kind == "type" and isinstance(obj, UTCDateTime):
+        autogen_context.imports.add("from meshgate.data.types import UTCDateTime")
+        return "UTCDateTime()"
+    return False
 
 
 def _include_name(metadata: MetaData | None) -> Callable[[str | None, str, Any], bool]:

@@ -12,12 +12,9 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from meshgate.errors import MeshgateError
+from meshgate.errors import PROBLEM_TYPE, MeshgateError
 
 __all__ = ["PROBLEMS", "PROBLEM_TYPE", "PathError", "Problem", "problem_type"]
-
-PROBLEM_TYPE = "https://meshgate.dev/problems/"
-"""The base of every problem ``type`` the platform answers with."""
 
 
 class PathError(MeshgateError):

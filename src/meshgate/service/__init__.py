@@ -19,7 +19,7 @@ See docs/services.md.
 """
 
 from meshgate.service.app import Check, Service
-from meshgate.service.client import DeadlineExceededError, ServiceClient, ServiceUnavailableError
+from meshgate.service.client import ServiceClient
 from meshgate.service.context import (
     TraceContext,
     current_caller,
@@ -28,8 +28,17 @@ from meshgate.service.context import (
     current_trace,
     remaining,
 )
-from meshgate.service.identity import IdentityError, IdentitySigner, verify_identity
+from meshgate.service.errors import (
+    DeadlineExceededError,
+    IdentityError,
+    NoRegistryError,
+    ServiceError,
+    ServiceStartupError,
+    ServiceUnavailableError,
+)
+from meshgate.service.identity import IdentitySigner, verify_identity
 from meshgate.service.logs import JsonFormatter, configure_logging
+from meshgate.service.problems import Problem, ProblemError, problem_responses
 
 __all__ = [
     "Check",
@@ -37,8 +46,13 @@ __all__ = [
     "IdentityError",
     "IdentitySigner",
     "JsonFormatter",
+    "NoRegistryError",
+    "Problem",
+    "ProblemError",
     "Service",
     "ServiceClient",
+    "ServiceError",
+    "ServiceStartupError",
     "ServiceUnavailableError",
     "TraceContext",
     "configure_logging",
@@ -46,6 +60,7 @@ __all__ = [
     "current_deadline",
     "current_request_id",
     "current_trace",
+    "problem_responses",
     "remaining",
     "verify_identity",
 ]

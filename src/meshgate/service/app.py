@@ -5,14 +5,21 @@ with:
 
 - ``/health/live`` (the process answers) and ``/health/ready`` (its own
   dependencies answer: database, cache and any check added with
-  :meth:`Service.add_check`; 503 naming the one that is down, or while draining);
+  :meth:`Service.add_check`; 503 naming the one that is down, or while draining;
+  see :mod:`meshgate.service.readiness`);
+- a database that names its migrations checked before the service starts: at
+  their head revision, or migrated when ``migrate`` is on, or a clear refusal;
 - ``/metrics`` in the Prometheus format (requests, latency, in flight, and the
   data layer's metrics);
 - the request's id (``X-Request-ID``), W3C trace context (``traceparent``),
   deadline and calling service taken from each request and made available to the
   code handling it and to :meth:`Service.client` calls it makes;
-- a 503 with a clear body when the database or cache goes away mid-request, and
-  a 504 when the caller's deadline has passed;
+- every error answered as an RFC 9457 problem (``application/problem+json``, see
+  :mod:`meshgate.service.problems`), documented in its OpenAPI: a 503 naming the
+  database or cache that went away mid-request, a 504 when the caller's deadline
+  has passed, a 500 for anything unhandled (its traceback logged with the request
+  id), and the validation errors, 404s and 405s of FastAPI;
+- an access log line per request (:mod:`meshgate.service.middleware`);
 - registration in the registry once ready, heartbeats, and on SIGTERM: leave the
   registry, wait for the gateways to stop sending, finish what is in flight, exit
   (:meth:`Service.serve`).
@@ -25,13 +32,12 @@ import logging
 import os
 import re
 import socket
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
 import uvicorn
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -42,18 +48,14 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from starlette.types import ASGIApp
 
 from meshgate.errors import MeshgateError
-from meshgate.service.context import (
-    DEADLINE_HEADER,
-    TraceContext,
-    current_caller,
-    current_deadline,
-    current_request_id,
-    current_trace,
-    parse_deadline,
-)
-from meshgate.service.identity import IDENTITY_HEADER, IdentityError, verify_identity
+from meshgate.service import logs, problems
+from meshgate.service.context import current_caller
+from meshgate.service.middleware import ServiceMiddleware
+from meshgate.service.problems import ProblemError
+from meshgate.service.readiness import Check, prepare_database, run_checks
 
 if TYPE_CHECKING:
     from meshgate.data import Cache, Database
@@ -63,16 +65,7 @@ __all__ = ["Check", "Service"]
 
 log = logging.getLogger("meshgate.service")
 
-Check = Callable[[], Awaitable[object]]
-"""A readiness check: returns (anything) when the dependency answers, raises when not."""
-
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
-
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
-_CHECK_TIMEOUT = 2.0
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
@@ -81,8 +74,20 @@ def _env(name: str) -> str | None:
     return value if value else None
 
 
-def _json_error(status: int, error: str, detail: str, **extra: Any) -> JSONResponse:
-    return JSONResponse({"error": error, "detail": detail, **extra}, status_code=status)
+class _ServiceApp(FastAPI):
+    """FastAPI, with the service's middleware outside all others (FastAPI's error
+    middleware included: see :mod:`meshgate.service.middleware`), and an OpenAPI
+    document whose errors are problems (:func:`meshgate.service.problems.document`)."""
+
+    service: Service
+
+    def build_middleware_stack(self) -> ASGIApp:
+        return ServiceMiddleware(super().build_middleware_stack(), self.service)
+
+    def openapi(self) -> dict[str, Any]:
+        if self.openapi_schema is None:
+            self.openapi_schema = problems.document(super().openapi())
+        return self.openapi_schema
 
 
 class Service:
@@ -103,6 +108,7 @@ class Service:
         ttl: float = 10.0,
         drain_timeout: float = 10.0,
         deregister_delay: float = 1.0,
+        migrate: bool | None = None,
     ) -> None:
         """
         Args:
@@ -121,6 +127,9 @@ class Service:
             drain_timeout: how long requests in flight may take to finish on exit.
             deregister_delay: how long to keep serving after leaving the registry,
                 so that gateways and clients stop sending before the listener closes.
+            migrate: when the database names its ``migrations`` and is not at their
+                head when the service starts, upgrade it (True) or refuse to start
+                (False); None: ``MESHGATE_MIGRATE`` (``1``, ``true``, ``yes``), else False.
         """
         if not _NAME_RE.match(name):
             raise MeshgateError(
@@ -138,6 +147,10 @@ class Service:
         self.ttl = ttl
         self.drain_timeout = drain_timeout
         self.deregister_delay = deregister_delay
+        if migrate is None:
+            migrate = (_env("MESHGATE_MIGRATE") or "").lower() in ("1", "true", "yes")
+        self.migrate = migrate
+        self._prepared = False
         self.checks: dict[str, Check] = {}
         # check(), not ping(): a check passes by returning and fails by raising
         # the reason, which /health/ready shows.
@@ -178,11 +191,17 @@ class Service:
             ["service"],
             registry=self.metrics,
         )
-        self.app = FastAPI(title=name, version=version, lifespan=self._lifespan)
-        self.app.state.service = self
+        app = _ServiceApp(
+            title=name,
+            version=version,
+            lifespan=self._lifespan,
+            responses=problems.DEFAULT_RESPONSES,
+        )
+        app.service = self
+        app.state.service = self
+        self.app: FastAPI = app
         self._add_routes()
-        self._add_error_handlers()
-        self.app.add_middleware(_ContextMiddleware, service=self)
+        problems.install(self.app, log)
 
     # -- configuration
 
@@ -222,24 +241,22 @@ class Service:
 
     async def readiness(self) -> tuple[bool, dict[str, Any]]:
         """Run every check at once; (all passed, each check's outcome)."""
-
-        async def run(check: Check) -> dict[str, Any]:
-            started = time.perf_counter()
-            try:
-                async with asyncio.timeout(_CHECK_TIMEOUT):
-                    await check()
-            except TimeoutError:
-                return {"ok": False, "error": f"no answer within {_CHECK_TIMEOUT:g}s"}
-            except Exception as exc:  # noqa: BLE001 - any failure is "not ready", with its reason
-                return {"ok": False, "error": str(exc) or type(exc).__name__}
-            return {"ok": True, "latency_ms": round((time.perf_counter() - started) * 1000, 2)}
-
-        names = list(self.checks)
-        results = await asyncio.gather(*(run(self.checks[n]) for n in names))
-        outcome = dict(zip(names, results, strict=True))
-        ready = all(r["ok"] for r in results)
+        ready, outcome = await run_checks(self.checks)
         self._ready_gauge.labels(self.name).set(1 if ready and not self.draining else 0)
         return ready, outcome
+
+    async def prepare(self) -> None:
+        """What must hold before the service starts (once; the startup runs it): its
+        database at the head of its migrations, or migrated when ``migrate`` is on.
+
+        Raises:
+            ServiceStartupError: it may not start, saying why and what to do.
+        """
+        if self._prepared:
+            return
+        if self.database is not None:
+            await prepare_database(self.name, self.database, migrate=self.migrate)
+        self._prepared = True
 
     def _add_routes(self) -> None:
         app = self.app
@@ -267,43 +284,11 @@ class Service:
             body = generate_latest(self.metrics) + generate_latest(REGISTRY)
             return Response(body, media_type=CONTENT_TYPE_LATEST)
 
-    def _add_error_handlers(self) -> None:
-        from meshgate.data.errors import (  # noqa: PLC0415 - optional dependency
-            CacheUnavailableError,
-            DatabaseUnavailableError,
-            DataError,
-        )
-        from meshgate.service.client import (  # noqa: PLC0415
-            DeadlineExceededError,
-            ServiceUnavailableError,
-        )
-
-        async def data_error(request: Request, exc: Exception) -> JSONResponse:
-            assert isinstance(exc, DataError)  # noqa: S101 - registered for DataError only
-            if isinstance(exc, DatabaseUnavailableError):
-                error, dependency = "dependency_unavailable", "database"
-            elif isinstance(exc, CacheUnavailableError):
-                error, dependency = "dependency_unavailable", "cache"
-            else:
-                error, dependency = "data_error", "database"
-            log.warning("%s: %s", dependency, exc)
-            return _json_error(exc.status, error, str(exc), dependency=dependency)
-
-        async def unavailable(request: Request, exc: Exception) -> JSONResponse:
-            log.warning("%s", exc)
-            return _json_error(503, "dependency_unavailable", str(exc))
-
-        async def deadline(request: Request, exc: Exception) -> JSONResponse:
-            return _json_error(504, "deadline_exceeded", str(exc))
-
-        self.app.add_exception_handler(DataError, data_error)
-        self.app.add_exception_handler(ServiceUnavailableError, unavailable)
-        self.app.add_exception_handler(DeadlineExceededError, deadline)
-
     # -- lifecycle
 
     @asynccontextmanager
     async def _lifespan(self, app: FastAPI) -> AsyncIterator[None]:
+        await self.prepare()
         for func in self._startup:
             await func()
         registering = asyncio.get_running_loop().create_task(self._register_when_ready())
@@ -393,7 +378,12 @@ class Service:
 
         ``advertise`` is the address registered (default: the bound one, or
         ``MESHGATE_ADVERTISE_ADDRESS``).
+
+        Raises:
+            ServiceStartupError: the service may not start (see :meth:`prepare`);
+                raised before it listens.
         """
+        await self.prepare()
         if sock is None:
             sock = socket.create_server((host, port), reuse_port=False)
         server = self.server(sock, advertise=advertise, log_level=log_level)
@@ -406,9 +396,14 @@ class Service:
         ``serve([sock])``; its ``handle_exit`` drains like SIGTERM)."""
         bound = sock.getsockname()
         self.address = advertise or _env("MESHGATE_ADVERTISE_ADDRESS") or f"{bound[0]}:{bound[1]}"
+        logs.set_instance(os.environ.get("MESHGATE_INSTANCE") or self.instance_id())
         config = uvicorn.Config(
             self.app,
             log_level=log_level,
+            # uvicorn's records go to the root logger, JSON once configure_logging ran;
+            # its default configuration would give them handlers and a format of
+            # their own. The access log is the SDK's (meshgate.access).
+            log_config=None,
             access_log=False,
             timeout_graceful_shutdown=int(self.drain_timeout) or 1,
             loop="none",
@@ -428,13 +423,18 @@ class Service:
         async def dependency() -> str:
             caller = current_caller.get()
             if caller is None:
-                raise HTTPException(
+                raise ProblemError(
                     401,
                     f"only the services {', '.join(sorted(allowed))} may call this; "
                     "the request carries no service identity",
+                    code="identity_required",
                 )
             if caller not in allowed:
-                raise HTTPException(403, f"service {caller!r} may not call this")
+                raise ProblemError(
+                    403,
+                    f"service {caller!r} may not call this; only {', '.join(sorted(allowed))} may",
+                    code="caller_forbidden",
+                )
             return caller
 
         return dependency
@@ -460,89 +460,3 @@ class _DrainingServer(uvicorn.Server):
         if not task.cancelled() and task.exception() is not None:
             log.error("draining failed: %s", task.exception())
         self.should_exit = True
-
-
-class _ContextMiddleware:
-    """Per request: id, trace, deadline and caller into context; metrics; refusals."""
-
-    def __init__(
-        self, app: Callable[[Scope, Receive, Send], Awaitable[None]], service: Service
-    ) -> None:
-        self.app = app
-        self.service = service
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        service = self.service
-        headers: dict[bytes, bytes] = {}
-        for key, value in scope["headers"]:
-            headers.setdefault(key.lower(), value)
-        request_id = (headers.get(b"x-request-id") or b"").decode("latin-1")[:200] or None
-        if request_id is None:
-            request_id = os.urandom(16).hex()
-        parent = TraceContext.parse(headers.get(b"traceparent", b"").decode("latin-1"))
-        trace = parent.child() if parent is not None else TraceContext.new()
-        deadline = parse_deadline(headers.get(DEADLINE_HEADER.lower().encode(), b"").decode())
-        tokens = [
-            current_request_id.set(request_id),
-            current_trace.set(trace),
-            current_deadline.set(deadline),
-        ]
-        caller: str | None = None
-        refusal: JSONResponse | None = None
-        identity = headers.get(IDENTITY_HEADER.lower().encode())
-        if identity is not None:
-            if service.secret is None:
-                refusal = _json_error(
-                    401,
-                    "identity_not_configured",
-                    f"{service.name} has no MESHGATE_SERVICE_SECRET to verify the "
-                    "calling service's identity",
-                )
-            else:
-                try:
-                    caller = verify_identity(
-                        identity.decode("latin-1"), audience=service.name, secret=service.secret
-                    )
-                except IdentityError as exc:
-                    refusal = _json_error(401, "invalid_identity", str(exc))
-        caller_token = current_caller.set(caller)
-        if refusal is None and deadline is not None and deadline <= time.monotonic():
-            refusal = _json_error(
-                504, "deadline_exceeded", "the caller's deadline passed before the request arrived"
-            )
-        status = 500
-        rid = request_id.encode("latin-1")
-
-        async def send_with_id(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-                message["headers"] = [*message.get("headers", ()), (b"x-request-id", rid)]
-            await send(message)
-
-        started = time.perf_counter()
-        service.inflight += 1
-        gauge = service._inflight.labels(service.name)
-        gauge.inc()
-        try:
-            if refusal is not None:
-                await refusal(scope, receive, send_with_id)
-            else:
-                await self.app(scope, receive, send_with_id)
-        finally:
-            service.inflight -= 1
-            gauge.dec()
-            route = scope.get("route")
-            template = getattr(route, "path", None) or "(unmatched)"
-            method = scope.get("method", "")
-            service._requests.labels(service.name, method, template, str(status)).inc()
-            service._latency.labels(service.name, method, template).observe(
-                time.perf_counter() - started
-            )
-            current_caller.reset(caller_token)
-            current_deadline.reset(tokens[2])  # type: ignore[arg-type]
-            current_trace.reset(tokens[1])  # type: ignore[arg-type]
-            current_request_id.reset(tokens[0])  # type: ignore[arg-type]

@@ -40,7 +40,6 @@ from meshgate.config.model import (
     RetryBudgetSettings,
     UpstreamSettings,
 )
-from meshgate.errors import MeshgateError
 from meshgate.gateway.upstream.balancer import LeastRequest
 from meshgate.gateway.upstream.health import CircuitBreaker, OutlierDetector, RetryBudget
 from meshgate.gateway.upstream.pool import Endpoint
@@ -51,27 +50,20 @@ from meshgate.service.context import (
     current_request_id,
     current_trace,
 )
+from meshgate.service.errors import (
+    DeadlineExceededError,
+    NoRegistryError,
+    ServiceUnavailableError,
+)
 from meshgate.service.identity import IDENTITY_HEADER, IdentitySigner
 
+# The errors live in meshgate.service.errors; importing them from here keeps working.
 __all__ = ["DeadlineExceededError", "ServiceClient", "ServiceUnavailableError"]
 
 log = logging.getLogger("meshgate.service.client")
 
 _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 _RETRY_STATUSES = frozenset({502, 503, 504})
-
-
-class ServiceUnavailableError(MeshgateError):
-    """No instance of the service could answer: none registered, the registry
-    unreachable with nothing cached, every try failed, or its circuit is open."""
-
-    status = 503
-
-
-class DeadlineExceededError(MeshgateError):
-    """The call's timeout or the current request's deadline passed."""
-
-    status = 504
 
 
 class ServiceClient:
@@ -96,11 +88,15 @@ class ServiceClient:
         discovery_timeout: float = 5.0,
         max_connections: int = 100,
     ) -> None:
-        """
+        """Nothing is looked up until the first call, so that a client may be made when
+        a module is imported (``users = service.client("users")``) by a process that
+        never calls it (``meshgate db upgrade``).
+
         Args:
             service: the service to call.
-            registry: the registry URL to discover it in (``endpoints`` otherwise).
-            registry_token: the registry's bearer token.
+            registry: the registry URL to discover it in; None: ``MESHGATE_REGISTRY_URL``
+                as it is at the first call (unless ``endpoints`` are given).
+            registry_token: the registry's bearer token (``MESHGATE_REGISTRY_TOKEN``).
             endpoints: fixed ``host:port`` addresses instead of the registry.
             caller: the calling service's name (for the identity token).
             secret: the shared secret that signs identity tokens; none: no token.
@@ -115,11 +111,6 @@ class ServiceClient:
             discovery_timeout: how long a first call waits for the registry.
             max_connections: pooled connections to the service, at most.
         """
-        if registry is None and endpoints is None:
-            raise MeshgateError(
-                f"a client for {service!r} needs the registry's URL (MESHGATE_REGISTRY_URL) "
-                "or fixed endpoints"
-            )
         self.service = service
         self.timeout = timeout
         self.retries = retries
@@ -154,8 +145,9 @@ class ServiceClient:
         self._known = asyncio.Event()
         self._registry_url = registry
         self._registry_token = registry_token
+        self._fixed = endpoints is not None
         self._watcher: asyncio.Task[None] | None = None
-        self._registry: Any = None
+        self._registry_client: Any = None
         self.retried = 0  # retries made, for tests and metrics
         if endpoints is not None:
             self.set_instances(endpoints)
@@ -179,11 +171,35 @@ class ServiceClient:
         )
         self._known.set()
 
-    async def _watch(self) -> None:
+    def use_endpoints(self, addresses: Sequence[str]) -> None:
+        """Call these fixed ``host:port`` addresses from now on, and stop following the
+        registry (tests, a service outside the registry)."""
+        self._fixed = True
+        if self._watcher is not None:
+            self._watcher.cancel()
+            self._watcher = None
+        self.set_instances(addresses)
+
+    def _registry(self) -> tuple[str, str | None]:
+        """The registry to discover the service in, resolved at the first call."""
+        url = self._registry_url or os.environ.get("MESHGATE_REGISTRY_URL") or None
+        if url is None:
+            raise NoRegistryError(
+                f"cannot call {self.service!r}: no registry to find it in; set "
+                "MESHGATE_REGISTRY_URL (meshgate up and meshgate serve under it set it), or "
+                "give the client fixed endpoints (ServiceClient(..., endpoints=[...]), or "
+                "meshgate.service.testing.use_endpoints in tests)"
+            )
+        self._registry_url = url
+        token = self._registry_token or os.environ.get("MESHGATE_REGISTRY_TOKEN") or None
+        self._registry_token = token
+        return url, token
+
+    async def _watch(self, url: str, token: str | None) -> None:
         from meshgate.registry.client import RegistryClient  # noqa: PLC0415
 
-        client = RegistryClient(self._registry_url or "", self._registry_token)
-        self._registry = client
+        client = RegistryClient(url, token)
+        self._registry_client = client
         try:
             async for snapshot in client.watch(self.service):
                 self.set_instances([instance.address for instance in snapshot.instances])
@@ -191,8 +207,9 @@ class ServiceClient:
             await client.close()
 
     async def _candidates(self, deadline: float) -> tuple[Endpoint, ...]:
-        if self._registry_url is not None and self._watcher is None:
-            self._watcher = asyncio.get_running_loop().create_task(self._watch())
+        if not self._fixed and self._watcher is None:
+            url, token = self._registry()
+            self._watcher = asyncio.get_running_loop().create_task(self._watch(url, token))
         if not self._known.is_set():
             wait = min(self.discovery_timeout, deadline - time.monotonic())
             try:

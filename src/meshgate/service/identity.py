@@ -14,6 +14,7 @@ import time
 import jwt
 
 from meshgate.errors import MeshgateError
+from meshgate.service.errors import IdentityError
 
 __all__ = ["IDENTITY_HEADER", "IdentityError", "IdentitySigner", "verify_identity"]
 
@@ -23,10 +24,6 @@ IDENTITY_HEADER = "X-Meshgate-Identity"
 _TTL = 60.0
 _RENEW_BEFORE = 15.0
 _LEEWAY = 5.0
-
-
-class IdentityError(MeshgateError):
-    """An identity token is missing, malformed, expired or not for this service."""
 
 
 def _check_secret(secret: str) -> str:

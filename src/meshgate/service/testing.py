@@ -84,14 +84,12 @@ async def serving(service: Service, host: str = "127.0.0.1") -> AsyncIterator[st
 
 def use_endpoints(service: Service, callee: str, endpoints: Sequence[str]) -> ServiceClient:
     """Make ``service.client(callee)`` call these fixed ``host:port`` addresses (a
-    fake or a test instance) instead of looking ``callee`` up in the registry."""
-    client = ServiceClient(
-        callee, endpoints=list(endpoints), caller=service.name, secret=service.secret
-    )
-    old = service._clients.get(callee)
-    if old is not None:
-        service.on_shutdown(old.close)
-    service._clients[callee] = client
+    fake or a test instance) instead of looking ``callee`` up in the registry.
+
+    A client made before (``users = service.client("users")`` at module level) is the
+    one changed, so that the code holding it calls the fake too."""
+    client = service.client(callee)
+    client.use_endpoints(list(endpoints))
     return client
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from sqlalchemy.engine import URL, Engine
@@ -13,7 +14,7 @@ from meshgate.errors import ConfigIssue
 
 __all__ = ["Backend", "ErrorClass", "Settings"]
 
-ErrorClass = Literal["unavailable", "timeout"]
+ErrorClass = Literal["unavailable", "timeout", "schema"]
 """What a driver error means to a service: retry later, or the statement was too slow."""
 
 
@@ -57,6 +58,10 @@ class Backend:
 
     def install(self, engine: Engine) -> None:
         """Attach per-connection setup to the (sync) engine."""
+
+    def file(self) -> Path | None:
+        """The database's file, absolute, for an embedded engine that has one."""
+        return None
 
     def classify(self, error: BaseException) -> ErrorClass | None:
         """What a driver error means, or None for an error of the statement itself."""

@@ -33,6 +33,10 @@ _UNAVAILABLE = frozenset({
     2055,  # lost connection (system error)
     4031,  # disconnected by the server for inactivity (MySQL 8)
 })  # fmt: skip
+_SCHEMA = frozenset({
+    1146,  # table doesn't exist
+    1054,  # unknown column
+})  # fmt: skip
 _TIMEOUT = frozenset({
     1969,  # MariaDB: max_statement_time exceeded
     3024,  # MySQL: max_execution_time exceeded
@@ -92,6 +96,8 @@ class MySQL(Backend):
             return "timeout"
         if code in _UNAVAILABLE:
             return "unavailable"
+        if code in _SCHEMA:
+            return "schema"
         return None
 
 

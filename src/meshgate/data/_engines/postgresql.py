@@ -16,6 +16,10 @@ from meshgate.data._engines.base import Backend, ErrorClass
 
 __all__ = ["PostgreSQL"]
 
+_SCHEMA = frozenset({
+    "42P01",  # undefined_table
+    "42703",  # undefined_column
+})  # fmt: skip
 _UNAVAILABLE = frozenset({
     "57P01",  # admin_shutdown: terminated by pg_terminate_backend or a shutdown
     "57P02",  # crash_shutdown
@@ -58,4 +62,6 @@ class PostgreSQL(Backend):
             return "timeout"
         if state.startswith("08") or state in _UNAVAILABLE:  # class 08: connection exception
             return "unavailable"
+        if state in _SCHEMA:
+            return "schema"
         return None

@@ -49,6 +49,13 @@ class SQLite(Backend):
         database = self.url.database
         return database in (None, "", ":memory:") or self.url.query.get("mode") == "memory"
 
+    def file(self) -> Path | None:
+        if self.memory or self.url.database is None:
+            return None
+        # Absolute now: SQLite resolves a relative path against the working directory
+        # of each connect.
+        return Path(self.url.database).expanduser().absolute()
+
     def check(self) -> list[ConfigIssue]:
         issues = []
         s = self.settings
@@ -166,4 +173,6 @@ class SQLite(Backend):
                 or "disk i/o error" in message
             ):
                 return "unavailable"
+            if message.startswith(("no such table", "no such column")):
+                return "schema"
         return None
