@@ -15,6 +15,8 @@ import uvloop
 
 from tests._timeless import module_constants, time_dependent
 
+pytest_plugins = ["tests.venvs"]  # the core_venv fixture: a plain pip install meshgate
+
 
 def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> Mapping[str, Any]:
     return {"uvloop": uvloop.new_event_loop}

@@ -30,6 +30,7 @@ from typer.testing import CliRunner
 
 from meshgate.cli import app
 from tests.e2e.conftest import Pid, children, tail, wait_dead
+from tests.venvs import Venv
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 
@@ -168,15 +169,17 @@ class Up:
         return [p.pid for p in wait_dead(sorted(self.known, key=lambda p: p.pid), timeout)]
 
 
-def start_up(folder: Path, *args: str) -> Up:
+def start_up(folder: Path, *args: str, venv: Venv | None = None) -> Up:
     """Start ``meshgate up`` in ``folder`` in a session of its own (so that the test's
-    signals reach it as a terminal's would)."""
+    signals reach it as a terminal's would), with this Python or that of ``venv``."""
     output = folder / "up.out"
-    env = {**os.environ, "HOME": str(folder), "PYTHONUNBUFFERED": "1", "NO_COLOR": "1"}
+    base = dict(os.environ) if venv is None else venv.env()
+    env = {**base, "HOME": str(folder), "PYTHONUNBUFFERED": "1", "NO_COLOR": "1"}
     env.pop("MESHGATE_FILE", None)
+    python = sys.executable if venv is None else str(venv.python)
     with output.open("wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "meshgate", "up", *args],
+            [python, "-m", "meshgate", "up", *args],
             stdout=out,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -224,10 +227,12 @@ def shop_file(folder: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def shop(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
+def shop(tmp_path_factory: pytest.TempPathFactory, core_venv: Venv) -> Iterator[Up]:
+    """The shop, run as the README's first command does: from a plain install (the
+    core dependencies only, no extra)."""
     folder = tmp_path_factory.mktemp("shop")
     shop_file(folder)
-    up = start_up(folder)
+    up = start_up(folder, venv=core_venv)
     try:
         took = up.wait_ready()
         print(f"\nup of the shop: ready in {took:.1f} s (as up reports it)")
@@ -537,3 +542,25 @@ services:
             finish(again)
     finally:
         finish(up)
+
+
+def test_a_missing_extra_fails_up_with_one_line_naming_it(tmp_path: Path, core_venv: Venv) -> None:
+    (tmp_path / "cached.py").write_text(
+        "from meshgate.data import Cache\nfrom meshgate.service import Service\n"
+        "service = Service('cached', cache=Cache('redis://127.0.0.1:6379/0'))\n"
+    )
+    (tmp_path / "meshgate.yaml").write_text("services:\n  cached: {app: cached:service}\n")
+    up = start_up(tmp_path, venv=core_venv)
+    try:
+        code = up.proc.wait(60)
+    finally:
+        finish(up)
+    text = up.text()
+    assert code == 1, text
+    assert "Traceback" not in text
+    assert re.search(
+        r"^cached-1 +\| error: cached:service: cache 'default': url: redis:// needs the redis "
+        r"package, which is not installed: pip install 'meshgate\[redis\]'$",
+        text,
+        re.M,
+    ), text

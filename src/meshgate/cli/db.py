@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from rich.console import Console
 
+from meshgate.cli._extras import missing_extra, one_line
 from meshgate.errors import MeshgateError
 
 if TYPE_CHECKING:
@@ -134,6 +135,9 @@ def _import(service: str) -> Any:
     try:
         return importlib.import_module(service)
     except ImportError as exc:
+        missing = missing_extra(exc)
+        if missing is not None:
+            raise _UnresolvedError(f"SERVICE {service!r}: {missing}") from exc
         raise _UnresolvedError(
             f"SERVICE {service!r} names a module (it has a dot), which cannot be imported "
             f"from {Path.cwd()}: {exc}. Run from the directory that holds it, or give a "
@@ -162,7 +166,7 @@ def _need_folder(target: _Target) -> Path:
 
 
 def _fail(exc: MeshgateError) -> typer.Exit:
-    err.print(f"error: {exc}", markup=False, highlight=False)
+    err.print(f"error: {one_line(exc)}", markup=False, highlight=False)
     return typer.Exit(2 if isinstance(exc, _UnresolvedError) else 1)
 
 
@@ -391,7 +395,7 @@ def _service_name(service: str) -> str:
 
 
 def _fail_json(exc: Exception, as_json: bool, code: int) -> typer.Exit:
-    err.print(f"error: {exc}", markup=False, highlight=False)
+    err.print(f"error: {one_line(exc)}", markup=False, highlight=False)
     if as_json:
         out.print_json(json.dumps({"ok": False, "error": str(exc), "kind": type(exc).__name__}))
     return typer.Exit(code)

@@ -12,6 +12,7 @@ import typer
 from rich.console import Console
 
 from meshgate import __version__
+from meshgate.cli._extras import missing_extra, one_line
 from meshgate.config.loader import load
 from meshgate.errors import ConfigError, SupervisorError
 
@@ -22,8 +23,10 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-err = Console(stderr=True, soft_wrap=True)
-out = Console(soft_wrap=True)
+# No markup: messages quote user input and pip lines such as 'meshgate[redis]',
+# which rich would take for a style and drop.
+err = Console(stderr=True, soft_wrap=True, markup=False, highlight=False)
+out = Console(soft_wrap=True, markup=False, highlight=False)
 
 ConfigFile = Annotated[
     Path, typer.Argument(help="The configuration file (YAML).", show_default=False)
@@ -122,7 +125,7 @@ def gateway(
     try:
         _run(run())
     except SupervisorError as exc:
-        err.print(f"error: {exc}", highlight=False)
+        err.print(f"error: {one_line(exc)}", highlight=False)
         raise typer.Exit(1) from None
 
 
@@ -177,5 +180,13 @@ def demo_upstream(
 
 
 def main() -> None:
-    """Console-script entry point."""
-    app()
+    """Console-script entry point. A missing optional dependency, wherever it is
+    imported, ends in one line naming the extra to install, not a traceback."""
+    try:
+        app()
+    except ImportError as exc:
+        message = missing_extra(exc)
+        if message is None:
+            raise
+        err.print(f"error: {message}")
+        raise SystemExit(1) from None
