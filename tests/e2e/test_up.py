@@ -13,6 +13,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -118,7 +119,6 @@ class Up:
         """A control request, as ``meshgate ps/scale/down`` send it."""
         state = json.loads((self.state / "state.json").read_text())
         body = json.dumps({**params, "op": op, "token": state["control"]["token"]}) + "\n"
-        import socket
 
         with socket.create_connection(("127.0.0.1", state["control"]["port"]), timeout=5) as s:
             s.settimeout(120)
@@ -564,3 +564,122 @@ def test_a_missing_extra_fails_up_with_one_line_naming_it(tmp_path: Path, core_v
         text,
         re.M,
     ), text
+
+
+# ---------------------------------------------------------------------------- why not ready
+
+
+def test_a_registry_that_does_not_work_fails_up_within_the_gateway_s_timeout(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "gateway.yaml").write_text(
+        "gateway:\n  workers: 1\n  registry: {redis: 'redis://127.0.0.1:1/0'}\nroutes: []\n"
+    )
+    (tmp_path / "meshgate.yaml").write_text(
+        f"root: {ROOT}\n"
+        "gateway: {config: gateway.yaml, ready_timeout: 3s}\n"
+        "services:\n  users: {app: examples.shop.users.app:service, database: embedded}\n"
+    )
+    began = time.monotonic()
+    up = start_up(tmp_path)
+    try:
+        code = up.proc.wait(60)
+    finally:
+        finish(up)
+    took = time.monotonic() - began
+    text = up.text()
+    assert code == 1, text
+    reason = (
+        "its registry does not work: the registry at http://127.0.0.1:"
+        r"\d+ answered 503 registry_unavailable: Redis at redis://127\.0\.0\.1:1/0 is "
+        "unavailable"
+    )
+    assert re.search(rf"^gateway +\| not ready yet: {reason}", text, re.M), text
+    assert re.search(
+        r"could not start: gateway did not become ready within 3 s \(gateway\.ready_timeout\); "
+        rf"it is ready when .*; the last check: {reason}",
+        text,
+    ), text
+    assert took < 30, took
+
+
+def test_a_service_that_cannot_register_never_says_registered(tmp_path: Path) -> None:
+    # Its registry is a port where nothing listens: it is healthy, but never registered.
+    (tmp_path / "meshgate.yaml").write_text(
+        f"root: {ROOT}\n"
+        "services:\n"
+        "  users:\n"
+        "    app: examples.shop.users.app:service\n"
+        "    database: embedded\n"
+        "    env: {MESHGATE_REGISTRY_URL: 'http://127.0.0.1:9'}\n"
+        "    ready: {timeout: 4s}\n"
+    )
+    up = start_up(tmp_path)
+    try:
+        code = up.proc.wait(60)
+    finally:
+        finish(up)
+    text = up.text()
+    assert code == 1, text
+    assert re.search(r"^users-1 +\| warning cannot register users/users-\S+ yet: ", text, re.M)
+    assert "registered as" not in text
+    assert re.search(
+        r"users-1 did not become ready within 4 s .*; the last check: users at 127\.0\.0\.1:\d+ "
+        r"is not in the registry yet \(its log says why\)",
+        text,
+    ), text
+
+
+# ---------------------------------------------------------------------------- ports of others
+
+
+def held_port(*, reuse_port: bool = False) -> socket.socket:
+    """A socket of this test listening on a free port (another process, to ``up``)."""
+    sock = socket.socket()
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    return sock
+
+
+def test_a_fixed_port_that_another_process_holds_fails_up_naming_it(tmp_path: Path) -> None:
+    with held_port() as other:
+        port = other.getsockname()[1]
+        (tmp_path / "meshgate.yaml").write_text(
+            "services:\n"
+            "  files:\n"
+            '    command: ["{python}", "-m", "http.server", "{port}", "--bind", "127.0.0.1"]\n'
+            f"    port: {port}\n"
+        )
+        up = start_up(tmp_path)
+        try:
+            code = up.proc.wait(60)
+        finally:
+            finish(up)
+    text = up.text()
+    assert code == 1, text
+    assert (
+        f"could not start: files-1 could not be started: port {port} (services.files.port) is "
+        f"in use: Address already in use: held by pid {os.getpid()} ("
+    ) in text, text
+    assert "files-1 is ready" not in text
+
+
+def test_a_gateway_port_shared_with_reuse_port_is_refused(tmp_path: Path) -> None:
+    # SO_REUSEPORT would let the gateway bind beside it, and the kernel would send
+    # part of the traffic to this socket: the port is refused before the start.
+    with held_port(reuse_port=True) as other:
+        port = other.getsockname()[1]
+        (tmp_path / "meshgate.yaml").write_text(f"gateway: {{listen: '127.0.0.1:{port}'}}\n")
+        up = start_up(tmp_path)
+        try:
+            code = up.proc.wait(60)
+        finally:
+            finish(up)
+    text = up.text()
+    assert code == 1, text
+    assert (
+        f"gateway could not be started: port {port} (gateway.listen) is in use: Address "
+        f"already in use: held by pid {os.getpid()} ("
+    ) in text, text

@@ -92,6 +92,21 @@ class GatewayPlan:
         fill_registry_path(base, config, state)
         self.base, self.config = base, config
 
+    def fixed_ports(self, *, pinned: bool) -> tuple[tuple[str, int, str], ...]:
+        """The ports the gateway must find free before it starts, as (host, port,
+        where it comes from): those configured, and once pinned those it had."""
+        out = []
+        for address, known, where in (
+            (self.listen, self.port, "gateway.listen"),
+            (self.admin, self.admin_port, "gateway.admin"),
+        ):
+            host, _, configured = address.rpartition(":")
+            if int(configured):
+                out.append((host, int(configured), where))
+            elif pinned and known:
+                out.append((host, known, f"{where}, the port it had before it restarted"))
+        return tuple(out)
+
     def started(self, port: int, admin_port: int) -> None:
         """Record the ports the gateway chose, so that a restart keeps them (services
         know the registry by its URL)."""

@@ -81,6 +81,16 @@ def _shown(path: Path) -> str:
         return str(path)
 
 
+def _fixed(instance: Instance, spec: ServiceSpec, port: int) -> tuple[tuple[str, int, str], ...]:
+    """The port of an instance when the system file fixes it (``port``)."""
+    if spec.port is None:
+        return ()
+    where = f"services.{instance.service}.port"
+    if instance.index > 1:
+        where += f" + {instance.index - 1} for {instance.name}"
+    return (("127.0.0.1", port, where),)
+
+
 def _read_gateway_config(path: Path) -> tuple[Config, dict[str, Any]]:
     """The gateway configuration file, validated, and as a document."""
     config = load_gateway_config(path)
@@ -331,9 +341,27 @@ class Runner:
             ready=ReadySpec(timeout=spec.ready_timeout),
             stop_timeout=spec.stop_timeout,
             on_ready=self._gateway_ready,
+            also=self._registry_answers,
         )
         self.gateway.start()
         await asyncio.shield(self.gateway.first)
+
+    async def _registry_answers(self, instance: Instance) -> str | None:
+        """Services cannot register with a registry that does not work (its Redis is
+        unreachable, say): the gateway is ready once its registry answers too."""
+        plan = self.plan
+        admin = instance.admin_url
+        if plan is None or plan.registry_token is None or admin is None:
+            return None
+        from meshgate.registry import RegistryClient, RegistryError  # noqa: PLC0415
+
+        if self.ctx.registry is None:
+            self.ctx.registry = RegistryClient(admin, plan.registry_token)
+        try:
+            await self.ctx.registry.snapshot()
+        except RegistryError as exc:
+            return f"its registry does not work: {exc}"
+        return None
 
     async def _gateway_ready(self, instance: Instance) -> None:
         plan = self.plan
@@ -416,7 +444,7 @@ class Runner:
         plan.write(pinned=self._gateway_pinned)
         argv = [self.python, "-m", "meshgate", "gateway", str(plan.path), "--log-level", "info"]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        return Launch(argv, env, self.sf.root)
+        return Launch(argv, env, self.sf.root, fixed=plan.fixed_ports(pinned=self._gateway_pinned))
 
     def _build_app(self, instance: Instance) -> Launch:
         spec = self.system.services[instance.service]
@@ -425,7 +453,7 @@ class Runner:
         argv = [self.python, "-m", "meshgate", "serve", spec.app]
         argv += ["--listen", f"127.0.0.1:{port}", "--log-level", spec.log_level]
         env = self._env(instance.service, spec, instance.name, instance.index, None)
-        return Launch(argv, env, self.sf.root, port or None)
+        return Launch(argv, env, self.sf.root, port or None, _fixed(instance, spec, port))
 
     def _build_command(self, instance: Instance) -> Launch:
         spec = self.system.services[instance.service]
@@ -434,7 +462,7 @@ class Runner:
         values = self._values(instance.service, instance.name, instance.index, port)
         argv = [expand(arg, values) for arg in spec.command]
         env = self._env(instance.service, spec, instance.name, instance.index, port)
-        return Launch(argv, env, self.sf.root, port)
+        return Launch(argv, env, self.sf.root, port, _fixed(instance, spec, port))
 
     def _values(self, service: str, instance: str, index: int, port: int | None) -> dict[str, str]:
         plan = self.plan
