@@ -48,20 +48,95 @@ def version() -> None:
     out.print(__version__)
 
 
-@app.command()
-def check(file: ConfigFile) -> None:
-    """Validate a configuration file; exit 1 and list every problem if it is invalid."""
-    from meshgate.gateway.runtime import compile_config  # noqa: PLC0415
+_SYSTEM_ONLY = frozenset({"services", "root", "examples", "env", "name"})
+"""Top-level keys of a system file (meshgate.yaml) that a gateway configuration lacks."""
+_GATEWAY_ONLY = frozenset({"routes", "upstreams", "consumers"})
+"""Top-level keys of a gateway configuration that a system file lacks."""
+
+
+def guess_kind(path: Path) -> tuple[str, bool]:
+    """Whether ``path`` is a system file (``"system"``) or a gateway configuration
+    (``"gateway"``), from its top-level keys (its name when they do not tell), and
+    whether the keys told."""
+    import yaml  # noqa: PLC0415
 
     try:
-        config = load(file)
-        compile_config(config)  # reads the key and certificate files it names
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        data = None
+    keys = set(data) if isinstance(data, dict) else set()
+    system, gateway = len(keys & _SYSTEM_ONLY), len(keys & _GATEWAY_ONLY)
+    nested = data.get("gateway") if isinstance(data, dict) else None
+    if isinstance(nested, dict) and "config" in nested:
+        system += 1  # gateway.config names a gateway configuration: a system file
+    if system != gateway:
+        return ("system" if system > gateway else "gateway"), True
+    return ("system" if path.name == "meshgate.yaml" else "gateway"), False
+
+
+def _plural(count: int, noun: str, plural: str | None = None) -> str:
+    return f"{count} {noun if count == 1 else plural or noun + 's'}"
+
+
+@app.command()
+def check(
+    file: ConfigFile,
+    kind: Annotated[
+        str | None,
+        typer.Option(
+            "--kind",
+            help="system (a meshgate.yaml of meshgate up) or gateway (a meshgate gateway "
+            "configuration); default: told by its keys.",
+            show_default=False,
+        ),
+    ] = None,
+) -> None:
+    """Validate a system file (meshgate.yaml) or a gateway configuration, saying
+    which it checked; exit 1 and list every problem if it is invalid."""
+    from meshgate.gateway.runtime import compile_config  # noqa: PLC0415
+
+    if kind not in (None, "system", "gateway"):
+        err.print(f"--kind {kind!r} is not one of system, gateway")
+        raise typer.Exit(2)
+    certain = kind is not None
+    if kind is None:
+        kind, certain = guess_kind(file)
+    other = "gateway" if kind == "system" else "system"
+    try:
+        if kind == "system":
+            from meshgate.runner.loader import load_system  # noqa: PLC0415
+
+            sf = load_system(file)
+            if sf.gateway_config is not None:
+                compile_config(sf.gateway_config)
+        else:
+            config = load(file)
+            compile_config(config)  # reads the key and certificate files it names
     except ConfigError as exc:
-        err.print(str(exc), markup=False, highlight=False)
+        err.print(str(exc))
+        if not certain:
+            what = "a system file" if kind == "system" else "a gateway configuration"
+            err.print(f"(checked as {what}; give --kind {other} to check it as the other kind)")
         raise typer.Exit(1) from None
+    if kind == "system":
+        services = sf.system.services
+        instances = sum(spec.replicas for spec in services.values())
+        gateway = (
+            f"gateway configuration {sf.system.gateway.config}: "
+            f"{_plural(len(sf.gateway_config.routes), 'route')}"
+            if sf.gateway_config is not None
+            else "a generated gateway configuration"
+        )
+        out.print(
+            f"{file}: ok (system file: {_plural(len(services), 'service')}, "
+            f"{_plural(instances, 'instance')}; {gateway})"
+        )
+        for warning in sf.warnings:
+            err.print(f"warning: {warning}")
+        return
     out.print(
-        f"{file}: ok ({len(config.routes)} routes, {len(config.upstreams)} upstreams)",
-        highlight=False,
+        f"{file}: ok (gateway configuration: {_plural(len(config.routes), 'route')}, "
+        f"{_plural(len(config.upstreams), 'upstream')})"
     )
 
 
