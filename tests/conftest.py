@@ -37,6 +37,15 @@ SERVICES = {
 """The real services this machine kind runs, by kind: (name, port, URL)."""
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _own_state_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """The per-user list of systems that meshgate up keeps (XDG_STATE_HOME) is the
+    suite's own, for the tests and the processes they start."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("XDG_STATE_HOME", str(tmp_path_factory.mktemp("state-home")))
+        yield
+
+
 _CLOCK_STASH = pytest.StashKey[list[str]]()
 
 

@@ -321,6 +321,25 @@ def test_ps_and_logs_commands(shop: Up) -> None:
     assert '"message": "users registered as' in raw.output, raw.output
 
 
+def test_ps_and_logs_from_the_root_of_the_system(shop: Up, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The README's case: up of a file below (examples/shop/meshgate.yaml with root
+    # ../..), then the companions from the root, without --file.
+    runner = CliRunner()
+    monkeypatch.delenv("MESHGATE_FILE", raising=False)
+    for folder in (ROOT, ROOT / "src" / "meshgate", shop.folder):
+        monkeypatch.chdir(folder)
+        ps = runner.invoke(app, ["ps"])
+        assert ps.exit_code == 0, (folder, ps.output)
+        assert ps.stdout.startswith("shop: ready, up "), ps.output
+        assert f", {shop.file})" in ps.stdout.splitlines()[0]
+        logs = runner.invoke(app, ["logs", "web", "-n", "5"])
+        assert logs.exit_code == 0, logs.output
+        assert re.search(r"^web-1 +\| web on http:", logs.stdout, re.M), logs.stdout
+    named = runner.invoke(app, ["ps", "--system", "shop", "--json"])
+    assert named.exit_code == 0, named.output
+    assert json.loads(named.stdout)["file"] == str(shop.file)
+
+
 def user_url(shop: Up) -> str:
     """The gateway URL of a user that exists (made here if needed)."""
     url = shop.gateway_url()
@@ -683,3 +702,162 @@ def test_a_gateway_port_shared_with_reuse_port_is_refused(tmp_path: Path) -> Non
         f"gateway could not be started: port {port} (gateway.listen) is in use: Address "
         f"already in use: held by pid {os.getpid()} ("
     ) in text, text
+
+
+# ---------------------------------------------------------------------------- detached, edits
+
+
+def run_cli(*args: str, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """``meshgate ARGS`` as its own process, as a user runs it."""
+    env = {**os.environ, "NO_COLOR": "1"}
+    env.pop("MESHGATE_FILE", None)
+    return subprocess.run(
+        [sys.executable, "-m", "meshgate", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+        timeout=timeout,
+        check=False,
+    )
+
+
+COLOURED = """\
+services:
+  files:
+    command:
+      - sh
+      - -c
+      - echo "color=$COLOR"; exec {python} -m http.server {port} --bind 127.0.0.1
+    replicas: REPLICAS
+    env: {COLOR: COLOUR}
+"""
+
+
+def coloured(replicas: int, colour: str) -> str:
+    return COLOURED.replace("REPLICAS", str(replicas)).replace("COLOUR", colour)
+
+
+def wait_until(what: str, check: Any, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            pytest.fail(f"not within {timeout:g} s: {what}")
+        time.sleep(0.1)
+
+
+def test_up_detached_then_edits_restart_logs_and_down(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    file = tmp_path / "meshgate.yaml"
+    file.write_text(coloured(1, "red"))
+    started = run_cli("up", "-d", str(file), cwd=tmp_path)
+    state = json.loads((tmp_path / ".meshgate" / "state.json").read_text())
+    runner_pid = Pid.of(state["pid"])
+    assert runner_pid is not None
+    known = descendants(runner_pid.pid) | {runner_pid}
+    log = tmp_path / ".meshgate" / "up.log"
+    try:
+        assert started.returncode == 0, (started.stdout, started.stderr)
+        assert f"{tmp_path.name} is ready (meshgate up pid {runner_pid.pid}" in started.stdout
+        assert re.search(r"^files-1 +\d+ +http://127\.0\.0\.1:\d+ +ready", started.stdout, re.M)
+        assert "It runs in the background: meshgate ps, meshgate logs -f, meshgate down" in (
+            started.stdout
+        )
+        assert "is ready: 2 processes" in log.read_text()
+
+        monkeypatch.chdir(tmp_path)
+        monkeypatch.delenv("MESHGATE_FILE", raising=False)
+        cli = CliRunner()
+        ps = cli.invoke(app, ["ps"])
+        assert ps.exit_code == 0, ps.output
+
+        # logs -f of a detached system: the lines of its instances as they come.
+        env = {**os.environ, "NO_COLOR": "1"}
+        with subprocess.Popen(
+            [sys.executable, "-m", "meshgate", "logs", "files", "-f"],
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            env=env,
+            text=True,
+        ) as follower:
+            assert follower.stdout is not None
+            seen = follower.stdout.readline()
+            while "color=" not in seen:
+                seen = follower.stdout.readline()
+            follower.terminate()
+        assert seen.strip() == "files-1 | color=red"
+
+        # An edit: more replicas (applied), another env (for instances that start
+        # from now on), a gateway port (needs a new up).
+        file.write_text(coloured(2, "blue") + "gateway: {listen: '127.0.0.1:0', workers: 2}\n")
+        wait_until(
+            "files-2 is ready",
+            lambda: (
+                "files-2" in log.read_text()
+                and any(
+                    i["name"] == "files-2" and i["status"] == "ready"
+                    for i in json.loads(cli.invoke(app, ["ps", "--json"]).stdout)["instances"]
+                )
+            ),
+        )
+        text = log.read_text()
+        assert "meshgate.yaml: replicas changed; scaling to files=2" in text
+        assert (
+            "meshgate.yaml: services.files: env changed; instances that start from now on use "
+            "it, the running ones once restarted: meshgate restart files"
+        ) in text
+        assert (
+            "meshgate.yaml: gateway changed, which a running system cannot take: not applied; "
+            "it needs a new up (meshgate down, then meshgate up)"
+        ) in text
+        assert "files-2 | color=blue" in cli.invoke(app, ["logs", "files-2"]).stdout
+        assert "files-1 | color=red" in cli.invoke(app, ["logs", "files-1"]).stdout
+
+        before = {
+            i["name"]: i["pid"]
+            for i in json.loads(cli.invoke(app, ["ps", "--json"]).stdout)["instances"]
+        }
+        known |= descendants(runner_pid.pid)
+        restarted = cli.invoke(app, ["restart", "files"])
+        assert restarted.exit_code == 0, restarted.output
+        assert re.search(r"^files: restarted files-1, files-2 in [\d.]+ s$", restarted.stdout, re.M)
+        after = {
+            i["name"]: i for i in json.loads(cli.invoke(app, ["ps", "--json"]).stdout)["instances"]
+        }
+        assert after["files-1"]["pid"] != before["files-1"]
+        assert after["files-2"]["pid"] != before["files-2"]
+        assert all(after[n]["status"] == "ready" for n in ("files-1", "files-2"))
+        last = cli.invoke(app, ["logs", "files-1", "-n", "3"]).stdout.splitlines()
+        assert "files-1 | color=blue" in last, last
+        unknown = cli.invoke(app, ["restart", "nope"])
+        assert unknown.exit_code == 1
+        assert (
+            "nothing named 'nope' runs; known: gateway, files, files-1, files-2" in unknown.stderr
+        )
+
+        known |= descendants(runner_pid.pid)
+        down = cli.invoke(app, ["down"])
+        assert down.exit_code == 0, down.output
+        assert down.stdout == f"stopped {tmp_path.name}\n"
+    finally:
+        if runner_pid.alive():
+            os.kill(runner_pid.pid, signal.SIGTERM)
+        left = [p.pid for p in wait_dead(sorted(known, key=lambda p: p.pid), 30)]
+        for pid in left:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    assert left == [], (left, tail(log, 60))
+    assert "none of the" in log.read_text()
+
+
+def test_up_detached_that_fails_prints_why(tmp_path: Path) -> None:
+    (tmp_path / "meshgate.yaml").write_text(
+        "services:\n  bad:\n    command: ['sh', '-c', 'echo broken setting; exit 3']\n"
+        "    ready: {log: never}\n"
+    )
+    result = run_cli("up", "-d", cwd=tmp_path)
+    assert result.returncode == 1, result
+    assert "bad-1 exited with code 3; its last lines:" in result.stderr
+    assert "bad-1 | broken setting" in result.stderr
+    assert result.stdout == ""

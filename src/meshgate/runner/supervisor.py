@@ -44,13 +44,22 @@ from meshgate.runner.instance import (
     Spawned,
     describe_exit,
 )
-from meshgate.runner.loader import SystemFile, expand, readiness, registers, start_order
+from meshgate.runner.loader import (
+    SystemFile,
+    expand,
+    load_system,
+    readiness,
+    registers,
+    start_order,
+)
 from meshgate.runner.logs import LogPrinter
 from meshgate.runner.model import EMBEDDED, ReadySpec, ServiceSpec
 from meshgate.runner.procs import Pid, Watchdog, descendants, group_members, kill_leftovers
 from meshgate.runner.procs import signal_group as _signal_group
+from meshgate.runner.reload import Change, compare
 from meshgate.runner.render import instances_table
 from meshgate.runner.state import StateDir
+from meshgate.runner.systems import record_system
 
 __all__ = ["Runner"]
 
@@ -123,8 +132,11 @@ class Runner:
         console: Console | None = None,
         errors: Console | None = None,
         python: str = sys.executable,
+        detached: bool = False,
     ) -> None:
         self.sf = sf
+        self.detached = detached
+        """Run by ``up -d``: nobody reads the console (the hints say so)."""
         self.system = sf.system
         self.name = sf.name
         self.state = StateDir(sf.state)
@@ -177,6 +189,7 @@ class Runner:
         self._scale_lock = asyncio.Lock()
         self._clean_previous_run()
         self.state.prepare()
+        record_system(self.name, self.sf.path, self.sf.root, self.state.path)
         self._secret = self.state.secret("service-secret")
         self.watchdog.start()
         http = httpx.AsyncClient(verify=False)  # noqa: S501 - probes of our own loopback processes
@@ -264,6 +277,7 @@ class Runner:
         self._save_state()
         self._print_ready()
         self._spawn_background(self._health_loop())
+        self._spawn_background(self._watch_system_file(self.sf.path))
         if self.sf.gateway_config_path is not None:
             self._spawn_background(self._watch_gateway_config(self.sf.gateway_config_path))
         await self._stop_requested.wait()
@@ -576,6 +590,59 @@ class Runner:
             self._save_state()
             raise StartupError("\n".join(str(r) for _, r in failed))
 
+    async def restart(self, targets: list[str]) -> list[dict[str, Any]]:
+        """Restart services (each instance in turn: drained, stopped, started with the
+        system file's current settings, ready before the next one goes), single
+        instances (``users-2``) or the gateway (on the same ports). Returns what was
+        restarted.
+
+        Raises:
+            ValueError: an unknown name (nothing restarted) or a system not ready.
+            StartupError: a restarted instance did not become ready (the others of its
+                service keep running; the rest of ``targets`` is not restarted).
+        """
+        assert self._scale_lock is not None  # noqa: S101
+        picked: list[tuple[str, list[Instance]]] = []
+        for target in targets:
+            if target == "gateway":
+                picked.append((target, []))
+            elif target in self.system.services:
+                picked.append((target, sorted(self._of(target), key=lambda i: i.index)))
+            elif target in self.instances:
+                picked.append((target, [self.instances[target]]))
+            else:
+                known = ", ".join(["gateway", *self.system.services, *self.instances])
+                raise ValueError(f"nothing named {target!r} runs; known: {known}")
+        if self.status != "ready":
+            raise ValueError(f"{self.name} is {self.status}; restart once it is ready")
+        done = []
+        async with self._scale_lock:
+            for target, instances in picked:
+                began = time.monotonic()
+                if target == "gateway":
+                    await self._restart_gateway()
+                for old in instances:
+                    self.printer.note(old.name, "restarting: draining", style="bold")
+                    await old.stop()
+                    self.instances.pop(old.name, None)
+                    new = self._add_instance(old.service, old.index)
+                    await asyncio.shield(new.first)
+                done.append(
+                    {
+                        "target": target,
+                        "instances": [i.name for i in instances] or ["gateway"],
+                        "seconds": round(time.monotonic() - began, 2),
+                    }
+                )
+        return done
+
+    async def _restart_gateway(self) -> None:
+        old = self.gateway
+        if old is not None:
+            self.printer.note(old.name, "restarting: draining", style="bold")
+            await old.stop()
+        await self._start_gateway()
+
     def _of(self, service: str) -> list[Instance]:
         return [i for i in self.instances.values() if i.service == service]
 
@@ -686,6 +753,7 @@ class Runner:
             {
                 "version": 1,
                 "system": self.name,
+                "status": self.status,
                 "file": str(self.sf.path),
                 "pid": os.getpid(),
                 "pid_started": me.started if me is not None else None,
@@ -753,7 +821,16 @@ class Runner:
             except (ValueError, StartupError) as exc:
                 return {"ok": False, "error": str(exc)}
             return {"ok": True, "changes": changes, **self.ps()}
-        return {"ok": False, "error": f"unknown op {op!r}; known: ps, scale, down"}
+        if op == "restart":
+            targets = request.get("targets")
+            if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
+                return {"ok": False, "error": "give targets as a list of names"}
+            try:
+                restarted = await self.restart(targets)
+            except (ValueError, StartupError) as exc:
+                return {"ok": False, "error": str(exc)}
+            return {"ok": True, "restarted": restarted, **self.ps()}
+        return {"ok": False, "error": f"unknown op {op!r}; known: ps, scale, restart, down"}
 
     # ------------------------------------------------------------------ while running
 
@@ -766,6 +843,54 @@ class Runner:
                 if i is not None and i.status == "ready"
             ]
             await asyncio.gather(*(i.check(health=True) for i in ready), return_exceptions=True)
+
+    async def _watch_system_file(self, path: Path) -> None:
+        """Apply edits of the system file that can be applied while running, and say
+        which need a restart (see :mod:`meshgate.runner.reload`)."""
+        last = file_signature(path)
+        while True:
+            await asyncio.sleep(1.0)
+            current = file_signature(path)
+            if current is None or current == last:
+                continue
+            last = current
+            try:
+                fresh = await asyncio.to_thread(load_system, path)
+            except ConfigError as exc:
+                self.printer.note(
+                    UP, f"{_shown(path)} changed but is not used: {exc}", style="yellow"
+                )
+                continue
+            await self._apply(compare(self.system, fresh.system))
+
+    async def _apply(self, change: Change) -> None:
+        shown = _shown(self.sf.path)
+        if change.empty:
+            self.system = change.system
+            return
+        self.system = change.system
+        for service, fields in change.restart.items():
+            self.printer.note(
+                UP,
+                f"{shown}: services.{service}: {', '.join(fields)} changed; instances that "
+                f"start from now on use it, the running ones once restarted: meshgate "
+                f"restart {service}",
+                style="yellow",
+            )
+        if change.new_up:
+            self.printer.note(
+                UP,
+                f"{shown}: {', '.join(change.new_up)} changed, which a running system cannot "
+                "take: not applied; it needs a new up (meshgate down, then meshgate up)",
+                style="yellow",
+            )
+        if change.replicas:
+            wanted = ", ".join(f"{k}={v}" for k, v in change.replicas.items())
+            self.printer.note(UP, f"{shown}: replicas changed; scaling to {wanted}")
+            try:
+                await self.scale(change.replicas)
+            except (ValueError, StartupError) as exc:
+                self.printer.note(UP, f"scaling to {wanted} failed: {exc}", style="bold red")
 
     async def _watch_gateway_config(self, path: Path) -> None:
         """Pass changes of the gateway configuration on (the gateway reloads its
@@ -820,13 +945,18 @@ class Runner:
             out.append("Try:\n", style="bold")
             for example in examples:
                 out.append(f"  {example}\n")
-        here = self.sf.path == Path.cwd() / "meshgate.yaml"
-        where = "" if here else f" (with --file {_shown(self.sf.path)})"
-        out.append(
-            "Ctrl-C stops it all. In another terminal: meshgate ps, meshgate logs SERVICE, "
-            f"meshgate scale SERVICE=N, meshgate down{where}",
-            style="dim",
+        commands = (
+            "meshgate ps, meshgate logs SERVICE -f, meshgate scale SERVICE=N, "
+            "meshgate restart SERVICE, meshgate down"
         )
+        if self.detached:
+            out.append(f"It runs in the background: {commands}", style="dim")
+        else:
+            out.append(
+                f"Ctrl-C stops it all. In another terminal (from {_shown(self.sf.root)} or "
+                f"below): {commands}",
+                style="dim",
+            )
         self.console.print(out, soft_wrap=True, highlight=False)
 
     def _examples(self) -> list[str]:
