@@ -6,8 +6,10 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
+import typer
 from typer.testing import CliRunner
 
 from meshgate import __version__
@@ -287,3 +289,36 @@ def test_check_through_the_real_entry_point(tmp_path: Path) -> None:
     assert proc.returncode == 1
     assert "gateway.listn (line 2)" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def _commands(group: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    """Every command below ``group`` (typer's click objects), by its full name."""
+    found = []
+    for name, command in group.commands.items():
+        found.append((prefix + name, command))
+        if getattr(command, "commands", None):
+            found.extend(_commands(command, f"{prefix}{name} "))
+    return found
+
+
+def test_help_texts_are_unwrapped_paragraphs() -> None:
+    # Hard line breaks from the docstrings made the list of commands wrap in the
+    # middle of sentences.
+    commands = _commands(typer.main.get_command(app))
+    assert {"up", "ps", "restart", "db backup", "db upgrade"} <= {name for name, _ in commands}
+    for name, command in commands:
+        text = command.help or ""
+        assert text, f"{name} has no help"
+        assert "\n" not in text.replace("\n\n", ""), f"{name}: {text!r}"
+
+
+def test_the_list_of_commands_breaks_lines_at_the_terminal_s_width(runner: CliRunner) -> None:
+    result = runner.invoke(app, ["--help"], env={"COLUMNS": "300"})
+    assert result.exit_code == 0
+    assert (
+        "Show the instances of the running system: pid, address, status, health, restarts and "
+        "uptime."
+    ) in result.stdout
+    narrow = runner.invoke(app, ["--help"], env={"COLUMNS": "120"})
+    row = next(line for line in narrow.stdout.splitlines() if " ps " in line)
+    assert "status, health, restarts and uptime." in row, row

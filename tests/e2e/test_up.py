@@ -95,7 +95,9 @@ class Up:
     def wait_ready(self) -> float:
         """Wait for the ready line; the seconds ``up`` reported."""
         deadline = time.monotonic() + READY_TIMEOUT
-        while (match := re.search(r"is ready: \d+ processes in ([\d.]+) s", self.text())) is None:
+        while (
+            match := re.search(r"is ready: \d+ process(?:es)? in ([\d.]+) s", self.text())
+        ) is None:
             if self.proc.poll() is not None:
                 pytest.fail(f"meshgate up exited with {self.proc.returncode}:\n{self.text()}")
             if time.monotonic() > deadline:
@@ -281,6 +283,9 @@ def test_shop_runs_and_the_readme_calls_work(shop: Up) -> None:
     assert set(names) == {"gateway", "users-1", "users-2", "web-1"}
     assert all(i["status"] == "ready" and i["pid"] for i in names.values()), names
     assert "users-migrate | " in shop.text()  # the migrations ran first, in the stream
+    assert re.search(
+        r"^gateway +\| meshgate \S+: gateway on http://\S+ \(1 worker\); ", shop.text(), re.M
+    )
     # The README's three calls, as printed (with this run's gateway URL).
     url = shop.gateway_url()
     with httpx.Client(base_url=url, timeout=10) as client:
@@ -338,6 +343,42 @@ def test_ps_and_logs_from_the_root_of_the_system(shop: Up, monkeypatch: pytest.M
     named = runner.invoke(app, ["ps", "--system", "shop", "--json"])
     assert named.exit_code == 0, named.output
     assert json.loads(named.stdout)["file"] == str(shop.file)
+
+
+def test_the_readme_s_serve_lines_add_an_instance_by_hand(shop: Up) -> None:
+    # README: eval "$(meshgate env users)"; meshgate db upgrade ...; meshgate serve ...
+    script = (
+        'eval "$(meshgate env users)" && meshgate db upgrade examples.shop.users.app && '
+        "exec meshgate serve examples.shop.users.app:service"
+    )
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "NO_COLOR": "1"}
+    env.pop("MESHGATE_FILE", None)
+    out = shop.folder / "by-hand.out"
+    with out.open("wb") as sink:
+        proc = subprocess.Popen(
+            ["sh", "-c", script], cwd=ROOT, env=env, stdout=sink, stderr=subprocess.STDOUT
+        )
+    try:
+        deadline = time.monotonic() + 60
+        while (found := re.search(r"^users on http://(\S+)$", out.read_text(), re.M)) is None:
+            assert proc.poll() is None, out.read_text()
+            assert time.monotonic() < deadline, out.read_text()
+            time.sleep(0.05)
+        address = found[1]
+        deadline = time.monotonic() + 30
+        while address not in shop.registered("users"):
+            assert time.monotonic() < deadline, out.read_text()
+            time.sleep(0.1)
+        # The same database as the system's instances: what they wrote, it reads.
+        user = httpx.get(f"{user_url(shop)}", timeout=10).json()
+        mine = httpx.get(f"http://{address}/users/{user['id']}", timeout=10)
+        assert mine.status_code == 200, mine.text
+        assert "registered as users-" in out.read_text()
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    assert address not in shop.registered("users")  # it left the registry as it stopped
 
 
 def user_url(shop: Up) -> str:

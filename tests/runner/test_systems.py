@@ -101,6 +101,9 @@ def test_the_only_running_system_is_found_from_anywhere(systems: Systems, tmp_pa
     file = systems.make("somewhere", "solo")
     (tmp_path / "unrelated").mkdir()
     assert find_system(None, cwd=tmp_path / "unrelated")[0].path == file.parent / ".meshgate"
+    # Unless it must be this folder's (backups): then this folder's own state.
+    here, _ = find_system(None, running=False, anywhere=False, cwd=tmp_path / "unrelated")
+    assert here.path == tmp_path / "unrelated" / ".meshgate"
     systems.make("other", "other")
     with pytest.raises(AmbiguousSystemError, match="2 systems run for this user"):
         find_system(None, cwd=tmp_path / "unrelated")

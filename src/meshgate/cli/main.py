@@ -4,6 +4,7 @@ input are printed as the library words them, never as a traceback."""
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 from pathlib import Path
 from typing import Annotated
@@ -15,6 +16,7 @@ from meshgate import __version__
 from meshgate.cli._extras import missing_extra, one_line
 from meshgate.config.loader import load
 from meshgate.errors import ConfigError, SupervisorError
+from meshgate.runner.render import plural
 
 app = typer.Typer(
     name="meshgate",
@@ -74,10 +76,6 @@ def guess_kind(path: Path) -> tuple[str, bool]:
     return ("system" if path.name == "meshgate.yaml" else "gateway"), False
 
 
-def _plural(count: int, noun: str, plural: str | None = None) -> str:
-    return f"{count} {noun if count == 1 else plural or noun + 's'}"
-
-
 @app.command()
 def check(
     file: ConfigFile,
@@ -123,20 +121,20 @@ def check(
         instances = sum(spec.replicas for spec in services.values())
         gateway = (
             f"gateway configuration {sf.system.gateway.config}: "
-            f"{_plural(len(sf.gateway_config.routes), 'route')}"
+            f"{plural(len(sf.gateway_config.routes), 'route')}"
             if sf.gateway_config is not None
             else "a generated gateway configuration"
         )
         out.print(
-            f"{file}: ok (system file: {_plural(len(services), 'service')}, "
-            f"{_plural(instances, 'instance')}; {gateway})"
+            f"{file}: ok (system file: {plural(len(services), 'service')}, "
+            f"{plural(instances, 'instance')}; {gateway})"
         )
         for warning in sf.warnings:
             err.print(f"warning: {warning}")
         return
     out.print(
-        f"{file}: ok (gateway configuration: {_plural(len(config.routes), 'route')}, "
-        f"{_plural(len(config.upstreams), 'upstream')})"
+        f"{file}: ok (gateway configuration: {plural(len(config.routes), 'route')}, "
+        f"{plural(len(config.upstreams), 'upstream')})"
     )
 
 
@@ -181,7 +179,7 @@ def gateway(
         admin_scheme = "https" if gw.admin.tls is not None else "http"
         err.print(
             f"meshgate {__version__}: gateway on {scheme}://{gw.listen.host}:{supervisor.port} "
-            f"({supervisor.worker_count} workers); admin on "
+            f"({plural(supervisor.worker_count, 'worker')}); admin on "
             f"{admin_scheme}://{gw.admin.listen.host}:{supervisor.admin_port}",
             highlight=False,
         )
@@ -252,6 +250,27 @@ def demo_upstream(
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
         pass
+
+
+def unwrap(text: str | None) -> str | None:
+    """A docstring as help text: each paragraph on one line, so that the terminal
+    wraps it at its width instead of at the docstring's line breaks."""
+    if text is None:
+        return None
+    paragraphs = inspect.cleandoc(text).split("\n\n")
+    return "\n\n".join(" ".join(p.split()) for p in paragraphs if p.strip())
+
+
+def unwrap_help(typer_app: typer.Typer) -> None:
+    """Give every command of ``typer_app`` (and of the groups in it) its docstring
+    unwrapped (see :func:`unwrap`) as its help, unless it was given one."""
+    for command in typer_app.registered_commands:
+        command.help = unwrap(command.help or inspect.getdoc(command.callback))
+    for group in typer_app.registered_groups:
+        if group.typer_instance is not None:
+            info = group.typer_instance.info
+            info.help = unwrap(info.help if isinstance(info.help, str) else None)
+            unwrap_help(group.typer_instance)
 
 
 def main() -> None:

@@ -15,6 +15,7 @@ import contextlib
 import json
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -31,7 +32,7 @@ from meshgate.errors import ConfigError, MeshgateError
 if TYPE_CHECKING:
     from meshgate.runner.state import StateDir
 
-__all__ = ["down", "logs", "ps", "restart", "scale", "up"]
+__all__ = ["down", "env", "logs", "ps", "restart", "scale", "up"]
 
 _DEFAULT = Path("meshgate.yaml")
 _FILE_HELP = "The system file (default: meshgate.yaml in the current folder)."
@@ -325,6 +326,22 @@ def restart(
     rows = [i for i in answer["instances"] if i["name"] in names]
     if rows:
         out.print(instances_table(rows, answer.get("colours")), soft_wrap=True)
+
+
+@app.command()
+def env(
+    service: Annotated[str, typer.Argument(help="The service.", show_default=False)],
+    file: SystemFileOption = None,
+    system: SystemNameOption = None,
+) -> None:
+    """Print what meshgate up sets in the environment of SERVICE's processes
+    (registry URL and token, identity secret, database and cache URLs, the system
+    file's env) as export lines, to run one more instance by hand beside the system:
+    eval "$(meshgate env users)", then meshgate serve. The lines hold the system's
+    secrets."""
+    answer = _ask(file, system, "env", service=service)
+    for key, value in sorted(answer["env"].items()):
+        out.print(f"export {key}={shlex.quote(value)}")
 
 
 @app.command()

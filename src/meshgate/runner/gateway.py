@@ -30,7 +30,7 @@ __all__ = [
 ]
 
 GATEWAY_READY_RE = re.compile(
-    r"gateway on (?P<scheme>https?)://(?P<host>\S+):(?P<port>\d+) \((?P<workers>\d+) workers\); "
+    r"gateway on (?P<scheme>https?)://(?P<host>\S+):(?P<port>\d+) \((?P<workers>\d+) workers?\); "
     r"admin on (?P<admin_scheme>https?)://(?P<admin_host>\S+):(?P<admin_port>\d+)"
 )
 """The line ``meshgate gateway`` prints once it serves."""

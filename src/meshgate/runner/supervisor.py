@@ -57,7 +57,7 @@ from meshgate.runner.model import EMBEDDED, ReadySpec, ServiceSpec
 from meshgate.runner.procs import Pid, Watchdog, descendants, group_members, kill_leftovers
 from meshgate.runner.procs import signal_group as _signal_group
 from meshgate.runner.reload import Change, compare
-from meshgate.runner.render import instances_table
+from meshgate.runner.render import instances_table, plural
 from meshgate.runner.state import StateDir
 from meshgate.runner.systems import record_system
 
@@ -246,7 +246,8 @@ class Runner:
         total = 1 + sum(s.replicas for s in self.system.services.values())
         self.printer.note(
             UP,
-            f"{self.name}: starting {total} processes from {_shown(self.sf.path)} "
+            f"{self.name}: starting {plural(total, 'process', 'processes')} from "
+            f"{_shown(self.sf.path)} "
             f"(state in {_shown(self.state.path)})",
             style="bold",
         )
@@ -679,15 +680,20 @@ class Runner:
         if left:
             self.errors.print(
                 Text(
-                    f"{len(left)} processes were still running after the stop and were "
-                    f"killed: {', '.join(str(p.pid) for p in left)}",
+                    f"{plural(len(left), 'process', 'processes')} still ran after the stop "
+                    f"and were killed: {', '.join(str(p.pid) for p in left)}",
                     style="bold red",
                 )
             )
             return False
         self.printer.note(
             UP,
-            f"stopped in {took:.1f} s; none of the {count} processes started is left",
+            f"stopped in {took:.1f} s; "
+            + (
+                "the 1 process started is gone"
+                if count == 1
+                else f"none of the {count} processes started is left"
+            ),
             style="bold",
         )
         return True
@@ -716,8 +722,8 @@ class Runner:
             if killed:
                 self.printer.note(
                     UP,
-                    f"stopped {len(killed)} processes left by a previous run that did not "
-                    f"stop cleanly: {', '.join(sorted(leftovers))}",
+                    f"stopped {plural(len(killed), 'process', 'processes')} left by a previous "
+                    f"run that did not stop cleanly: {', '.join(sorted(leftovers))}",
                     style="yellow",
                 )
 
@@ -778,6 +784,13 @@ class Runner:
             ),
         }
 
+    def env_of(self, service: str) -> dict[str, str]:
+        """What ``up`` sets in the environment of ``service``'s processes (not what
+        they inherit unchanged): for running one more instance by hand."""
+        spec = self.system.services[service]
+        env = self._env(service, spec, f"{service}-by-hand", 0, None)
+        return {k: v for k, v in env.items() if os.environ.get(k) != v}
+
     def ps(self) -> dict[str, Any]:
         """What ``meshgate ps`` shows: the system and each instance."""
         rows = []
@@ -821,6 +834,12 @@ class Runner:
             except (ValueError, StartupError) as exc:
                 return {"ok": False, "error": str(exc)}
             return {"ok": True, "changes": changes, **self.ps()}
+        if op == "env":
+            service = request.get("service")
+            if not isinstance(service, str) or service not in self.system.services:
+                known = ", ".join(self.system.services) or "(none)"
+                return {"ok": False, "error": f"no service named {service!r}; known: {known}"}
+            return {"ok": True, "env": self.env_of(service)}
         if op == "restart":
             targets = request.get("targets")
             if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
@@ -830,7 +849,7 @@ class Runner:
             except (ValueError, StartupError) as exc:
                 return {"ok": False, "error": str(exc)}
             return {"ok": True, "restarted": restarted, **self.ps()}
-        return {"ok": False, "error": f"unknown op {op!r}; known: ps, scale, restart, down"}
+        return {"ok": False, "error": f"unknown op {op!r}; known: ps, env, scale, restart, down"}
 
     # ------------------------------------------------------------------ while running
 
@@ -923,7 +942,9 @@ class Runner:
         plan = self.plan
         took = self.ready_after or 0.0
         count = 1 + len(self.instances)
-        self.printer.note(UP, f"{self.name} is ready: {count} processes in {took:.1f} s")
+        self.printer.note(
+            UP, f"{self.name} is ready: {plural(count, 'process', 'processes')} in {took:.1f} s"
+        )
         self.console.print(
             instances_table(self.ps()["instances"], self.printer.colours), soft_wrap=True
         )

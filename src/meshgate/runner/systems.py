@@ -154,11 +154,13 @@ def find_system(
     *,
     command: str = "ps",
     running: bool = True,
+    anywhere: bool = True,
     cwd: Path | None = None,
 ) -> tuple[StateDir, Known | None]:
     """The state folder of the system a command means (see the module docstring),
     and its entry in the per-user list when it came from there. With ``running``
-    False (``logs``), systems that stopped count too.
+    False (``logs``), systems that stopped count too. With ``anywhere`` False, a
+    system that runs elsewhere is never taken for this folder's.
 
     Raises:
         AmbiguousSystemError: several systems fit; the message says how to name each.
@@ -192,8 +194,8 @@ def find_system(
             return stopped[0].state_dir, stopped[0]
     if nearest is not None:
         return _state_of(nearest), None
-    if len(live) == 1:
+    if anywhere and len(live) == 1:
         return live[0].state_dir, live[0]
-    if len(live) > 1:
+    if anywhere and len(live) > 1:
         return _choose(live, "run for this user", command=command)
     return _state_of(here / DEFAULT_FILE), None
