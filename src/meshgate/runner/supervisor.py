@@ -54,7 +54,14 @@ from meshgate.runner.loader import (
 )
 from meshgate.runner.logs import LogPrinter
 from meshgate.runner.model import EMBEDDED, ReadySpec, ServiceSpec
-from meshgate.runner.procs import Pid, Watchdog, descendants, group_members, kill_leftovers
+from meshgate.runner.procs import (
+    OWNERSHIP_KNOWN,
+    Pid,
+    Watchdog,
+    descendants,
+    group_members,
+    kill_leftovers,
+)
 from meshgate.runner.procs import signal_group as _signal_group
 from meshgate.runner.reload import Change, compare
 from meshgate.runner.render import instances_table, plural
@@ -251,7 +258,7 @@ class Runner:
             f"(state in {_shown(self.state.path)})",
             style="bold",
         )
-        for warning in self.sf.warnings:
+        for warning in [*self.sf.warnings, *self.platform_notes()]:
             self.printer.note(UP, warning, style="yellow")
         starting = asyncio.ensure_future(self._start_all())
         stop = asyncio.ensure_future(self._stop_requested.wait())
@@ -284,6 +291,22 @@ class Runner:
         await self._stop_requested.wait()
         self.status = "stopping"
         return 0
+
+    def platform_notes(self) -> list[str]:
+        """What this operating system does not let ``up`` check, when it matters."""
+        probed = [
+            name
+            for name, spec in self.system.services.items()
+            if spec.command is not None and (readiness(spec).tcp or readiness(spec).http)
+        ]
+        if OWNERSHIP_KNOWN or not probed:
+            return []
+        note = (
+            "up cannot tell here which process holds a port (it reads Linux's /proc): the "
+            f"tcp and http readiness of {', '.join(probed)} takes any listener on the port; "
+            "fixed ports are still checked free before each start"
+        )
+        return [note]
 
     def request_stop(self) -> None:
         """Stop the system (as SIGTERM does)."""
