@@ -117,26 +117,32 @@ def test_the_watchdog_leaves_everything_after_a_goodbye() -> None:
 
 
 def test_the_launch_shim_stops_a_child_whose_parent_died() -> None:
-    # An intermediate parent starts a child through the shim, then is SIGKILLed.
-    argv = launch_argv([sys.executable, "-c", "import time; time.sleep(60)"])
+    # An intermediate parent starts a child through the shim, then is SIGKILLed. The
+    # shim's argv is built in that parent: it checks that its parent is the one that
+    # built it (else it exits at once, and nothing here would be tested).
     code = textwrap.dedent(
-        f"""
+        """
         import subprocess, sys, time
-        child = subprocess.Popen({argv!r})
+        from meshgate.runner.procs import launch_argv
+        argv = launch_argv([sys.executable, "-c", "import time; time.sleep(60)"])
+        child = subprocess.Popen(argv)
         print(child.pid, flush=True)
         time.sleep(60)
         """
     )
+    program = f"{sys.executable}\0-c\0import time; time.sleep(60)\0".encode()
     with subprocess.Popen(
         [sys.executable, "-c", code], stdout=subprocess.PIPE, text=True
     ) as parent:
-        assert parent.stdout is not None
-        child = Pid.of(int(parent.stdout.readline()))
-        assert child is not None
-        # The shim has become the program: same PID, the program's command line.
-        cmdline = Path(f"/proc/{child.pid}/cmdline")
-        assert wait_until(lambda: b"time.sleep(60)" in cmdline.read_bytes())
-        parent.kill()
+        try:
+            assert parent.stdout is not None
+            child = Pid.of(int(parent.stdout.readline()))
+            assert child is not None
+            # The shim has become the program: same PID, the program's command line.
+            cmdline = Path(f"/proc/{child.pid}/cmdline")
+            assert wait_until(lambda: cmdline.read_bytes() == program), cmdline.read_bytes()
+        finally:
+            parent.kill()
     assert wait_until(lambda: not child.alive(), 5)
 
 
