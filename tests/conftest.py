@@ -13,6 +13,10 @@ from typing import Any
 import pytest
 import uvloop
 
+from tests._timeless import module_constants, time_dependent
+
+pytest_plugins = ["tests.venvs"]  # the core_venv fixture: a plain pip install meshgate
+
 
 def pytest_asyncio_loop_factories(config: pytest.Config, item: pytest.Item) -> Mapping[str, Any]:
     return {"uvloop": uvloop.new_event_loop}
@@ -31,6 +35,52 @@ SERVICES = {
     "redis": ("Redis", 6379, REDIS_URL),
 }
 """The real services this machine kind runs, by kind: (name, port, URL)."""
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _own_state_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """The per-user list of systems that meshgate up keeps (XDG_STATE_HOME) is the
+    suite's own, for the tests and the processes they start."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("XDG_STATE_HOME", str(tmp_path_factory.mktemp("state-home")))
+        yield
+
+
+_CLOCK_STASH = pytest.StashKey[list[str]]()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark tests that were handed something computed from the clock at import or
+    collection (a signed token, an expiry): it would expire on a slow run."""
+    checked: dict[str, list[str]] = {}
+    for item in items:
+        module = getattr(item, "module", None)
+        found: list[str] = []
+        if module is not None:
+            if module.__name__ not in checked:
+                checked[module.__name__] = [
+                    reason
+                    for name, value in module_constants(module)
+                    for reason in time_dependent(value, f"{module.__name__}.{name}")
+                ]
+            found.extend(checked[module.__name__])
+        callspec = getattr(item, "callspec", None)
+        if callspec is not None:
+            for name, value in callspec.params.items():
+                found.extend(time_dependent(value, f"parameter {name!r}"))
+        if found:
+            item.stash[_CLOCK_STASH] = found
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    found = item.stash.get(_CLOCK_STASH, None)
+    if found:
+        pytest.fail(
+            "computed from the clock at import or collection, so it may have expired by "
+            f"now on a slow run: {'; '.join(found)}. Build it inside the test (or in a "
+            "function-scoped fixture, or behind a lambda in the parametrize list).",
+            pytrace=False,
+        )
 
 
 @functools.cache

@@ -6,8 +6,10 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
+import typer
 from typer.testing import CliRunner
 
 from meshgate import __version__
@@ -51,7 +53,7 @@ def test_check_accepts_a_valid_file(runner: CliRunner, tmp_path: Path) -> None:
     path = write(tmp_path, VALID)
     result = runner.invoke(app, ["check", str(path)])
     assert result.exit_code == 0, result.output
-    assert result.stdout == f"{path}: ok (2 routes, 2 upstreams)\n"
+    assert result.stdout == f"{path}: ok (gateway configuration: 2 routes, 2 upstreams)\n"
     assert result.stderr == ""
 
 
@@ -60,6 +62,63 @@ def test_check_accepts_the_shipped_example(runner: CliRunner) -> None:
     result = runner.invoke(app, ["check", str(example)])
     assert result.exit_code == 0, result.output
     assert ": ok (" in result.stdout
+
+
+SHOP = Path(__file__).parents[2] / "examples" / "shop"
+
+
+def test_check_of_a_system_file_checks_it_as_one(runner: CliRunner) -> None:
+    result = runner.invoke(app, ["check", str(SHOP / "meshgate.yaml")])
+    assert result.exit_code == 0, result.output
+    assert result.stdout == (
+        f"{SHOP / 'meshgate.yaml'}: ok (system file: 2 services, 3 instances; gateway "
+        "configuration gateway.yaml: 3 routes)\n"
+    )
+    one = runner.invoke(app, ["check", str(SHOP / "gateway.yaml")])
+    assert (
+        one.stdout
+        == f"{SHOP / 'gateway.yaml'}: ok (gateway configuration: 3 routes, 2 upstreams)\n"
+    )
+
+
+def test_check_of_a_bad_system_file_lists_its_problems(runner: CliRunner, tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        "services:\n  users: {app: 'x:y', replica: 2}\n  web: {app: 'w:s', depends_on: [user]}\n",
+        "system.yaml",  # not named meshgate.yaml: told by its keys
+    )
+    result = runner.invoke(app, ["check", str(path)])
+    assert result.exit_code == 1
+    lines = result.stderr.splitlines()
+    assert lines[0] == f"{path}: 1 problem in the configuration"
+    assert lines[1].startswith("  services.users.replica (line 2): unknown key 'replica'")
+    assert len(lines) == 2  # told for certain: no hint about the other kind
+
+
+@pytest.mark.parametrize(
+    ("name", "checked_as", "other"),
+    [
+        ("meshgate.yaml", "a system file", "gateway"),
+        ("gw.yaml", "a gateway configuration", "system"),
+    ],
+    ids=["named-meshgate-yaml", "other-name"],
+)
+def test_check_says_how_to_check_as_the_other_kind_when_unsure(
+    runner: CliRunner, tmp_path: Path, name: str, checked_as: str, other: str
+) -> None:
+    # Only the key both kinds have: the name decides.
+    path = write(tmp_path, "gateway: {workers: 1, listn: x}\n", name)
+    result = runner.invoke(app, ["check", str(path)])
+    assert result.exit_code == 1
+    assert result.stderr.splitlines()[-1] == (
+        f"(checked as {checked_as}; give --kind {other} to check it as the other kind)"
+    )
+    forced = runner.invoke(app, ["check", str(path), "--kind", other])
+    assert forced.exit_code == 1
+    assert "(checked as" not in forced.stderr
+    bad = runner.invoke(app, ["check", str(path), "--kind", "compose"])
+    assert bad.exit_code == 2
+    assert "--kind 'compose' is not one of system, gateway" in bad.stderr
 
 
 @pytest.mark.parametrize(
@@ -224,9 +283,42 @@ def test_check_through_the_real_entry_point(tmp_path: Path) -> None:
     write(tmp_path, VALID)
     proc = run_meshgate("check", "gateway.yaml", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout == "gateway.yaml: ok (2 routes, 2 upstreams)\n"
+    assert proc.stdout == "gateway.yaml: ok (gateway configuration: 2 routes, 2 upstreams)\n"
     write(tmp_path, VALID.replace("  listen: 127.0.0.1:0\n", "  listn: 127.0.0.1:0\n"))
     proc = run_meshgate("check", "gateway.yaml", cwd=tmp_path)
     assert proc.returncode == 1
     assert "gateway.listn (line 2)" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def _commands(group: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    """Every command below ``group`` (typer's click objects), by its full name."""
+    found = []
+    for name, command in group.commands.items():
+        found.append((prefix + name, command))
+        if getattr(command, "commands", None):
+            found.extend(_commands(command, f"{prefix}{name} "))
+    return found
+
+
+def test_help_texts_are_unwrapped_paragraphs() -> None:
+    # Hard line breaks from the docstrings made the list of commands wrap in the
+    # middle of sentences.
+    commands = _commands(typer.main.get_command(app))
+    assert {"up", "ps", "restart", "db backup", "db upgrade"} <= {name for name, _ in commands}
+    for name, command in commands:
+        text = command.help or ""
+        assert text, f"{name} has no help"
+        assert "\n" not in text.replace("\n\n", ""), f"{name}: {text!r}"
+
+
+def test_the_list_of_commands_breaks_lines_at_the_terminal_s_width(runner: CliRunner) -> None:
+    result = runner.invoke(app, ["--help"], env={"COLUMNS": "300"})
+    assert result.exit_code == 0
+    assert (
+        "Show the instances of the running system: pid, address, status, health, restarts and "
+        "uptime."
+    ) in result.stdout
+    narrow = runner.invoke(app, ["--help"], env={"COLUMNS": "120"})
+    row = next(line for line in narrow.stdout.splitlines() if " ps " in line)
+    assert "status, health, restarts and uptime." in row, row

@@ -37,7 +37,7 @@ DEFAULT_ROUTES = "  - {name: api, match: {path_prefix: /api}, upstream: up, stri
 """``/api/...`` goes to the upstream as ``/...`` (so ``/api/delay/1`` is the demo's delay)."""
 
 _READY_RE = re.compile(
-    r"gateway on https?://127\.0\.0\.1:(?P<port>\d+) \((?P<workers>\d+) workers\); "
+    r"gateway on https?://127\.0\.0\.1:(?P<port>\d+) \((?P<workers>\d+) workers?\); "
     r"admin on https?://127\.0\.0\.1:(?P<admin>\d+)"
 )
 _TOKEN_RE = re.compile(r"admin token in (?P<path>\S+)")

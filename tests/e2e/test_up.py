@@ -13,6 +13,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -30,6 +31,7 @@ from typer.testing import CliRunner
 
 from meshgate.cli import app
 from tests.e2e.conftest import Pid, children, tail, wait_dead
+from tests.venvs import Venv
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 
@@ -93,7 +95,9 @@ class Up:
     def wait_ready(self) -> float:
         """Wait for the ready line; the seconds ``up`` reported."""
         deadline = time.monotonic() + READY_TIMEOUT
-        while (match := re.search(r"is ready: \d+ processes in ([\d.]+) s", self.text())) is None:
+        while (
+            match := re.search(r"is ready: \d+ process(?:es)? in ([\d.]+) s", self.text())
+        ) is None:
             if self.proc.poll() is not None:
                 pytest.fail(f"meshgate up exited with {self.proc.returncode}:\n{self.text()}")
             if time.monotonic() > deadline:
@@ -117,7 +121,6 @@ class Up:
         """A control request, as ``meshgate ps/scale/down`` send it."""
         state = json.loads((self.state / "state.json").read_text())
         body = json.dumps({**params, "op": op, "token": state["control"]["token"]}) + "\n"
-        import socket
 
         with socket.create_connection(("127.0.0.1", state["control"]["port"]), timeout=5) as s:
             s.settimeout(120)
@@ -168,15 +171,17 @@ class Up:
         return [p.pid for p in wait_dead(sorted(self.known, key=lambda p: p.pid), timeout)]
 
 
-def start_up(folder: Path, *args: str) -> Up:
+def start_up(folder: Path, *args: str, venv: Venv | None = None) -> Up:
     """Start ``meshgate up`` in ``folder`` in a session of its own (so that the test's
-    signals reach it as a terminal's would)."""
+    signals reach it as a terminal's would), with this Python or that of ``venv``."""
     output = folder / "up.out"
-    env = {**os.environ, "HOME": str(folder), "PYTHONUNBUFFERED": "1", "NO_COLOR": "1"}
+    base = dict(os.environ) if venv is None else venv.env()
+    env = {**base, "HOME": str(folder), "PYTHONUNBUFFERED": "1", "NO_COLOR": "1"}
     env.pop("MESHGATE_FILE", None)
+    python = sys.executable if venv is None else str(venv.python)
     with output.open("wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "meshgate", "up", *args],
+            [python, "-m", "meshgate", "up", *args],
             stdout=out,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
@@ -224,10 +229,12 @@ def shop_file(folder: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def shop(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Up]:
+def shop(tmp_path_factory: pytest.TempPathFactory, core_venv: Venv) -> Iterator[Up]:
+    """The shop, run as the README's first command does: from a plain install (the
+    core dependencies only, no extra)."""
     folder = tmp_path_factory.mktemp("shop")
     shop_file(folder)
-    up = start_up(folder)
+    up = start_up(folder, venv=core_venv)
     try:
         took = up.wait_ready()
         print(f"\nup of the shop: ready in {took:.1f} s (as up reports it)")
@@ -276,6 +283,9 @@ def test_shop_runs_and_the_readme_calls_work(shop: Up) -> None:
     assert set(names) == {"gateway", "users-1", "users-2", "web-1"}
     assert all(i["status"] == "ready" and i["pid"] for i in names.values()), names
     assert "users-migrate | " in shop.text()  # the migrations ran first, in the stream
+    assert re.search(
+        r"^gateway +\| meshgate \S+: gateway on http://\S+ \(1 worker\); ", shop.text(), re.M
+    )
     # The README's three calls, as printed (with this run's gateway URL).
     url = shop.gateway_url()
     with httpx.Client(base_url=url, timeout=10) as client:
@@ -314,6 +324,61 @@ def test_ps_and_logs_commands(shop: Up) -> None:
     assert "web-1" not in logs.output
     raw = runner.invoke(app, ["logs", "users-2", "--file", str(shop.file), "--raw"])
     assert '"message": "users registered as' in raw.output, raw.output
+
+
+def test_ps_and_logs_from_the_root_of_the_system(shop: Up, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The README's case: up of a file below (examples/shop/meshgate.yaml with root
+    # ../..), then the companions from the root, without --file.
+    runner = CliRunner()
+    monkeypatch.delenv("MESHGATE_FILE", raising=False)
+    for folder in (ROOT, ROOT / "src" / "meshgate", shop.folder):
+        monkeypatch.chdir(folder)
+        ps = runner.invoke(app, ["ps"])
+        assert ps.exit_code == 0, (folder, ps.output)
+        assert ps.stdout.startswith("shop: ready, up "), ps.output
+        assert f", {shop.file})" in ps.stdout.splitlines()[0]
+        logs = runner.invoke(app, ["logs", "web", "-n", "5"])
+        assert logs.exit_code == 0, logs.output
+        assert re.search(r"^web-1 +\| web on http:", logs.stdout, re.M), logs.stdout
+    named = runner.invoke(app, ["ps", "--system", "shop", "--json"])
+    assert named.exit_code == 0, named.output
+    assert json.loads(named.stdout)["file"] == str(shop.file)
+
+
+def test_the_readme_s_serve_lines_add_an_instance_by_hand(shop: Up) -> None:
+    # README: eval "$(meshgate env users)"; meshgate db upgrade ...; meshgate serve ...
+    script = (
+        'eval "$(meshgate env users)" && meshgate db upgrade examples.shop.users.app && '
+        "exec meshgate serve examples.shop.users.app:service"
+    )
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "NO_COLOR": "1"}
+    env.pop("MESHGATE_FILE", None)
+    out = shop.folder / "by-hand.out"
+    with out.open("wb") as sink:
+        proc = subprocess.Popen(
+            ["sh", "-c", script], cwd=ROOT, env=env, stdout=sink, stderr=subprocess.STDOUT
+        )
+    try:
+        deadline = time.monotonic() + 60
+        while (found := re.search(r"^users on http://(\S+)$", out.read_text(), re.M)) is None:
+            assert proc.poll() is None, out.read_text()
+            assert time.monotonic() < deadline, out.read_text()
+            time.sleep(0.05)
+        address = found[1]
+        deadline = time.monotonic() + 30
+        while address not in shop.registered("users"):
+            assert time.monotonic() < deadline, out.read_text()
+            time.sleep(0.1)
+        # The same database as the system's instances: what they wrote, it reads.
+        user = httpx.get(f"{user_url(shop)}", timeout=10).json()
+        mine = httpx.get(f"http://{address}/users/{user['id']}", timeout=10)
+        assert mine.status_code == 200, mine.text
+        assert "registered as users-" in out.read_text()
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    assert address not in shop.registered("users")  # it left the registry as it stopped
 
 
 def user_url(shop: Up) -> str:
@@ -537,3 +602,303 @@ services:
             finish(again)
     finally:
         finish(up)
+
+
+def test_a_missing_extra_fails_up_with_one_line_naming_it(tmp_path: Path, core_venv: Venv) -> None:
+    (tmp_path / "cached.py").write_text(
+        "from meshgate.data import Cache\nfrom meshgate.service import Service\n"
+        "service = Service('cached', cache=Cache('redis://127.0.0.1:6379/0'))\n"
+    )
+    (tmp_path / "meshgate.yaml").write_text("services:\n  cached: {app: cached:service}\n")
+    up = start_up(tmp_path, venv=core_venv)
+    try:
+        code = up.proc.wait(60)
+    finally:
+        finish(up)
+    text = up.text()
+    assert code == 1, text
+    assert "Traceback" not in text
+    assert re.search(
+        r"^cached-1 +\| error: cached:service: cache 'default': url: redis:// needs the redis "
+        r"package, which is not installed: pip install 'meshgate\[redis\]'$",
+        text,
+        re.M,
+    ), text
+
+
+# ---------------------------------------------------------------------------- why not ready
+
+
+def test_a_registry_that_does_not_work_fails_up_within_the_gateway_s_timeout(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "gateway.yaml").write_text(
+        "gateway:\n  workers: 1\n  registry: {redis: 'redis://127.0.0.1:1/0'}\nroutes: []\n"
+    )
+    (tmp_path / "meshgate.yaml").write_text(
+        f"root: {ROOT}\n"
+        "gateway: {config: gateway.yaml, ready_timeout: 3s}\n"
+        "services:\n  users: {app: examples.shop.users.app:service, database: embedded}\n"
+    )
+    began = time.monotonic()
+    up = start_up(tmp_path)
+    try:
+        code = up.proc.wait(60)
+    finally:
+        finish(up)
+    took = time.monotonic() - began
+    text = up.text()
+    assert code == 1, text
+    reason = (
+        "its registry does not work: the registry at http://127.0.0.1:"
+        r"\d+ answered 503 registry_unavailable: Redis at redis://127\.0\.0\.1:1/0 is "
+        "unavailable"
+    )
+    assert re.search(rf"^gateway +\| not ready yet: {reason}", text, re.M), text
+    assert re.search(
+        r"could not start: gateway did not become ready within 3 s \(gateway\.ready_timeout\); "
+        rf"it is ready when .*; the last check: {reason}",
+        text,
+    ), text
+    assert took < 30, took
+
+
+def test_a_service_that_cannot_register_never_says_registered(tmp_path: Path) -> None:
+    # Its registry is a port where nothing listens: it is healthy, but never registered.
+    (tmp_path / "meshgate.yaml").write_text(
+        f"root: {ROOT}\n"
+        "services:\n"
+        "  users:\n"
+        "    app: examples.shop.users.app:service\n"
+        "    database: embedded\n"
+        "    env: {MESHGATE_REGISTRY_URL: 'http://127.0.0.1:9'}\n"
+        "    ready: {timeout: 4s}\n"
+    )
+    up = start_up(tmp_path)
+    try:
+        code = up.proc.wait(60)
+    finally:
+        finish(up)
+    text = up.text()
+    assert code == 1, text
+    assert re.search(r"^users-1 +\| warning cannot register users/users-\S+ yet: ", text, re.M)
+    assert "registered as" not in text
+    assert re.search(
+        r"users-1 did not become ready within 4 s .*; the last check: users at 127\.0\.0\.1:\d+ "
+        r"is not in the registry yet \(its log says why\)",
+        text,
+    ), text
+
+
+# ---------------------------------------------------------------------------- ports of others
+
+
+def held_port(*, reuse_port: bool = False) -> socket.socket:
+    """A socket of this test listening on a free port (another process, to ``up``)."""
+    sock = socket.socket()
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    return sock
+
+
+def test_a_fixed_port_that_another_process_holds_fails_up_naming_it(tmp_path: Path) -> None:
+    with held_port() as other:
+        port = other.getsockname()[1]
+        (tmp_path / "meshgate.yaml").write_text(
+            "services:\n"
+            "  files:\n"
+            '    command: ["{python}", "-m", "http.server", "{port}", "--bind", "127.0.0.1"]\n'
+            f"    port: {port}\n"
+        )
+        up = start_up(tmp_path)
+        try:
+            code = up.proc.wait(60)
+        finally:
+            finish(up)
+    text = up.text()
+    assert code == 1, text
+    assert (
+        f"could not start: files-1 could not be started: port {port} (services.files.port) is "
+        f"in use: Address already in use: held by pid {os.getpid()} ("
+    ) in text, text
+    assert "files-1 is ready" not in text
+
+
+def test_a_gateway_port_shared_with_reuse_port_is_refused(tmp_path: Path) -> None:
+    # SO_REUSEPORT would let the gateway bind beside it, and the kernel would send
+    # part of the traffic to this socket: the port is refused before the start.
+    with held_port(reuse_port=True) as other:
+        port = other.getsockname()[1]
+        (tmp_path / "meshgate.yaml").write_text(f"gateway: {{listen: '127.0.0.1:{port}'}}\n")
+        up = start_up(tmp_path)
+        try:
+            code = up.proc.wait(60)
+        finally:
+            finish(up)
+    text = up.text()
+    assert code == 1, text
+    assert (
+        f"gateway could not be started: port {port} (gateway.listen) is in use: Address "
+        f"already in use: held by pid {os.getpid()} ("
+    ) in text, text
+
+
+# ---------------------------------------------------------------------------- detached, edits
+
+
+def run_cli(*args: str, cwd: Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """``meshgate ARGS`` as its own process, as a user runs it."""
+    env = {**os.environ, "NO_COLOR": "1"}
+    env.pop("MESHGATE_FILE", None)
+    return subprocess.run(
+        [sys.executable, "-m", "meshgate", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+        timeout=timeout,
+        check=False,
+    )
+
+
+COLOURED = """\
+services:
+  files:
+    command:
+      - sh
+      - -c
+      - echo "color=$COLOR"; exec {python} -m http.server {port} --bind 127.0.0.1
+    replicas: REPLICAS
+    env: {COLOR: COLOUR}
+"""
+
+
+def coloured(replicas: int, colour: str) -> str:
+    return COLOURED.replace("REPLICAS", str(replicas)).replace("COLOUR", colour)
+
+
+def wait_until(what: str, check: Any, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            pytest.fail(f"not within {timeout:g} s: {what}")
+        time.sleep(0.1)
+
+
+def test_up_detached_then_edits_restart_logs_and_down(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    file = tmp_path / "meshgate.yaml"
+    file.write_text(coloured(1, "red"))
+    started = run_cli("up", "-d", str(file), cwd=tmp_path)
+    state = json.loads((tmp_path / ".meshgate" / "state.json").read_text())
+    runner_pid = Pid.of(state["pid"])
+    assert runner_pid is not None
+    known = descendants(runner_pid.pid) | {runner_pid}
+    log = tmp_path / ".meshgate" / "up.log"
+    try:
+        assert started.returncode == 0, (started.stdout, started.stderr)
+        assert f"{tmp_path.name} is ready (meshgate up pid {runner_pid.pid}" in started.stdout
+        assert re.search(r"^files-1 +\d+ +http://127\.0\.0\.1:\d+ +ready", started.stdout, re.M)
+        assert "It runs in the background: meshgate ps, meshgate logs -f, meshgate down" in (
+            started.stdout
+        )
+        assert "is ready: 2 processes" in log.read_text()
+
+        monkeypatch.chdir(tmp_path)
+        monkeypatch.delenv("MESHGATE_FILE", raising=False)
+        cli = CliRunner()
+        ps = cli.invoke(app, ["ps"])
+        assert ps.exit_code == 0, ps.output
+
+        # logs -f of a detached system: the lines of its instances as they come.
+        env = {**os.environ, "NO_COLOR": "1"}
+        with subprocess.Popen(
+            [sys.executable, "-m", "meshgate", "logs", "files", "-f"],
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            env=env,
+            text=True,
+        ) as follower:
+            assert follower.stdout is not None
+            seen = follower.stdout.readline()
+            while "color=" not in seen:
+                seen = follower.stdout.readline()
+            follower.terminate()
+        assert seen.strip() == "files-1 | color=red"
+
+        # An edit: more replicas (applied), another env (for instances that start
+        # from now on), a gateway port (needs a new up).
+        file.write_text(coloured(2, "blue") + "gateway: {listen: '127.0.0.1:0', workers: 2}\n")
+        wait_until(
+            "files-2 is ready",
+            lambda: (
+                "files-2" in log.read_text()
+                and any(
+                    i["name"] == "files-2" and i["status"] == "ready"
+                    for i in json.loads(cli.invoke(app, ["ps", "--json"]).stdout)["instances"]
+                )
+            ),
+        )
+        text = log.read_text()
+        assert "meshgate.yaml: replicas changed; scaling to files=2" in text
+        assert (
+            "meshgate.yaml: services.files: env changed; instances that start from now on use "
+            "it, the running ones once restarted: meshgate restart files"
+        ) in text
+        assert (
+            "meshgate.yaml: gateway changed, which a running system cannot take: not applied; "
+            "it needs a new up (meshgate down, then meshgate up)"
+        ) in text
+        assert "files-2 | color=blue" in cli.invoke(app, ["logs", "files-2"]).stdout
+        assert "files-1 | color=red" in cli.invoke(app, ["logs", "files-1"]).stdout
+
+        before = {
+            i["name"]: i["pid"]
+            for i in json.loads(cli.invoke(app, ["ps", "--json"]).stdout)["instances"]
+        }
+        known |= descendants(runner_pid.pid)
+        restarted = cli.invoke(app, ["restart", "files"])
+        assert restarted.exit_code == 0, restarted.output
+        assert re.search(r"^files: restarted files-1, files-2 in [\d.]+ s$", restarted.stdout, re.M)
+        after = {
+            i["name"]: i for i in json.loads(cli.invoke(app, ["ps", "--json"]).stdout)["instances"]
+        }
+        assert after["files-1"]["pid"] != before["files-1"]
+        assert after["files-2"]["pid"] != before["files-2"]
+        assert all(after[n]["status"] == "ready" for n in ("files-1", "files-2"))
+        last = cli.invoke(app, ["logs", "files-1", "-n", "3"]).stdout.splitlines()
+        assert "files-1 | color=blue" in last, last
+        unknown = cli.invoke(app, ["restart", "nope"])
+        assert unknown.exit_code == 1
+        assert (
+            "nothing named 'nope' runs; known: gateway, files, files-1, files-2" in unknown.stderr
+        )
+
+        known |= descendants(runner_pid.pid)
+        down = cli.invoke(app, ["down"])
+        assert down.exit_code == 0, down.output
+        assert down.stdout == f"stopped {tmp_path.name}\n"
+    finally:
+        if runner_pid.alive():
+            os.kill(runner_pid.pid, signal.SIGTERM)
+        left = [p.pid for p in wait_dead(sorted(known, key=lambda p: p.pid), 30)]
+        for pid in left:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    assert left == [], (left, tail(log, 60))
+    assert "none of the" in log.read_text()
+
+
+def test_up_detached_that_fails_prints_why(tmp_path: Path) -> None:
+    (tmp_path / "meshgate.yaml").write_text(
+        "services:\n  bad:\n    command: ['sh', '-c', 'echo broken setting; exit 3']\n"
+        "    ready: {log: never}\n"
+    )
+    result = run_cli("up", "-d", cwd=tmp_path)
+    assert result.returncode == 1, result
+    assert "bad-1 exited with code 3; its last lines:" in result.stderr
+    assert "bad-1 | broken setting" in result.stderr
+    assert result.stdout == ""

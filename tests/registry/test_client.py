@@ -258,11 +258,15 @@ async def test_heartbeater_start_returns_promptly_and_retries_in_the_background(
     await heartbeater.start()
     assert time.monotonic() - started < 1
     assert not heartbeater.registered
+    confirmed = asyncio.ensure_future(heartbeater.wait_registered())
+    await asyncio.sleep(0.2)
+    assert not confirmed.done()  # what says "registered" waits for this
     server = await Server(make_app(registry), port=port).start()
     try:
         async with asyncio.timeout(3):
             while ids(await registry.snapshot("users")) != ["a"]:
                 await asyncio.sleep(0.05)
+            await confirmed
         assert heartbeater.registered
         await heartbeater.stop()
         assert (await registry.snapshot("users")).instances == ()

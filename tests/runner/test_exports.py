@@ -9,6 +9,7 @@ from meshgate.errors import MeshgateError
 def test_exported_members() -> None:
     assert set(meshgate.runner.__all__) == {
         "AlreadyRunningError",
+        "AmbiguousSystemError",
         "ControlError",
         "GatewaySpec",
         "NotRunningError",
@@ -21,6 +22,8 @@ def test_exported_members() -> None:
         "System",
         "SystemFile",
         "load_system",
+        "find_system",
+        "known_systems",
         "loads_system",
         "request",
         "start_order",

@@ -6,6 +6,7 @@ from __future__ import annotations
 import stat
 from pathlib import Path
 
+import pytest
 import yaml
 
 from meshgate.config import loads
@@ -89,9 +90,10 @@ def test_without_a_configuration_one_route_per_registered_service(tmp_path: Path
     assert not plan.config.gateway.registry.persist
 
 
-def test_the_ready_line_of_the_gateway_is_understood() -> None:
+@pytest.mark.parametrize("workers", ["2 workers", "1 worker"])
+def test_the_ready_line_of_the_gateway_is_understood(workers: str) -> None:
     line = (
-        "meshgate 0.1.0: gateway on http://127.0.0.1:8080 (2 workers); "
+        f"meshgate 0.1.0: gateway on http://127.0.0.1:8080 ({workers}); "
         "admin on https://127.0.0.1:9901"
     )
     match = GATEWAY_READY_RE.search(line)

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import os
+import socket
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -15,9 +17,9 @@ import pytest
 from rich.console import Console
 
 from meshgate.runner import ReadySpec, StartupError
-from meshgate.runner.instance import Context, Instance, Kind, Launch
+from meshgate.runner.instance import Context, Instance, Kind, Launch, answer_summary
 from meshgate.runner.logs import LogPrinter
-from meshgate.runner.procs import Pid, Watchdog, group_members
+from meshgate.runner.procs import Pid, Watchdog, command_line, group_members
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -202,3 +204,149 @@ async def test_a_program_that_does_not_exist(ctx: Context) -> None:
     with pytest.raises(StartupError, match="exited with code 127"):
         await asyncio.wait_for(job.first, 10)
     assert "cannot run 'no-such-program-x'" in output(ctx)
+
+
+# ---------------------------------------------------------------------------- why not ready
+
+NOT_READY_SERVER = """\
+import http.server, json, sys
+body = json.dumps({"status": "not_ready", "checks": {
+    "database": {"ok": True, "latency_ms": 1.0},
+    "cache": {"ok": False, "error": "Error 111 connecting to 127.0.0.1:1. Connection refused."},
+}}).encode()
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(503)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), Handler).serve_forever()
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def on_port(
+    code: str, port: int, fixed: tuple[tuple[str, int, str], ...] = (), **ready: object
+) -> dict[str, object]:
+    """Instance settings that run ``code`` with ``port`` as its argument; ``fixed``
+    as a system file's ``port`` would make it."""
+
+    def build(instance: Instance) -> Launch:
+        argv = [sys.executable, "-c", code, str(port)]
+        return Launch(argv, dict(os.environ), Path.cwd(), port, fixed)
+
+    return {"build": build, "ready": ReadySpec(**ready)}  # type: ignore[arg-type]
+
+
+async def test_a_dependency_s_error_is_shown_while_waiting_and_on_timeout(ctx: Context) -> None:
+    job = instance(ctx, **on_port(NOT_READY_SERVER, free_port(), http="/health", timeout=1.5))
+    job.start()
+    with pytest.raises(StartupError) as caught:
+        await asyncio.wait_for(job.first, 10)
+    reason = (
+        "GET /health answered 503: cache: Error 111 connecting to 127.0.0.1:1. Connection refused."
+    )
+    assert f"; the last check: {reason}; its last lines:" in str(caught.value)
+    # Said once, when the reason appeared, however often it was checked.
+    assert output(ctx).count(f"job-1   | not ready yet: {reason}\n") == 1
+
+
+@pytest.mark.parametrize(
+    ("body", "summary"),
+    [
+        (
+            {
+                "status": "not_ready",
+                "checks": {"db": {"ok": True}, "cache": {"ok": False, "error": "down"}},
+            },
+            "cache: down",
+        ),
+        (
+            {"type": "about:blank", "title": "Unavailable", "detail": "the cache is down"},
+            "the cache is down",
+        ),
+        ({"status": "draining"}, "draining"),
+    ],
+    ids=["readiness", "problem-details", "status-only"],
+)
+def test_what_a_failing_answer_says(body: dict[str, object], summary: str) -> None:
+    response = httpx.Response(503, content=json.dumps(body).encode())
+    assert answer_summary(response) == summary
+
+
+def test_a_failing_answer_that_is_not_json() -> None:
+    assert (
+        answer_summary(httpx.Response(502, text="<h1>Bad\n gateway</h1>")) == "<h1>Bad gateway</h1>"
+    )
+    assert answer_summary(httpx.Response(500, text="x" * 500), limit=10) == "x" * 10
+
+
+# ---------------------------------------------------------------------------- ports of others
+
+SLEEPER = "import sys, time; print('started on', sys.argv[1], flush=True); time.sleep(60)"
+
+
+async def test_a_fixed_port_held_by_another_process_fails_the_start(ctx: Context) -> None:
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        job = instance(
+            ctx,
+            **on_port(SLEEPER, port, tcp=True, fixed=(("127.0.0.1", port, "services.job.port"),)),
+        )
+        job.start()
+        with pytest.raises(StartupError) as caught:
+            await asyncio.wait_for(job.first, 10)
+    message = str(caught.value)
+    reason = (
+        f"port {port} (services.job.port) is in use: Address already in use: held by "
+        f"pid {os.getpid()} ({command_line(os.getpid())}); stop that process, give another "
+        "port, or leave the port out for a free one"
+    )
+    assert message == (
+        f"job-1 could not be started: {reason}; its last lines:\n  job-1 | cannot start: {reason}"
+    )
+    assert "started on" not in output(ctx)  # it never ran
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+async def test_a_port_answered_by_another_process_is_not_ready(ctx: Context) -> None:
+    # The port was free when chosen, then another process took it: connections
+    # succeed, but they reach that process, not the instance.
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        job = instance(ctx, **on_port(SLEEPER, port, tcp=True, timeout=1.0))
+        job.start()
+        with pytest.raises(StartupError) as caught:
+            await asyncio.wait_for(job.first, 10)
+    message = str(caught.value)
+    assert (
+        f"it is ready when its port accepts connections, on a listener of its own; the last "
+        f"check: port {port} answers, but it is held by pid {os.getpid()} ("
+    ) in message, message
+    assert f"not by job-1; its last lines:\n  job-1 | started on {port}" in message
+    assert f"job-1   | not ready yet: port {port} answers, but it is held by" in output(ctx)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+async def test_a_port_of_its_own_child_is_ready(ctx: Context) -> None:
+    port = free_port()
+    code = (
+        "import subprocess, sys; subprocess.run([sys.executable, '-m', 'http.server', "
+        "sys.argv[1], '--bind', '127.0.0.1'])"
+    )
+    job = instance(ctx, **on_port(code, port, http="/"))
+    job.start()
+    await asyncio.wait_for(job.first, 20)
+    assert job.status == "ready"

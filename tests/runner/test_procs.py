@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -16,10 +17,15 @@ import pytest
 from meshgate.runner.procs import (
     Pid,
     Watchdog,
+    command_line,
     descendants,
     group_members,
     kill_leftovers,
     launch_argv,
+    listener_pids,
+    listening,
+    owns_listener,
+    port_in_use,
     signal_group,
 )
 
@@ -111,26 +117,32 @@ def test_the_watchdog_leaves_everything_after_a_goodbye() -> None:
 
 
 def test_the_launch_shim_stops_a_child_whose_parent_died() -> None:
-    # An intermediate parent starts a child through the shim, then is SIGKILLed.
-    argv = launch_argv([sys.executable, "-c", "import time; time.sleep(60)"])
+    # An intermediate parent starts a child through the shim, then is SIGKILLed. The
+    # shim's argv is built in that parent: it checks that its parent is the one that
+    # built it (else it exits at once, and nothing here would be tested).
     code = textwrap.dedent(
-        f"""
+        """
         import subprocess, sys, time
-        child = subprocess.Popen({argv!r})
+        from meshgate.runner.procs import launch_argv
+        argv = launch_argv([sys.executable, "-c", "import time; time.sleep(60)"])
+        child = subprocess.Popen(argv)
         print(child.pid, flush=True)
         time.sleep(60)
         """
     )
+    program = f"{sys.executable}\0-c\0import time; time.sleep(60)\0".encode()
     with subprocess.Popen(
         [sys.executable, "-c", code], stdout=subprocess.PIPE, text=True
     ) as parent:
-        assert parent.stdout is not None
-        child = Pid.of(int(parent.stdout.readline()))
-        assert child is not None
-        # The shim has become the program: same PID, the program's command line.
-        cmdline = Path(f"/proc/{child.pid}/cmdline")
-        assert wait_until(lambda: b"time.sleep(60)" in cmdline.read_bytes())
-        parent.kill()
+        try:
+            assert parent.stdout is not None
+            child = Pid.of(int(parent.stdout.readline()))
+            assert child is not None
+            # The shim has become the program: same PID, the program's command line.
+            cmdline = Path(f"/proc/{child.pid}/cmdline")
+            assert wait_until(lambda: cmdline.read_bytes() == program), cmdline.read_bytes()
+        finally:
+            parent.kill()
     assert wait_until(lambda: not child.alive(), 5)
 
 
@@ -159,3 +171,65 @@ def test_leftovers_of_a_dead_runner_are_stopped() -> None:
         stubborn.wait(10)
     assert stubborn.returncode == -signal.SIGKILL
     assert time.monotonic() - began < 5
+
+
+# ---------------------------------------------------------------------------- listeners
+
+
+def listener_child(port: int) -> subprocess.Popen[bytes]:
+    """A shell whose child (not itself) listens on ``port``, in a session of its own."""
+    code = (
+        "import socket, time; s = socket.socket(); "
+        f"s.bind(('127.0.0.1', {port})); s.listen(); print('up', flush=True); time.sleep(60)"
+    )
+    proc = subprocess.Popen(
+        ["sh", "-c", f'{sys.executable} -c "{code}"; true'],
+        stdout=subprocess.PIPE,
+        start_new_session=True,
+    )
+    assert proc.stdout is not None
+    assert proc.stdout.readline() == b"up\n"
+    return proc
+
+
+def test_the_listener_of_a_port_belongs_to_whoever_holds_it() -> None:
+    with socket.socket() as mine:
+        mine.bind(("127.0.0.1", 0))
+        port = mine.getsockname()[1]
+        assert listening(port) == set()  # bound, not listening
+        assert port_in_use("127.0.0.1", port) is not None  # but taken all the same
+        mine.listen()
+        assert len(listening(port)) == 1
+        assert listener_pids(port) == [os.getpid()]
+        assert owns_listener(os.getpid(), port) is True
+        other = sleeper()
+        try:
+            # Something answers on the port, but not the process that was started.
+            assert owns_listener(other.pid, port) is False
+        finally:
+            other.kill()
+            other.wait(10)
+        taken = port_in_use("127.0.0.1", port)
+        assert taken is not None
+        assert taken.startswith("Address already in use: held by ")
+        assert f"pid {os.getpid()} (" in taken
+    assert port_in_use("127.0.0.1", port) is None
+    assert owns_listener(os.getpid(), port) is False
+
+
+def test_a_listener_of_a_child_is_the_started_process_s() -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    proc = listener_child(port)
+    try:
+        assert owns_listener(proc.pid, port) is True
+        (holder,) = listener_pids(port)
+        assert holder != proc.pid
+        assert "socket.socket()" in command_line(holder)
+        assert port_in_use("0.0.0.0", port) is not None  # overlaps 127.0.0.1
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+        assert proc.stdout is not None
+        proc.stdout.close()

@@ -95,3 +95,17 @@ def test_names_and_ports(tmp_path: Path) -> None:
     sf = loads_system("services:\n  a-b.c: {command: x}\n", tmp_path / "meshgate.yaml")
     assert env_prefix("a-b.c", sf.system.services["a-b.c"]) == "A_B_C"
     assert 0 < free_port() < 65536
+
+
+def test_where_ports_cannot_be_traced_up_says_so(
+    runner: Runner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert runner.platform_notes() == []  # Linux: checked
+    monkeypatch.setattr("meshgate.runner.supervisor.OWNERSHIP_KNOWN", False)
+    assert runner.platform_notes() == [
+        (
+            "up cannot tell here which process holds a port (it reads Linux's /proc): the tcp "
+            "and http readiness of web.front takes any listener on the port; fixed ports are "
+            "still checked free before each start"
+        )
+    ]

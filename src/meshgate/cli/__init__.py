@@ -4,8 +4,9 @@ from meshgate.cli import serve as _serve  # noqa: F401 - mounts its commands on 
 from meshgate.cli import token as _token  # noqa: F401
 from meshgate.cli import up as _up  # noqa: F401
 from meshgate.cli.db import app as _db_app
-from meshgate.cli.main import app, main
+from meshgate.cli.main import app, main, unwrap_help
 
 app.add_typer(_db_app, name="db")
+unwrap_help(app)
 
 __all__ = ["app", "main"]

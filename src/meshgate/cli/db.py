@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 from rich.console import Console
 
+from meshgate.cli._extras import missing_extra, one_line
 from meshgate.errors import MeshgateError
 
 if TYPE_CHECKING:
@@ -134,6 +135,9 @@ def _import(service: str) -> Any:
     try:
         return importlib.import_module(service)
     except ImportError as exc:
+        missing = missing_extra(exc)
+        if missing is not None:
+            raise _UnresolvedError(f"SERVICE {service!r}: {missing}") from exc
         raise _UnresolvedError(
             f"SERVICE {service!r} names a module (it has a dot), which cannot be imported "
             f"from {Path.cwd()}: {exc}. Run from the directory that holds it, or give a "
@@ -162,7 +166,7 @@ def _need_folder(target: _Target) -> Path:
 
 
 def _fail(exc: MeshgateError) -> typer.Exit:
-    err.print(f"error: {exc}", markup=False, highlight=False)
+    err.print(f"error: {one_line(exc)}", markup=False, highlight=False)
     return typer.Exit(2 if isinstance(exc, _UnresolvedError) else 1)
 
 
@@ -391,7 +395,7 @@ def _service_name(service: str) -> str:
 
 
 def _fail_json(exc: Exception, as_json: bool, code: int) -> typer.Exit:
-    err.print(f"error: {exc}", markup=False, highlight=False)
+    err.print(f"error: {one_line(exc)}", markup=False, highlight=False)
     if as_json:
         out.print_json(json.dumps({"ok": False, "error": str(exc), "kind": type(exc).__name__}))
     return typer.Exit(code)
@@ -419,8 +423,9 @@ def backup(  # noqa: PLR0917 - typer reads the parameters as options
         typer.Option(
             "--output",
             "-o",
-            help="The archive (default: SERVICE-<UTC time>.mgbak here; a folder puts it "
-            "there). With --all: the folder (default: backups/<system>-<UTC time>).",
+            help="The archive (default: .meshgate/backups/SERVICE-<UTC time>.mgbak of the "
+            "system here; a folder puts it there). With --all: the folder (default: "
+            ".meshgate/backups/<system>-<UTC time>).",
             show_default=False,
         ),
     ] = None,
@@ -474,7 +479,9 @@ def backup(  # noqa: PLR0917 - typer reads the parameters as options
         target = _resolve(service, database_url, migrations)
         url = _need_url(target)
         name = _service_name(service)
-        path = output if output is not None else Path(bk.default_archive_name(name))
+        path = (
+            output if output is not None else _backups_folder(file) / bk.default_archive_name(name)
+        )
         with _progress(progress, f"backup {name}") as bar:
             manifest = bk.backup(
                 url,
@@ -494,6 +501,24 @@ def backup(  # noqa: PLR0917 - typer reads the parameters as options
         out.print_json(manifest.model_dump_json())
         return
     _print_backup(name, manifest, where)
+
+
+def _backups_folder(file: Path | None) -> Path:
+    """Where backups go without --output: ``backups/`` in the state folder (kept out
+    of version control by its .gitignore) of the system here: that of --file, of the
+    nearest meshgate.yaml at or above this folder, or of a system running from here;
+    else ``.meshgate/backups`` in this folder.
+
+    Raises:
+        AmbiguousSystemError: several running systems fit this folder.
+    """
+    from meshgate.runner.systems import find_system  # noqa: PLC0415
+
+    state, _ = find_system(file, command="db backup", running=False, anywhere=False)
+    state.ensure()
+    folder = state.path / "backups"
+    folder.mkdir(mode=0o700, exist_ok=True)
+    return folder
 
 
 def _print_backup(name: str, manifest: Any, where: Path) -> None:
@@ -523,10 +548,10 @@ def _backup_all(  # noqa: PLR0917 - the options of `backup --all`, passed on
 
     try:
         system, targets = _system_targets(file, names)
+        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+        folder = output if output is not None else _backups_folder(file) / f"{system}-{stamp}"
     except MeshgateError as exc:
         raise _fail_json(exc, as_json, 2) from None
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    folder = output if output is not None else Path("backups") / f"{system}-{stamp}"
     show = err.is_terminal if progress is None else progress
     bars = contextlib.ExitStack()
 

@@ -10,8 +10,10 @@ from typing import Annotated
 
 import typer
 
+from meshgate.cli._extras import missing_extra, one_line
 from meshgate.cli.main import _run, app, err
 from meshgate.config.model import Address
+from meshgate.errors import MeshgateError
 
 __all__ = ["load_service", "serve"]
 
@@ -21,6 +23,9 @@ def load_service(target: str) -> object:
 
     Raises:
         typer.BadParameter: the target is malformed, cannot be imported, or lacks it.
+        typer.Exit: importing it failed on purpose (a meshgate error such as a bad
+            database URL, or a missing optional dependency); the one-line reason was
+            printed.
     """
     module_name, _, attribute = target.partition(":")
     if not module_name or not attribute:
@@ -32,7 +37,15 @@ def load_service(target: str) -> object:
         sys.path.insert(0, cwd)
     try:
         module = importlib.import_module(module_name)
+    except MeshgateError as exc:
+        # Raised while the module builds its service: a bad URL, a missing driver.
+        err.print(f"error: {target}: {one_line(exc)}")
+        raise typer.Exit(1) from None
     except ImportError as exc:
+        missing = missing_extra(exc)
+        if missing is not None:
+            err.print(f"error: {target}: {missing}")
+            raise typer.Exit(1) from None
         raise typer.BadParameter(
             f"cannot import {module_name!r}: {exc}; run from the folder that holds it "
             "or put it on PYTHONPATH"

@@ -290,11 +290,17 @@ class Heartbeater:
         """How many times the instance was registered (more than 1: the registry forgot it)."""
         self._task: asyncio.Task[None] | None = None
         self._started = False
+        self._first = asyncio.Event()
 
     @property
     def registered(self) -> bool:
         """Whether the last answer of the registry had the instance registered."""
         return self.instance is not None
+
+    async def wait_registered(self) -> None:
+        """Return once the registry has confirmed a registration (at :meth:`start`, or
+        later in the background when it could not be reached then)."""
+        await self._first.wait()
 
     async def start(self) -> None:
         """Register, then heartbeat in the background.
@@ -348,6 +354,7 @@ class Heartbeater:
     async def _register(self) -> None:
         self.instance = await self.client.register(self.service, self.instance_id, self.spec)
         self.registrations += 1
+        self._first.set()
 
     async def _run(self) -> None:
         failures = 0 if self.registered else 1

@@ -11,6 +11,7 @@ from meshgate.errors import MeshgateError
 
 __all__ = [
     "AlreadyRunningError",
+    "AmbiguousSystemError",
     "ControlError",
     "NotRunningError",
     "RunnerError",
@@ -33,6 +34,11 @@ class AlreadyRunningError(RunnerError):
 
 class NotRunningError(RunnerError):
     """No ``meshgate up`` of this system is running, so there is nothing to ask."""
+
+
+class AmbiguousSystemError(RunnerError):
+    """Several running systems fit where a command was run; the message names each
+    and how to pick one (``--system NAME`` or ``--file FILE``)."""
 
 
 class ControlError(RunnerError):

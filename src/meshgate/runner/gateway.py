@@ -30,7 +30,7 @@ __all__ = [
 ]
 
 GATEWAY_READY_RE = re.compile(
-    r"gateway on (?P<scheme>https?)://(?P<host>\S+):(?P<port>\d+) \((?P<workers>\d+) workers\); "
+    r"gateway on (?P<scheme>https?)://(?P<host>\S+):(?P<port>\d+) \((?P<workers>\d+) workers?\); "
     r"admin on (?P<admin_scheme>https?)://(?P<admin_host>\S+):(?P<admin_port>\d+)"
 )
 """The line ``meshgate gateway`` prints once it serves."""
@@ -91,6 +91,21 @@ class GatewayPlan:
         tokens stay as they are."""
         fill_registry_path(base, config, state)
         self.base, self.config = base, config
+
+    def fixed_ports(self, *, pinned: bool) -> tuple[tuple[str, int, str], ...]:
+        """The ports the gateway must find free before it starts, as (host, port,
+        where it comes from): those configured, and once pinned those it had."""
+        out = []
+        for address, known, where in (
+            (self.listen, self.port, "gateway.listen"),
+            (self.admin, self.admin_port, "gateway.admin"),
+        ):
+            host, _, configured = address.rpartition(":")
+            if int(configured):
+                out.append((host, int(configured), where))
+            elif pinned and known:
+                out.append((host, known, f"{where}, the port it had before it restarted"))
+        return tuple(out)
 
     def started(self, port: int, admin_port: int) -> None:
         """Record the ports the gateway chose, so that a restart keeps them (services

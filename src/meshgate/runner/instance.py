@@ -27,7 +27,18 @@ import httpx
 from meshgate.runner.errors import StartupError
 from meshgate.runner.logs import InstanceLog, LogPrinter, is_noise
 from meshgate.runner.model import ReadySpec, RestartPolicy
-from meshgate.runner.procs import Pid, Watchdog, group_members, launch_argv, signal_group
+from meshgate.runner.procs import (
+    OWNERSHIP_KNOWN,
+    Pid,
+    Watchdog,
+    command_line,
+    group_members,
+    launch_argv,
+    listener_pids,
+    owns_listener,
+    port_in_use,
+    signal_group,
+)
 
 if TYPE_CHECKING:
     from meshgate.registry import Heartbeater, RegistryClient
@@ -49,6 +60,47 @@ _GROUP_GRACE = 3.0
 """How long processes left in a group after its leader exited get after SIGTERM."""
 
 
+NOTE_AFTER = 3.0
+"""How long an instance may refuse connections while it starts before ``up`` says so."""
+
+
+def _error_text(exc: BaseException) -> str:
+    """The reason an error gives (``Connection refused``), else its type's name."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    text = str(exc).strip()
+    cause = exc.__cause__ or exc.__context__
+    if isinstance(cause, OSError) and cause.strerror and cause.strerror not in text:
+        text = f"{text} ({cause.strerror})" if text else cause.strerror
+    return text or type(exc).__name__
+
+
+def answer_summary(response: httpx.Response, limit: int = 300) -> str:
+    """What a failing answer says, in one line: the failing checks of a readiness
+    document (``cache: Connection refused``), a problem's ``detail``, or its text."""
+    try:
+        body = response.json()
+    except ValueError:
+        text = " ".join(response.text.split())
+        return text[:limit]
+    parts: list[str] = []
+    if isinstance(body, dict):
+        checks = body.get("checks")
+        if isinstance(checks, dict):
+            for name, outcome in checks.items():
+                if isinstance(outcome, dict) and not outcome.get("ok", True):
+                    parts.append(
+                        f"{name}: {outcome.get('error') or outcome.get('detail') or 'failing'}"
+                    )
+        if not parts:
+            for key in ("detail", "title", "error", "status"):
+                if isinstance(body.get(key), str) and body[key]:
+                    parts.append(body[key])
+                    break
+    text = "; ".join(parts) or " ".join(response.text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 class Kind(enum.Enum):
     GATEWAY = "gateway"
     APP = "app"
@@ -66,6 +118,9 @@ class Launch:
     cwd: Path
     port: int | None = None
     """The port given to it, when the runner chose or was told one."""
+    fixed: tuple[tuple[str, int, str], ...] = ()
+    """Ports set in the system file, as (host, port, where it is set): each must be
+    free before the process starts, or the start fails naming who holds it."""
 
 
 @dataclass
@@ -266,6 +321,7 @@ class Instance:
         restart: RestartPolicy = "always",
         registers: bool = False,
         on_ready: Callable[[Instance], Awaitable[None]] | None = None,
+        also: Callable[[Instance], Awaitable[str | None]] | None = None,
     ) -> None:
         self.ctx = ctx
         self.name = name
@@ -279,6 +335,9 @@ class Instance:
         self.registers = registers
         """A command instance the runner registers in the registry on its behalf."""
         self.on_ready = on_ready
+        self.also = also
+        """A further condition of readiness (and health): None when it holds, else
+        why not (the gateway's: its registry answers)."""
         self.status = "created"
         self.health = ""
         self.restarts = 0
@@ -302,6 +361,13 @@ class Instance:
         self._heartbeater: Heartbeater | None = None
         self._log_re = re.compile(ready.log) if ready.log is not None else None
         self._task: asyncio.Task[None] | None = None
+        self.waiting = ""
+        """Why the last readiness check failed (shown while it waits, and on timeout)."""
+        self._answered = False
+        """Whether :attr:`waiting` comes from an answer (a 503, the registry) rather
+        than from a process still starting (connection refused)."""
+        self._noted = ""
+        self._start_error = ""
 
     # -- public
 
@@ -362,6 +428,7 @@ class Instance:
             if self.started_at is None or self.pid is None
             else now - self.started_at,
             "exit_code": self.exit_code,
+            "waiting": self.waiting if self.status == "starting" else "",
         }
 
     def last_lines(self, count: int = 20) -> list[str]:
@@ -423,12 +490,16 @@ class Instance:
         self.health = ""
         self._seen.clear()
         self.announced = None if self.kind is Kind.APP else self.announced
+        self.waiting, self._answered, self._noted = "", False, ""
         try:
             launch = self.build(self)
+            self._check_ports(launch)
             self.port = launch.port if self.kind is not Kind.GATEWAY else self.port
             self.spawned = await Spawned.start(self.ctx, self.name, launch, self._on_line)
         except (OSError, ValueError) as exc:
+            self._start_error = str(exc)
             self.tail.append(f"cannot start: {exc}")
+            self._note(f"cannot start: {exc}", style="bold red")
             return "unstartable", None
         spawned = self.spawned
         self.started_at = time.time()
@@ -465,6 +536,17 @@ class Instance:
         self.exit_code = code
         return outcome, code
 
+    def _check_ports(self, launch: Launch) -> None:
+        """Refuse to start on a fixed port that another process holds: it would take
+        the readiness checks, and the traffic, meant for this instance."""
+        for host, port, where in launch.fixed:
+            taken = port_in_use(host, port)
+            if taken is not None:
+                raise ValueError(
+                    f"port {port} ({where}) is in use: {taken}; stop that process, give "
+                    "another port, or leave the port out for a free one"
+                )
+
     def _reason(self, outcome: str, code: int | None) -> str:
         if outcome == "timeout":
             where = (
@@ -472,12 +554,13 @@ class Instance:
                 if self.kind is Kind.GATEWAY
                 else f"services.{self.service}.ready.timeout"
             )
+            last = f"; the last check: {self.waiting}" if self.waiting else ""
             return (
                 f"did not become ready within {self.ready_spec.timeout:g} s ({where}); "
-                f"it is ready when {self.readiness()}"
+                f"it is ready when {self.readiness()}{last}"
             )
         if outcome == "unstartable":
-            return "could not be started"
+            return f"could not be started: {self._start_error}"
         return describe_exit(code)
 
     def failure(self, reason: str) -> str:
@@ -490,13 +573,13 @@ class Instance:
         """How readiness is known, in words."""
         spec = self.ready_spec
         if self.kind is Kind.GATEWAY:
-            return "its ready line, then GET /status on the admin listener"
+            return "its ready line, then GET /status on the admin listener and its registry answer"
         if self.kind is Kind.APP:
             return f"GET {spec.http or '/health/ready'} answers 200, then it is in the registry"
         if spec.http is not None:
-            return f"GET {spec.http} on its port answers 2xx or 3xx"
+            return f"GET {spec.http} on its port answers 2xx or 3xx{self._own_port_words()}"
         if spec.tcp:
-            return "its port accepts connections"
+            return f"its port accepts connections{self._own_port_words()}"
         if spec.log is not None:
             return f"a line matches {spec.log!r}"
         return "running"
@@ -567,57 +650,116 @@ class Instance:
     # -- readiness and health
 
     async def _probe(self) -> None:
-        """Return once the instance is ready (see :meth:`readiness`)."""
+        """Return once the instance is ready (see :meth:`readiness`); while it waits,
+        say why it is not ready each time the reason changes."""
+        began = time.monotonic()
         delay = 0.05
         while not await self.check():
+            self._show_waiting(time.monotonic() - began)
             await asyncio.sleep(delay)
             delay = min(delay * 1.5, 0.5)
 
+    def _show_waiting(self, waited: float) -> None:
+        reason = self.waiting
+        # A process that is still starting refuses connections for a while: only a
+        # reason that lasts, or one its dependencies gave, is worth a line.
+        if not reason or reason == self._noted or (not self._answered and waited < NOTE_AFTER):
+            return
+        self._noted = reason
+        self._note(f"not ready yet: {reason}", style="yellow")
+
+    def _not_ready(self, reason: str, *, answered: bool) -> bool:
+        self.waiting, self._answered = reason, answered
+        return False
+
     async def check(self, *, health: bool = False) -> bool:
         """Whether it is ready now; with ``health``, only its own health (not the
-        registry), recording the reason in :attr:`health` when it fails."""
+        registry), recording the reason in :attr:`health` when it fails. A failed
+        readiness check records why in :attr:`waiting`."""
         spec = self.ready_spec
         if self.kind is Kind.GATEWAY:
             if not self._seen.is_set() and not health:
-                return False
+                return self._not_ready("its ready line was not printed yet", answered=False)
             if self.admin_url is None:
                 return False
-            return await self._get(
+            ok = await self._get(
                 f"{self.admin_url}/status",
                 {"Authorization": f"Bearer {self.ctx.admin_token}"},
                 health=health,
             )
+            return ok and await self._also(health=health)
         if self.kind is Kind.APP:
             if self.port is None:
-                return False
+                return self._not_ready("it did not say where it listens yet", answered=False)
             if not await self._get(
                 f"http://{self._client_address()}{spec.http or '/health/ready'}", health=health
             ):
                 return False
             return health or await self._registered()
         if spec.http is not None:
-            return await self._get(f"http://{self._client_address()}{spec.http}", health=health)
+            ok = await self._get(f"http://{self._client_address()}{spec.http}", health=health)
+            return ok and self._own_port(health=health)
         if spec.tcp:
-            return await self._connects(health=health)
+            return await self._connects(health=health) and self._own_port(health=health)
         if spec.log is not None:
-            return self._seen.is_set() or health
+            if self._seen.is_set() or health:
+                return True
+            return self._not_ready(f"no line matched {spec.log!r} yet", answered=False)
         return True
+
+    async def _also(self, *, health: bool) -> bool:
+        if self.also is None:
+            return True
+        reason = await self.also(self)
+        if reason is None:
+            return True
+        if health:
+            self.health = f"failing: {reason}"
+            return False
+        return self._not_ready(reason, answered=True)
+
+    def _own_port(self, *, health: bool) -> bool:
+        """Whether the listener on its port is this instance's (its process, group or
+        children), not another process that happens to hold the port."""
+        spawned = self.spawned
+        if spawned is None or self.port is None:
+            return False
+        owned = owns_listener(spawned.pid, self.port)
+        if owned is None or owned:
+            return True
+        holders = [p for p in listener_pids(self.port) if p != spawned.pid]
+        who = ", ".join(f"pid {p} ({command_line(p)})" for p in holders) or "another process"
+        reason = f"port {self.port} answers, but it is held by {who}, not by {self.name}"
+        if health:
+            self.health = f"failing: port {self.port} held by another process"
+            return False
+        return self._not_ready(reason, answered=True)
+
+    def _own_port_words(self) -> str:
+        return ", on a listener of its own" if OWNERSHIP_KNOWN else ""
 
     def _client_address(self) -> str:
         host = self.host if self.host not in ("0.0.0.0", "") else "127.0.0.1"
         return f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}"
 
     async def _get(self, url: str, headers: dict[str, str] | None = None, *, health: bool) -> bool:
+        label = f"GET {httpx.URL(url).path}"
         try:
             response = await self.ctx.http.get(url, headers=headers, timeout=2.0)
         except httpx.HTTPError as exc:
             if health:
                 self.health = f"failing: {type(exc).__name__}"
-            return False
+            return self._not_ready(f"{label}: {_error_text(exc)}", answered=False)
         ok = 200 <= response.status_code < 400
         if health:
             self.health = "ok" if ok else f"failing: {response.status_code}"
-        return ok
+        if not ok:
+            summary = answer_summary(response)
+            return self._not_ready(
+                f"{label} answered {response.status_code}" + (f": {summary}" if summary else ""),
+                answered=True,
+            )
+        return True
 
     async def _connects(self, *, health: bool) -> bool:
         try:
@@ -626,7 +768,9 @@ class Instance:
         except (OSError, TimeoutError) as exc:
             if health:
                 self.health = f"failing: {type(exc).__name__}"
-            return False
+            return self._not_ready(
+                f"port {self.port}: {_error_text(exc) or 'no answer within 2 s'}", answered=False
+            )
         writer.close()
         with contextlib.suppress(OSError):
             await writer.wait_closed()
@@ -637,14 +781,19 @@ class Instance:
     async def _registered(self) -> bool:
         registry = self.ctx.registry
         if registry is None or self.announced is None:
-            return False
+            return self._not_ready("the registry is not known yet", answered=False)
         from meshgate.registry import RegistryError  # noqa: PLC0415
 
         try:
             snapshot = await registry.snapshot(self.announced)
-        except RegistryError:
-            return False
-        return any(i.address == self.address for i in snapshot.instances)
+        except RegistryError as exc:
+            return self._not_ready(f"the registry did not answer: {exc}", answered=True)
+        if any(i.address == self.address for i in snapshot.instances):
+            return True
+        return self._not_ready(
+            f"{self.announced} at {self.address} is not in the registry yet (its log says why)",
+            answered=False,
+        )
 
     # -- the registry, for command instances and after crashes
 

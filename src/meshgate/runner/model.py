@@ -90,9 +90,11 @@ class ReadySpec(_Model):
     ``tcp`` and ``log``; the default depends on the kind of service (docs/up.md)."""
 
     http: str | None = None
-    """Ready once ``GET http://127.0.0.1:<port><http>`` answers 2xx or 3xx."""
+    """Ready once ``GET http://127.0.0.1:<port><http>`` answers 2xx or 3xx, from a
+    listener of the instance's own processes (Linux: not one another process holds)."""
     tcp: bool = False
-    """Ready once the instance accepts TCP connections on its port."""
+    """Ready once the instance accepts TCP connections on its port, on a listener of
+    its own processes (as for ``http``)."""
     log: str | None = None
     """Ready once a line of its output matches this regular expression."""
     timeout: Duration = 60.0

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -30,10 +31,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 __all__ = [
+    "OWNERSHIP_KNOWN",
     "Pid",
     "Watchdog",
+    "command_line",
     "group_members",
     "launch_argv",
+    "listener_pids",
+    "listening",
+    "owns_listener",
+    "port_in_use",
     "signal_group",
 ]
 
@@ -247,6 +254,111 @@ def kill_leftovers(pids: list[Pid], grace: float = 5.0) -> list[Pid]:
                 os.kill(p.pid, signal.SIGKILL)
         signal_group(p.pid, signal.SIGKILL)
     return alive
+
+
+# ---------------------------------------------------------------------------- listeners
+
+OWNERSHIP_KNOWN = _LINUX
+"""Whether :func:`owns_listener` can tell who holds a port (it reads /proc: Linux)."""
+
+_LISTEN = "0A"
+"""The state of a listening socket in /proc/net/tcp."""
+
+
+def listening(port: int) -> set[int]:
+    """The socket inodes listening on TCP ``port`` (any address, IPv4 or IPv6), from
+    /proc/net/tcp of this network namespace; empty off Linux."""
+    inodes: set[int] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if len(fields) < 10 or fields[3] != _LISTEN:
+                continue
+            local_port = int(fields[1].rpartition(":")[2], 16)
+            if local_port == port:
+                inodes.add(int(fields[9]))
+    return inodes
+
+
+def _socket_inodes(pid: int) -> set[int]:
+    """The socket inodes process ``pid`` holds open (empty when it cannot be read:
+    gone, or another user's)."""
+    found: set[int] = set()
+    try:
+        entries = list(Path(f"/proc/{pid}/fd").iterdir())
+    except OSError:
+        return found
+    for entry in entries:
+        try:
+            target = os.readlink(entry)
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            found.add(int(target[8:-1]))
+    return found
+
+
+def listener_pids(port: int) -> list[int]:
+    """The processes (of this user: others' are not readable) that hold a socket
+    listening on ``port``."""
+    inodes = listening(port)
+    if not inodes:
+        return []
+    return sorted(
+        int(entry.name)
+        for entry in Path("/proc").iterdir()
+        if entry.name.isdigit() and _socket_inodes(int(entry.name)) & inodes
+    )
+
+
+def owns_listener(pid: int, port: int) -> bool | None:
+    """Whether the socket listening on ``port`` belongs to process ``pid``, its process
+    group or a process below it, rather than to some other process. None where it
+    cannot be told (not Linux)."""
+    if not OWNERSHIP_KNOWN:
+        return None
+    inodes = listening(port)
+    if not inodes:
+        return False
+    tree = {pid, *(p.pid for p in group_members(pid)), *(p.pid for p in descendants(pid))}
+    return any(_socket_inodes(member) & inodes for member in tree)
+
+
+def command_line(pid: int) -> str:
+    """The command line of ``pid`` (shortened), or ``?``."""
+    try:
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return "?"
+    text = raw.rstrip(b"\0").replace(b"\0", b" ").decode(errors="replace")
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def port_in_use(host: str, port: int) -> str | None:
+    """Why ``port`` cannot be listened on at ``host`` now (naming the processes that
+    hold it when they can be known), or None if it is free."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    bind_host = "" if host in ("0.0.0.0", "::", "*", "") else host.strip("[]")
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        # As servers do: a connection of an earlier run in TIME_WAIT does not count.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((bind_host, port))
+        except OSError as exc:
+            error = exc.strerror or str(exc)
+        else:
+            # Without SO_REUSEPORT on ours, the bind fails for any listener that
+            # overlaps, even one that set SO_REUSEPORT itself (a gateway's).
+            return None
+    holders = listener_pids(port)
+    if holders:
+        named = ", ".join(f"pid {p} ({command_line(p)})" for p in holders)
+        return f"{error}: held by {named}"
+    return error
 
 
 # ---------------------------------------------------------------------------- watchdog

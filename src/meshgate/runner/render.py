@@ -8,7 +8,7 @@ from typing import Any
 from rich.table import Table
 from rich.text import Text
 
-__all__ = ["instances_table", "uptime"]
+__all__ = ["instances_table", "plural", "uptime"]
 
 _STATUS_STYLES = {
     "ready": "green",
@@ -19,6 +19,11 @@ _STATUS_STYLES = {
     "exited": "red",
     "stopped": "dim",
 }
+
+
+def plural(count: int, noun: str, many: str | None = None) -> str:
+    """``1 worker``, ``2 workers``; ``many`` for nouns that do not just take an s."""
+    return f"{count} {noun if count == 1 else many or noun + 's'}"
 
 
 def uptime(seconds: float | None) -> str:

@@ -4,6 +4,8 @@ What it holds::
 
     .meshgate/
       .gitignore        "*": nothing in here belongs in version control
+      up.log            the output of a meshgate up -d (a detached run)
+      backups/          meshgate db backup archives, by default
       lock              held (flock) by the running ``meshgate up``: one per system
       state.json        0600: the runner's PID, its control port and token, the URLs
       pids.json         the processes running now, to clean up after a runner that died
@@ -31,10 +33,10 @@ from typing import IO, Any
 from meshgate.runner.errors import AlreadyRunningError
 from meshgate.runner.procs import Pid
 
-__all__ = ["StateDir"]
+__all__ = ["StateDir", "write_private"]
 
 
-def _write_private(path: Path, text: str) -> None:
+def write_private(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` with mode 0600, atomically (rename)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -75,13 +77,17 @@ class StateDir:
 
     # -- setup
 
-    def prepare(self) -> None:
-        """Create the folder (0700) and its ``.gitignore``; keep the last run's logs
-        in ``logs/previous``."""
+    def ensure(self) -> None:
+        """Create the folder (0700) and its ``.gitignore`` if they are missing."""
         self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
         ignore = self.path / ".gitignore"
         if not ignore.exists():
-            ignore.write_text("# Written by meshgate up: local state, never committed.\n*\n")
+            ignore.write_text("# Written by meshgate: local state, never committed.\n*\n")
+
+    def prepare(self) -> None:
+        """Create the folder (see :meth:`ensure`); keep the last run's logs in
+        ``logs/previous``."""
+        self.ensure()
         self.data.mkdir(exist_ok=True)
         self.logs.mkdir(exist_ok=True)
         previous = self.logs / "previous"
@@ -142,7 +148,7 @@ class StateDir:
         return data if isinstance(data, dict) else None
 
     def write_state(self, state: dict[str, Any]) -> None:
-        _write_private(self.state_file, json.dumps(state, indent=2, sort_keys=True) + "\n")
+        write_private(self.state_file, json.dumps(state, indent=2, sort_keys=True) + "\n")
 
     def secret(self, name: str, length: int = 32) -> str:
         """The secret kept in file ``name`` (0600), made on first use."""
@@ -158,13 +164,13 @@ class StateDir:
                 return text
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         token = secrets.token_urlsafe(length)
-        _write_private(path, token + "\n")
+        write_private(path, token + "\n")
         return token
 
     def record_pids(self, entries: dict[str, Pid]) -> None:
         """Remember the processes running now, by instance name."""
         data = {name: pid.to_json() for name, pid in sorted(entries.items())}
-        _write_private(self.pids_file, json.dumps(data, indent=1) + "\n")
+        write_private(self.pids_file, json.dumps(data, indent=1) + "\n")
 
     def recorded_pids(self) -> dict[str, Pid]:
         """The processes the last runner recorded (whether or not they still run)."""

@@ -44,13 +44,29 @@ from meshgate.runner.instance import (
     Spawned,
     describe_exit,
 )
-from meshgate.runner.loader import SystemFile, expand, readiness, registers, start_order
+from meshgate.runner.loader import (
+    SystemFile,
+    expand,
+    load_system,
+    readiness,
+    registers,
+    start_order,
+)
 from meshgate.runner.logs import LogPrinter
 from meshgate.runner.model import EMBEDDED, ReadySpec, ServiceSpec
-from meshgate.runner.procs import Pid, Watchdog, descendants, group_members, kill_leftovers
+from meshgate.runner.procs import (
+    OWNERSHIP_KNOWN,
+    Pid,
+    Watchdog,
+    descendants,
+    group_members,
+    kill_leftovers,
+)
 from meshgate.runner.procs import signal_group as _signal_group
-from meshgate.runner.render import instances_table
+from meshgate.runner.reload import Change, compare
+from meshgate.runner.render import instances_table, plural
 from meshgate.runner.state import StateDir
+from meshgate.runner.systems import record_system
 
 __all__ = ["Runner"]
 
@@ -79,6 +95,16 @@ def _shown(path: Path) -> str:
         return str(path.relative_to(Path.cwd()))
     except ValueError:
         return str(path)
+
+
+def _fixed(instance: Instance, spec: ServiceSpec, port: int) -> tuple[tuple[str, int, str], ...]:
+    """The port of an instance when the system file fixes it (``port``)."""
+    if spec.port is None:
+        return ()
+    where = f"services.{instance.service}.port"
+    if instance.index > 1:
+        where += f" + {instance.index - 1} for {instance.name}"
+    return (("127.0.0.1", port, where),)
 
 
 def _read_gateway_config(path: Path) -> tuple[Config, dict[str, Any]]:
@@ -113,8 +139,11 @@ class Runner:
         console: Console | None = None,
         errors: Console | None = None,
         python: str = sys.executable,
+        detached: bool = False,
     ) -> None:
         self.sf = sf
+        self.detached = detached
+        """Run by ``up -d``: nobody reads the console (the hints say so)."""
         self.system = sf.system
         self.name = sf.name
         self.state = StateDir(sf.state)
@@ -167,6 +196,7 @@ class Runner:
         self._scale_lock = asyncio.Lock()
         self._clean_previous_run()
         self.state.prepare()
+        record_system(self.name, self.sf.path, self.sf.root, self.state.path)
         self._secret = self.state.secret("service-secret")
         self.watchdog.start()
         http = httpx.AsyncClient(verify=False)  # noqa: S501 - probes of our own loopback processes
@@ -223,11 +253,12 @@ class Runner:
         total = 1 + sum(s.replicas for s in self.system.services.values())
         self.printer.note(
             UP,
-            f"{self.name}: starting {total} processes from {_shown(self.sf.path)} "
+            f"{self.name}: starting {plural(total, 'process', 'processes')} from "
+            f"{_shown(self.sf.path)} "
             f"(state in {_shown(self.state.path)})",
             style="bold",
         )
-        for warning in self.sf.warnings:
+        for warning in [*self.sf.warnings, *self.platform_notes()]:
             self.printer.note(UP, warning, style="yellow")
         starting = asyncio.ensure_future(self._start_all())
         stop = asyncio.ensure_future(self._stop_requested.wait())
@@ -254,11 +285,28 @@ class Runner:
         self._save_state()
         self._print_ready()
         self._spawn_background(self._health_loop())
+        self._spawn_background(self._watch_system_file(self.sf.path))
         if self.sf.gateway_config_path is not None:
             self._spawn_background(self._watch_gateway_config(self.sf.gateway_config_path))
         await self._stop_requested.wait()
         self.status = "stopping"
         return 0
+
+    def platform_notes(self) -> list[str]:
+        """What this operating system does not let ``up`` check, when it matters."""
+        probed = [
+            name
+            for name, spec in self.system.services.items()
+            if spec.command is not None and (readiness(spec).tcp or readiness(spec).http)
+        ]
+        if OWNERSHIP_KNOWN or not probed:
+            return []
+        note = (
+            "up cannot tell here which process holds a port (it reads Linux's /proc): the "
+            f"tcp and http readiness of {', '.join(probed)} takes any listener on the port; "
+            "fixed ports are still checked free before each start"
+        )
+        return [note]
 
     def request_stop(self) -> None:
         """Stop the system (as SIGTERM does)."""
@@ -331,9 +379,27 @@ class Runner:
             ready=ReadySpec(timeout=spec.ready_timeout),
             stop_timeout=spec.stop_timeout,
             on_ready=self._gateway_ready,
+            also=self._registry_answers,
         )
         self.gateway.start()
         await asyncio.shield(self.gateway.first)
+
+    async def _registry_answers(self, instance: Instance) -> str | None:
+        """Services cannot register with a registry that does not work (its Redis is
+        unreachable, say): the gateway is ready once its registry answers too."""
+        plan = self.plan
+        admin = instance.admin_url
+        if plan is None or plan.registry_token is None or admin is None:
+            return None
+        from meshgate.registry import RegistryClient, RegistryError  # noqa: PLC0415
+
+        if self.ctx.registry is None:
+            self.ctx.registry = RegistryClient(admin, plan.registry_token)
+        try:
+            await self.ctx.registry.snapshot()
+        except RegistryError as exc:
+            return f"its registry does not work: {exc}"
+        return None
 
     async def _gateway_ready(self, instance: Instance) -> None:
         plan = self.plan
@@ -416,7 +482,7 @@ class Runner:
         plan.write(pinned=self._gateway_pinned)
         argv = [self.python, "-m", "meshgate", "gateway", str(plan.path), "--log-level", "info"]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        return Launch(argv, env, self.sf.root)
+        return Launch(argv, env, self.sf.root, fixed=plan.fixed_ports(pinned=self._gateway_pinned))
 
     def _build_app(self, instance: Instance) -> Launch:
         spec = self.system.services[instance.service]
@@ -425,7 +491,7 @@ class Runner:
         argv = [self.python, "-m", "meshgate", "serve", spec.app]
         argv += ["--listen", f"127.0.0.1:{port}", "--log-level", spec.log_level]
         env = self._env(instance.service, spec, instance.name, instance.index, None)
-        return Launch(argv, env, self.sf.root, port or None)
+        return Launch(argv, env, self.sf.root, port or None, _fixed(instance, spec, port))
 
     def _build_command(self, instance: Instance) -> Launch:
         spec = self.system.services[instance.service]
@@ -434,7 +500,7 @@ class Runner:
         values = self._values(instance.service, instance.name, instance.index, port)
         argv = [expand(arg, values) for arg in spec.command]
         env = self._env(instance.service, spec, instance.name, instance.index, port)
-        return Launch(argv, env, self.sf.root, port)
+        return Launch(argv, env, self.sf.root, port, _fixed(instance, spec, port))
 
     def _values(self, service: str, instance: str, index: int, port: int | None) -> dict[str, str]:
         plan = self.plan
@@ -548,6 +614,59 @@ class Runner:
             self._save_state()
             raise StartupError("\n".join(str(r) for _, r in failed))
 
+    async def restart(self, targets: list[str]) -> list[dict[str, Any]]:
+        """Restart services (each instance in turn: drained, stopped, started with the
+        system file's current settings, ready before the next one goes), single
+        instances (``users-2``) or the gateway (on the same ports). Returns what was
+        restarted.
+
+        Raises:
+            ValueError: an unknown name (nothing restarted) or a system not ready.
+            StartupError: a restarted instance did not become ready (the others of its
+                service keep running; the rest of ``targets`` is not restarted).
+        """
+        assert self._scale_lock is not None  # noqa: S101
+        picked: list[tuple[str, list[Instance]]] = []
+        for target in targets:
+            if target == "gateway":
+                picked.append((target, []))
+            elif target in self.system.services:
+                picked.append((target, sorted(self._of(target), key=lambda i: i.index)))
+            elif target in self.instances:
+                picked.append((target, [self.instances[target]]))
+            else:
+                known = ", ".join(["gateway", *self.system.services, *self.instances])
+                raise ValueError(f"nothing named {target!r} runs; known: {known}")
+        if self.status != "ready":
+            raise ValueError(f"{self.name} is {self.status}; restart once it is ready")
+        done = []
+        async with self._scale_lock:
+            for target, instances in picked:
+                began = time.monotonic()
+                if target == "gateway":
+                    await self._restart_gateway()
+                for old in instances:
+                    self.printer.note(old.name, "restarting: draining", style="bold")
+                    await old.stop()
+                    self.instances.pop(old.name, None)
+                    new = self._add_instance(old.service, old.index)
+                    await asyncio.shield(new.first)
+                done.append(
+                    {
+                        "target": target,
+                        "instances": [i.name for i in instances] or ["gateway"],
+                        "seconds": round(time.monotonic() - began, 2),
+                    }
+                )
+        return done
+
+    async def _restart_gateway(self) -> None:
+        old = self.gateway
+        if old is not None:
+            self.printer.note(old.name, "restarting: draining", style="bold")
+            await old.stop()
+        await self._start_gateway()
+
     def _of(self, service: str) -> list[Instance]:
         return [i for i in self.instances.values() if i.service == service]
 
@@ -584,15 +703,20 @@ class Runner:
         if left:
             self.errors.print(
                 Text(
-                    f"{len(left)} processes were still running after the stop and were "
-                    f"killed: {', '.join(str(p.pid) for p in left)}",
+                    f"{plural(len(left), 'process', 'processes')} still ran after the stop "
+                    f"and were killed: {', '.join(str(p.pid) for p in left)}",
                     style="bold red",
                 )
             )
             return False
         self.printer.note(
             UP,
-            f"stopped in {took:.1f} s; none of the {count} processes started is left",
+            f"stopped in {took:.1f} s; "
+            + (
+                "the 1 process started is gone"
+                if count == 1
+                else f"none of the {count} processes started is left"
+            ),
             style="bold",
         )
         return True
@@ -621,8 +745,8 @@ class Runner:
             if killed:
                 self.printer.note(
                     UP,
-                    f"stopped {len(killed)} processes left by a previous run that did not "
-                    f"stop cleanly: {', '.join(sorted(leftovers))}",
+                    f"stopped {plural(len(killed), 'process', 'processes')} left by a previous "
+                    f"run that did not stop cleanly: {', '.join(sorted(leftovers))}",
                     style="yellow",
                 )
 
@@ -658,6 +782,7 @@ class Runner:
             {
                 "version": 1,
                 "system": self.name,
+                "status": self.status,
                 "file": str(self.sf.path),
                 "pid": os.getpid(),
                 "pid_started": me.started if me is not None else None,
@@ -681,6 +806,13 @@ class Runner:
                 str(plan.registry_token_file) if plan.registry_token_file else None
             ),
         }
+
+    def env_of(self, service: str) -> dict[str, str]:
+        """What ``up`` sets in the environment of ``service``'s processes (not what
+        they inherit unchanged): for running one more instance by hand."""
+        spec = self.system.services[service]
+        env = self._env(service, spec, f"{service}-by-hand", 0, None)
+        return {k: v for k, v in env.items() if os.environ.get(k) != v}
 
     def ps(self) -> dict[str, Any]:
         """What ``meshgate ps`` shows: the system and each instance."""
@@ -725,7 +857,22 @@ class Runner:
             except (ValueError, StartupError) as exc:
                 return {"ok": False, "error": str(exc)}
             return {"ok": True, "changes": changes, **self.ps()}
-        return {"ok": False, "error": f"unknown op {op!r}; known: ps, scale, down"}
+        if op == "env":
+            service = request.get("service")
+            if not isinstance(service, str) or service not in self.system.services:
+                known = ", ".join(self.system.services) or "(none)"
+                return {"ok": False, "error": f"no service named {service!r}; known: {known}"}
+            return {"ok": True, "env": self.env_of(service)}
+        if op == "restart":
+            targets = request.get("targets")
+            if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
+                return {"ok": False, "error": "give targets as a list of names"}
+            try:
+                restarted = await self.restart(targets)
+            except (ValueError, StartupError) as exc:
+                return {"ok": False, "error": str(exc)}
+            return {"ok": True, "restarted": restarted, **self.ps()}
+        return {"ok": False, "error": f"unknown op {op!r}; known: ps, env, scale, restart, down"}
 
     # ------------------------------------------------------------------ while running
 
@@ -738,6 +885,54 @@ class Runner:
                 if i is not None and i.status == "ready"
             ]
             await asyncio.gather(*(i.check(health=True) for i in ready), return_exceptions=True)
+
+    async def _watch_system_file(self, path: Path) -> None:
+        """Apply edits of the system file that can be applied while running, and say
+        which need a restart (see :mod:`meshgate.runner.reload`)."""
+        last = file_signature(path)
+        while True:
+            await asyncio.sleep(1.0)
+            current = file_signature(path)
+            if current is None or current == last:
+                continue
+            last = current
+            try:
+                fresh = await asyncio.to_thread(load_system, path)
+            except ConfigError as exc:
+                self.printer.note(
+                    UP, f"{_shown(path)} changed but is not used: {exc}", style="yellow"
+                )
+                continue
+            await self._apply(compare(self.system, fresh.system))
+
+    async def _apply(self, change: Change) -> None:
+        shown = _shown(self.sf.path)
+        if change.empty:
+            self.system = change.system
+            return
+        self.system = change.system
+        for service, fields in change.restart.items():
+            self.printer.note(
+                UP,
+                f"{shown}: services.{service}: {', '.join(fields)} changed; instances that "
+                f"start from now on use it, the running ones once restarted: meshgate "
+                f"restart {service}",
+                style="yellow",
+            )
+        if change.new_up:
+            self.printer.note(
+                UP,
+                f"{shown}: {', '.join(change.new_up)} changed, which a running system cannot "
+                "take: not applied; it needs a new up (meshgate down, then meshgate up)",
+                style="yellow",
+            )
+        if change.replicas:
+            wanted = ", ".join(f"{k}={v}" for k, v in change.replicas.items())
+            self.printer.note(UP, f"{shown}: replicas changed; scaling to {wanted}")
+            try:
+                await self.scale(change.replicas)
+            except (ValueError, StartupError) as exc:
+                self.printer.note(UP, f"scaling to {wanted} failed: {exc}", style="bold red")
 
     async def _watch_gateway_config(self, path: Path) -> None:
         """Pass changes of the gateway configuration on (the gateway reloads its
@@ -770,7 +965,9 @@ class Runner:
         plan = self.plan
         took = self.ready_after or 0.0
         count = 1 + len(self.instances)
-        self.printer.note(UP, f"{self.name} is ready: {count} processes in {took:.1f} s")
+        self.printer.note(
+            UP, f"{self.name} is ready: {plural(count, 'process', 'processes')} in {took:.1f} s"
+        )
         self.console.print(
             instances_table(self.ps()["instances"], self.printer.colours), soft_wrap=True
         )
@@ -792,13 +989,18 @@ class Runner:
             out.append("Try:\n", style="bold")
             for example in examples:
                 out.append(f"  {example}\n")
-        here = self.sf.path == Path.cwd() / "meshgate.yaml"
-        where = "" if here else f" (with --file {_shown(self.sf.path)})"
-        out.append(
-            "Ctrl-C stops it all. In another terminal: meshgate ps, meshgate logs SERVICE, "
-            f"meshgate scale SERVICE=N, meshgate down{where}",
-            style="dim",
+        commands = (
+            "meshgate ps, meshgate logs SERVICE -f, meshgate scale SERVICE=N, "
+            "meshgate restart SERVICE, meshgate down"
         )
+        if self.detached:
+            out.append(f"It runs in the background: {commands}", style="dim")
+        else:
+            out.append(
+                f"Ctrl-C stops it all. In another terminal (from {_shown(self.sf.root)} or "
+                f"below): {commands}",
+                style="dim",
+            )
         self.console.print(out, soft_wrap=True, highlight=False)
 
     def _examples(self) -> list[str]:

@@ -321,12 +321,15 @@ class Service:
         from meshgate.registry.model import InstanceSpec  # noqa: PLC0415
 
         delay = 0.05
+        said = ""
         while True:
             ok, checks = await self.readiness()
             if ok:
                 break
-            failing = ", ".join(n for n, c in checks.items() if not c["ok"])
-            log.info("%s not ready yet (%s); registering once it is", self.name, failing)
+            failing = "; ".join(f"{n}: {c.get('error')}" for n, c in checks.items() if not c["ok"])
+            if failing != said:  # once per reason, not once per check
+                log.info("%s not ready yet (%s); registering once it is", self.name, failing)
+                said = failing
             await asyncio.sleep(delay)
             delay = min(delay * 2, 2.0)
         client = RegistryClient(self.registry_url, self.registry_token)
@@ -340,6 +343,9 @@ class Service:
         heartbeater = Heartbeater(client, self.name, self.instance_id(), spec)
         self._registration = (client, heartbeater)
         await heartbeater.start()
+        # When the registry cannot be reached, start() returns and keeps trying in
+        # the background: "registered" is said once it has succeeded.
+        await heartbeater.wait_registered()
         log.info("%s registered as %s at %s", self.name, self.instance_id(), self.address)
 
     async def leave_registry(self) -> None:

@@ -48,7 +48,7 @@ def test_backup_verify_restore_with_json(
         ("savings", 1500),
     ]
     assert manifest["duration_s"] >= 0
-    archives = list(tmp_path.glob("bank-*.mgbak"))
+    archives = list((tmp_path / ".meshgate" / "backups").glob("bank-*.mgbak"))
     assert len(archives) == 1
 
     result = runner.invoke(app, ["verify", str(archives[0])])
