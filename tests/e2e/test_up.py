@@ -337,7 +337,7 @@ def test_ps_and_logs_from_the_root_of_the_system(shop: Up, monkeypatch: pytest.M
         assert ps.exit_code == 0, (folder, ps.output)
         assert ps.stdout.startswith("shop: ready, up "), ps.output
         assert f", {shop.file})" in ps.stdout.splitlines()[0]
-        logs = runner.invoke(app, ["logs", "web", "-n", "5"])
+        logs = runner.invoke(app, ["logs", "web", "-n", "200"])
         assert logs.exit_code == 0, logs.output
         assert re.search(r"^web-1 +\| web on http:", logs.stdout, re.M), logs.stdout
     named = runner.invoke(app, ["ps", "--system", "shop", "--json"])
@@ -671,6 +671,7 @@ def test_a_service_that_cannot_register_never_says_registered(tmp_path: Path) ->
         "  users:\n"
         "    app: examples.shop.users.app:service\n"
         "    database: embedded\n"
+        "    migrate: true\n"
         "    env: {MESHGATE_REGISTRY_URL: 'http://127.0.0.1:9'}\n"
         "    ready: {timeout: 4s}\n"
     )

@@ -21,6 +21,7 @@ services:
     database: embedded
     cache: redis://127.0.0.1:6379/0
     broker: embedded
+    migrate: true
     env: {OVERRIDDEN: service, HOME_OF_DATA: "{state}/data", WHO: "{instance}/{index}"}
   web.front:
     command: ["{python}", "-m", "http.server", "{port}"]
@@ -61,6 +62,11 @@ def test_the_environment_of_an_app(runner: Runner, tmp_path: Path) -> None:
     assert env["MESHGATE_SERVICE_SECRET"] == "s" * 40
     assert env["MESHGATE_INSTANCE"] == "users-2"
     assert "PORT" not in env
+    # A migrate service's instance migrates a database it finds gone, when it restarts.
+    assert env["MESHGATE_MIGRATE"] == "1"
+    assert "MESHGATE_MIGRATE" not in runner._env(
+        "web.front", runner.system.services["web.front"], "web.front-1", 1, 9000
+    )
 
 
 def test_launching_an_app_and_a_command(runner: Runner, tmp_path: Path) -> None:

@@ -553,6 +553,10 @@ class Runner:
         env["MESHGATE_INSTANCE"] = instance
         if port is not None:
             env["PORT"] = str(port)
+        if spec.migrate:
+            # An instance that finds its database gone or behind (say, .meshgate/data
+            # deleted) migrates it again when it restarts, instead of refusing to.
+            env["MESHGATE_MIGRATE"] = "1"
         env.update({k: expand(v, values) for k, v in spec.env.items()})
         return env
 
