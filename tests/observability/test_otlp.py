@@ -6,7 +6,6 @@ from __future__ import annotations
 import gzip
 import json
 import zlib
-from collections.abc import Iterator
 
 import pytest
 from google.rpc.status_pb2 import Status
@@ -144,13 +143,6 @@ METRICS_JSON = {
         }
     ]
 }
-
-
-@pytest.fixture
-def system() -> Iterator[System]:
-    made = System()
-    yield made
-    made.close()
 
 
 def test_spans_made_by_the_sdk_decode_with_their_services_and_tree(system: System) -> None:

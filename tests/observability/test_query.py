@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 
 from meshgate.observability.errors import QueryError
@@ -21,13 +19,6 @@ from meshgate.observability.query import (
 from meshgate.observability.store import TelemetryStore
 from tests.observability.otel import MS, System, shop_trace
 from tests.observability.test_store import T0, make_span
-
-
-@pytest.fixture
-def system() -> Iterator[System]:
-    made = System()
-    yield made
-    made.close()
 
 
 def decoded(system: System) -> list[Span]:
