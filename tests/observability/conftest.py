@@ -4,6 +4,7 @@ real uvicorn server on a loopback ephemeral port, behind a bearer token."""
 from __future__ import annotations
 
 import hmac
+import os
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 
@@ -13,6 +14,7 @@ from fastapi import FastAPI, HTTPException, Request
 
 from meshgate.observability import TelemetryStore
 from meshgate.observability.api import create_observability_router, create_otlp_router
+from tests.conftest import require_services
 from tests.observability.otel import System
 from tests.registry.conftest import Server
 
@@ -64,3 +66,14 @@ def system() -> Iterator[System]:
     made = System()
     yield made
     made.close()
+
+
+def require_binary(path: str, package: str) -> str:
+    """``path`` if it is an executable; skips the test otherwise, and fails instead
+    under MESHGATE_REQUIRE_SERVICES=1 (CI installs it)."""
+    if os.access(path, os.X_OK):
+        return path
+    reason = f"{path} is not installed (apt-get install {package})"
+    if require_services():
+        pytest.fail(f"{reason}; MESHGATE_REQUIRE_SERVICES=1")
+    pytest.skip(reason)
