@@ -31,12 +31,16 @@ class System:
     _tracers: dict[tuple[str, str], trace_api.Tracer] = field(default_factory=dict)
     _providers: list[TracerProvider] = field(default_factory=list)
     _log_providers: dict[tuple[str, str], LoggerProvider] = field(default_factory=dict)
+    instance_ids: dict[tuple[str, str], str] = field(default_factory=dict)
+    """``service.instance.id`` of (service, instance) when not ``service-instance``: the
+    registry's instance id, as a process started by meshgate up reports it."""
 
     def tracer(self, service: str, instance: str = "1") -> trace_api.Tracer:
         key = (service, instance)
         if key not in self._tracers:
+            instance_id = self.instance_ids.get(key, f"{service}-{instance}")
             resource = Resource.create(
-                {"service.name": service, "service.instance.id": f"{service}-{instance}"}
+                {"service.name": service, "service.instance.id": instance_id}
             )
             provider = TracerProvider(resource=resource)
             provider.add_span_processor(SimpleSpanProcessor(self.spans))

@@ -51,7 +51,7 @@ _HEADERS = {
     "form-action 'self'",
     "X-Frame-Options": "DENY",
     "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
+    "Referrer-Policy": "same-origin",  # "no-referrer" makes Chromium send Origin: null
     "Cache-Control": "no-store",
 }
 

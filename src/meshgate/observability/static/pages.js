@@ -60,10 +60,10 @@
     }
     const place = new Map();
     columns.forEach((column, x) => {
-      (column || []).forEach((n, y) => place.set(n.service, { x: 40 + x * 260, y: 40 + y * 110 }));
+      (column || []).forEach((n, y) => place.set(n.service, { x: 40 + x * 340, y: 40 + y * 120 }));
     });
-    const width = 40 + Math.max(columns.length, 1) * 260;
-    const height = 40 + Math.max(1, ...columns.map((c) => (c || []).length)) * 110;
+    const width = Math.max(columns.length, 1) * 340 - 110;
+    const height = 60 + Math.max(1, ...columns.map((c) => (c || []).length)) * 120;
     return { place, width, height };
   }
 
@@ -112,8 +112,9 @@
           { class: `edge${bad ? " bad" : ""}`, "data-edge": `${e.caller}->${e.callee}` },
           svg("title", { text: `${e.caller} → ${e.callee}: ${e.requests} calls` }),
           svg("path", { d: path, "marker-end": "url(#arrow)" }),
-          svg("text", { x: mx, y: my, "text-anchor": "middle", class: "edge-label" },
-            `${fmt.rate(e.rate)} · ${fmt.pct(e.error_ratio)} · p99 ${fmt.ms(e.p99_ms)}`)
+          svg("text", { x: mx, y: my - 12, "text-anchor": "middle", class: "edge-label" },
+            svg("tspan", { x: mx, dy: 0 }, `${fmt.rate(e.rate)} · ${fmt.pct(e.error_ratio)}`),
+            svg("tspan", { x: mx, dy: 13 }, `p99 ${fmt.ms(e.p99_ms)}`))
         )
       );
     }
@@ -417,7 +418,10 @@
               el("span", { class: "wf-service", text: span.service }), " ", el("span", { text: span.name })),
             el("div", { class: "wf-track" },
               el("div", { class: "wf-bar", style: `left:${left}%;width:${width}%;background:${ui.colour(span.service)}` }),
-              el("span", { class: "wf-time", style: `left:${Math.min(left + width, 92)}%`, text: fmt.ms(span.duration_ms) }))
+              // After the bar while it fits, else inside its right end.
+              left + width <= 85
+                ? el("span", { class: "wf-time", style: `left:${left + width}%`, text: fmt.ms(span.duration_ms) })
+                : el("span", { class: "wf-time inside", style: `right:${100 - left - width}%`, text: fmt.ms(span.duration_ms) }))
           );
           const open = () => {
             for (const r of document.querySelectorAll(".wf-row.selected")) r.classList.remove("selected");
