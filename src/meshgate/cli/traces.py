@@ -212,8 +212,14 @@ def traces(
         return
     colours = _colours([s for t in found for s in t["services"]])
     table = Table(box=None, pad_edge=False, header_style="bold")
-    for column in ("started", "trace id", "root", "duration", "spans", "services", ""):
-        table.add_column(column, justify="right" if column in ("duration", "spans") else "left")
+    table.add_column("started", no_wrap=True)
+    # Whole, always: it is what `meshgate traces show` takes.
+    table.add_column("trace id", no_wrap=True, min_width=32)
+    table.add_column("root")
+    table.add_column("duration", justify="right", no_wrap=True)
+    table.add_column("spans", justify="right")
+    table.add_column("services")
+    table.add_column("", no_wrap=True)
     for t in found:
         services = Text()
         for name in t["services"]:
