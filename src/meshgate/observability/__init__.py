@@ -8,11 +8,16 @@ dashboard, and Prometheus service discovery, rules and dashboards.
   (``/v1/observability/...``);
 - :func:`create_dashboard_router` serves the dashboard (``/ui``);
 - :func:`create_prometheus_router` serves Prometheus HTTP service discovery from
-  the registry (``/v1/prometheus/targets``).
+  the registry (``/v1/prometheus/targets``); :data:`RULES` and
+  :data:`GRAFANA_DASHBOARD` are the shipped rules and dashboard;
+- :func:`create_admin_router` is all of it, as the admin listener mounts it.
 
 The reference is docs/observability.md.
 """
 
+from meshgate.observability.api import create_observability_router, create_otlp_router
+from meshgate.observability.auth import AdminAuth
+from meshgate.observability.dashboard import DashboardPage, create_dashboard_router
 from meshgate.observability.errors import (
     ObservabilityError,
     OtlpDecodeError,
@@ -20,9 +25,22 @@ from meshgate.observability.errors import (
     UnsupportedMediaTypeError,
 )
 from meshgate.observability.model import LogRecord, MetricSeries, Span, SpanEvent
+from meshgate.observability.mount import create_admin_router
+from meshgate.observability.prometheus import (
+    GRAFANA_DASHBOARD,
+    RULES,
+    GatewayTarget,
+    create_prometheus_router,
+    scrape_configs,
+)
 from meshgate.observability.store import StoreLimits, TelemetryStore, TraceSummary
 
 __all__ = [
+    "GRAFANA_DASHBOARD",
+    "RULES",
+    "AdminAuth",
+    "DashboardPage",
+    "GatewayTarget",
     "LogRecord",
     "MetricSeries",
     "ObservabilityError",
@@ -34,4 +52,10 @@ __all__ = [
     "TelemetryStore",
     "TraceSummary",
     "UnsupportedMediaTypeError",
+    "create_admin_router",
+    "create_dashboard_router",
+    "create_observability_router",
+    "create_otlp_router",
+    "create_prometheus_router",
+    "scrape_configs",
 ]
