@@ -2,6 +2,7 @@
 
 from meshgate.cli import serve as _serve  # noqa: F401 - mounts its commands on app
 from meshgate.cli import token as _token  # noqa: F401
+from meshgate.cli import traces as _traces  # noqa: F401
 from meshgate.cli import up as _up  # noqa: F401
 from meshgate.cli.db import app as _db_app
 from meshgate.cli.main import app, main, unwrap_help

@@ -1,7 +1,11 @@
 """The admin API, served by the supervisor on its own (loopback) listener.
 
-Every endpoint requires ``Authorization: Bearer <token>``. When no token is
+Every endpoint requires ``Authorization: Bearer <token>``, or the session cookie
+of the dashboard (``/ui``), whose login page takes the token. When no token is
 configured one is generated and written to a file only its owner can read.
+
+It also serves observability (:mod:`meshgate.observability`): the OTLP receiver
+processes export to, the query API, the dashboard and Prometheus HTTP SD.
 """
 
 from __future__ import annotations
@@ -24,6 +28,10 @@ from meshgate.config.model import AdminSettings
 from meshgate.config.secrets import public_dump
 from meshgate.errors import ConfigError
 from meshgate.gateway.metrics import GatewayCollector
+from meshgate.observability.auth import AdminAuth
+from meshgate.observability.mount import create_admin_router
+from meshgate.observability.prometheus import GatewayTarget
+from meshgate.observability.store import TelemetryStore
 from meshgate.registry.api import create_router
 
 if TYPE_CHECKING:
@@ -84,25 +92,34 @@ def _bearer(request: Request) -> bytes:
     return given.strip().encode() if scheme.lower() == "bearer" else b""
 
 
+def _gateway_target(supervisor: Supervisor) -> GatewayTarget | None:
+    """Where Prometheus reaches the admin listener's /metrics."""
+    admin = supervisor.config.gateway.admin
+    if not supervisor.admin_port:
+        return None
+    host = admin.listen.host
+    if host in ("0.0.0.0", "::", ""):
+        host = "127.0.0.1"
+    elif ":" in host:
+        host = f"[{host}]"
+    return GatewayTarget(
+        f"{host}:{supervisor.admin_port}", "https" if admin.tls is not None else "http"
+    )
+
+
 def create_admin_app(
     supervisor: Supervisor,
     token: AdminToken,
     *,
     registry: Registry | None = None,
     registry_token: AdminToken | None = None,
+    telemetry: TelemetryStore | None = None,
 ) -> FastAPI:
     """The admin API for ``supervisor``, requiring ``token``; with ``registry``, also
-    the registry API (``/v1/registry``), which takes ``registry_token`` as well."""
+    the registry API (``/v1/registry``), which takes ``registry_token`` as well; and
+    observability over ``telemetry`` (a new store when None; ``app.state.telemetry``)."""
     expected = token.value.encode()
-
-    def authorized(request: Request) -> None:
-        if not hmac.compare_digest(_bearer(request), expected):
-            raise HTTPException(
-                status_code=401,
-                detail="missing or wrong admin token; send 'Authorization: Bearer <token>' "
-                "with the token from the admin token file",
-                headers={"WWW-Authenticate": 'Bearer realm="meshgate-admin"'},
-            )
+    authorized = AdminAuth(token.value)
 
     app = FastAPI(
         title="meshgate admin", version="1", docs_url=None, redoc_url=None, openapi_url=None
@@ -183,10 +200,13 @@ def create_admin_app(
         return _endpoint_change(upstream, endpoint, False)
 
     app.include_router(admin)
+    exporters: Any = authorized
     if registry is not None:
         service_token = registry_token.value.encode() if registry_token is not None else expected
 
         def registry_authorized(request: Request) -> None:
+            if authorized.session_allows(request):
+                return  # the dashboard reads instances
             given = _bearer(request)
             # Both comparisons always run: the time taken tells nothing.
             admin_ok = hmac.compare_digest(given, expected)
@@ -201,4 +221,15 @@ def create_admin_app(
                 )
 
         app.include_router(create_router(registry, registry_authorized))
+        exporters = registry_authorized
+    app.state.telemetry = telemetry if telemetry is not None else TelemetryStore()
+    app.include_router(
+        create_admin_router(
+            app.state.telemetry,
+            authorized,
+            exporters=exporters,
+            registry=registry,
+            gateway=lambda: _gateway_target(supervisor),
+        )
+    )
     return app
