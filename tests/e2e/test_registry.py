@@ -66,6 +66,7 @@ def test_registered_instances_take_traffic_and_leave(
     upstreams = gw.admin("GET", "/upstreams").json()["upstreams"]
     assert upstreams["demo"]["service"] == "demo"
     assert list(upstreams["demo"]["endpoints"]) == [demo_upstream.address]
+    assert upstreams["demo"]["retry_budget"] > 0
 
     assert httpx.delete(instance, headers=headers).status_code in (200, 204)
     left = _until(lambda: httpx.get(api, timeout=5).status_code == 503, 1.0)

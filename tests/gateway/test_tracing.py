@@ -11,7 +11,7 @@ import pytest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from meshgate.config import loads
-from meshgate.gateway.tracing import parse_traceparent, resolve_endpoint
+from meshgate.gateway.tracing import parse_traceparent, resolve_endpoint, resolve_headers
 from tests.helpers import Client, Message, RawUpstream, gateway_yaml, response, run_gateway
 
 ROUTE = "  - {name: api, upstream: up}\n"
@@ -57,6 +57,16 @@ def test_the_endpoint_comes_from_the_config_or_the_standard_variables() -> None:
     assert resolve_endpoint(own, env) == "http://own:4318/v1/traces"
     off = settings("tracing: {enabled: false, endpoint: 'http://own:4318'}")
     assert resolve_endpoint(off, env) is None
+
+
+def test_export_headers_come_from_the_standard_variables_and_the_config() -> None:
+    settings = loads(
+        gateway_yaml({"up": ["127.0.0.1:1"]}, ROUTE, "tracing: {headers: {X-Own: mine}}")
+    ).gateway.tracing
+    env = {"OTEL_EXPORTER_OTLP_HEADERS": "Authorization=Bearer%20t0ken, X-Own=theirs,bad"}
+    assert resolve_headers(settings, env) == {"Authorization": "Bearer t0ken", "X-Own": "mine"}
+    env["OTEL_EXPORTER_OTLP_TRACES_HEADERS"] = "X-Traces=1"
+    assert resolve_headers(settings, env) == {"X-Traces": "1", "X-Own": "mine"}
 
 
 class Collector:

@@ -607,6 +607,11 @@ class Supervisor:
                 "balancer": settings.balancer,
                 **({"service": settings.service} if settings.service is not None else {}),
                 "circuit": sorted({r[name]["circuit"] for r in replies if name in r} - {None}),
+                # Each worker has its own budget: the least of them says how close
+                # retries are to being refused.
+                "retry_budget": min(
+                    (r[name]["retry_budget"] for r in replies if name in r), default=None
+                ),
                 "endpoints": endpoints,
             }
         return {"upstreams": out, "shared_health_error": self.shared.error}

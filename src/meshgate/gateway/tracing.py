@@ -33,13 +33,19 @@ from binascii import unhexlify
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 if TYPE_CHECKING:
     from meshgate.config.model import TracingSettings
     from meshgate.gateway.server import Exchange
 
-__all__ = ["SpanRecord", "Tracer", "parse_traceparent", "resolve_endpoint"]
+__all__ = [
+    "SpanRecord",
+    "Tracer",
+    "parse_traceparent",
+    "resolve_endpoint",
+    "resolve_headers",
+]
 
 _random = random.random
 
@@ -74,6 +80,25 @@ def resolve_endpoint(settings: TracingSettings, env: Mapping[str, str] | None = 
     if base:
         return base.rstrip("/") + "/v1/traces"
     return None
+
+
+def resolve_headers(
+    settings: TracingSettings, env: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """The headers sent with every export: ``OTEL_EXPORTER_OTLP_TRACES_HEADERS`` or
+    ``OTEL_EXPORTER_OTLP_HEADERS`` (``key=value,key2=value2``, values percent-encoded,
+    as the OpenTelemetry specification says), then ``settings.headers`` (which win)."""
+    environ = os.environ if env is None else env
+    raw = environ.get("OTEL_EXPORTER_OTLP_TRACES_HEADERS") or environ.get(
+        "OTEL_EXPORTER_OTLP_HEADERS", ""
+    )
+    headers: dict[str, str] = {}
+    for item in raw.split(","):
+        key, eq, value = item.partition("=")
+        if eq and key.strip():
+            headers[unquote(key.strip())] = unquote(value.strip())
+    headers.update(settings.headers)
+    return headers
 
 
 def parse_traceparent(value: bytes) -> tuple[bytes, bytes, bool] | None:
@@ -426,10 +451,7 @@ class Tracer:
         self._queue: queue.Queue[tuple[float, list[SpanRecord]] | None] = queue.Queue(
             maxsize=max(1, settings.max_queue // 64)
         )
-        self._headers = {
-            "Content-Type": "application/x-protobuf",
-            **settings.headers,
-        }
+        self._headers = {"Content-Type": "application/x-protobuf", **resolve_headers(settings)}
         self._thread = threading.Thread(target=self._run, name="meshgate-tracing", daemon=True)
         self._thread.start()
 
