@@ -19,6 +19,7 @@ import pytest
 import trustme
 
 from meshgate.config import loads
+from meshgate.gateway.contract import BuildContext
 from meshgate.gateway.filters.ratelimit import _SCRIPT_SHA, GCRA_SCRIPT, RateLimitFilter
 from meshgate.gateway.resp import FollowUp, RedisError, RespClient, _parse, command
 from tests.conftest import service_url
@@ -62,7 +63,7 @@ def test_pre_encoded_rate_limit_commands_match_the_encoder() -> None:
         "    rate_limit: {rate: 5/s, burst: 2, redis: 'redis://127.0.0.1:6379/0'}\n"
     )
     assert config.routes[0].rate_limit is not None
-    f = RateLimitFilter(config.routes[0].rate_limit, "r", config)
+    f = RateLimitFilter(config.routes[0].rate_limit, BuildContext("routes[0]", "r"))
     key = b"{meshgate:rl:r:ip:1.2.3.4}"
     args = (b"200000", b"400000")
     framed = b"$%d\r\n%s\r\n" % (len(key), key) + f._args_frame
@@ -218,37 +219,6 @@ async def test_decide_may_go_on_with_another_command() -> None:
         assert second == b"again"
     finally:
         client.close()
-
-
-# ---------------------------------------------------------------------------- Deferred
-
-
-def test_deferred_runs_callbacks_at_once_and_contains_their_failures(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    from meshgate.gateway.resp import Deferred
-
-    seen: list[object] = []
-    deferred = Deferred()
-
-    def boom(_: object) -> None:
-        raise ValueError("callback bug")
-
-    deferred.add_done_callback(lambda d: seen.append(d.result()))
-    deferred.add_done_callback(boom)
-    deferred.add_done_callback(lambda d: seen.append("after"))
-    assert not deferred.done()
-    deferred.set_result(7)
-    assert seen == [7, "after"]  # synchronously, and a failing callback stops no other
-    assert "a callback on a Redis reply failed" in caplog.text
-    deferred.add_done_callback(lambda d: seen.append("late"))
-    assert seen[-1] == "late"  # added after it settled: runs at once
-
-    failed = Deferred()
-    failed.set_exception(RedisError("down"))
-    assert isinstance(failed.exception(), RedisError)
-    with pytest.raises(RedisError, match="down"):
-        failed.result()
 
 
 async def test_commands_of_one_loop_turn_leave_in_one_write(real_redis: None) -> None:

@@ -26,6 +26,8 @@ from functools import partial
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
+from meshgate.gateway.contract import Deferred
+
 log = logging.getLogger("meshgate.gateway.resp")
 
 __all__ = ["FollowUp", "RedisError", "RespClient", "command"]
@@ -40,64 +42,6 @@ def command(*parts: bytes) -> bytes:
     out = [b"*%d\r\n" % len(parts)]
     out.extend(b"$%d\r\n%s\r\n" % (len(part), part) for part in parts)
     return b"".join(out)
-
-
-class Deferred:
-    """A result that is not there yet, without the event loop: unlike an asyncio
-    future, its callbacks run at once when it settles (in the reply's
-    ``data_received``), which spares each rate-limited request a turn of the loop.
-    It offers what the filter chain and :class:`FollowUp` use of a future."""
-
-    __slots__ = ("_callbacks", "_done", "_exception", "_result")
-
-    def __init__(self) -> None:
-        self._callbacks: list[Callable[[Any], object]] = []
-        self._done = False
-        self._result: Any = None
-        self._exception: BaseException | None = None
-
-    def done(self) -> bool:
-        return self._done
-
-    def cancelled(self) -> bool:
-        return False  # nothing cancels a command once it is queued
-
-    def result(self) -> Any:
-        if self._exception is not None:
-            raise self._exception
-        return self._result
-
-    def exception(self) -> BaseException | None:
-        return self._exception
-
-    def set_result(self, value: Any) -> None:
-        self._result = value
-        self._settled()
-
-    def set_exception(self, exc: BaseException) -> None:
-        self._exception = exc
-        self._settled()
-
-    def add_done_callback(self, callback: Callable[[Any], object]) -> None:
-        if self._done:
-            _call(callback, self)
-        else:
-            self._callbacks.append(callback)
-
-    def _settled(self) -> None:
-        self._done = True
-        callbacks, self._callbacks = self._callbacks, []
-        for callback in callbacks:
-            _call(callback, self)
-
-
-def _call(callback: Callable[[Any], object], done: Any) -> None:
-    # What the event loop does for a future's callback: a failure is logged and
-    # goes no further (here: not into the Redis connection's reply parsing).
-    try:
-        callback(done)
-    except Exception:
-        log.exception("a callback on a Redis reply failed")
 
 
 Pending = asyncio.Future[Any] | Deferred

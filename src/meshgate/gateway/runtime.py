@@ -193,7 +193,7 @@ class Runtime:
                 timeouts,
                 metrics.route(route.name, route.upstream),
                 retries,
-                build_chain(route, config),
+                build_chain(route, config, index),
             )
             compiled.trace_ratio = (
                 route.tracing.ratio if route.tracing is not None else gw.tracing.ratio

@@ -22,18 +22,15 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import unquote_to_bytes
 
 import jwt
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 
-from meshgate.config.model import AuthSettings, Config, JwtKeySettings, JwtSettings
+from meshgate.config.model import AuthSettings, JwtKeySettings, JwtSettings
 from meshgate.errors import ConfigError, ConfigIssue
-from meshgate.gateway.filters import Verdict, reply
-
-if TYPE_CHECKING:
-    from meshgate.gateway.server import Exchange
+from meshgate.gateway.contract import BuildContext, FilterExchange, Verdict, reply
 
 __all__ = ["AuthFilter", "hash_api_key"]
 
@@ -392,19 +389,8 @@ def _challenge(kind: str) -> bytes:
     return _REALM + b', error="invalid_token", error_description="' + description.encode() + b'"'
 
 
-def _path_of(settings: AuthSettings, config: Config) -> str:
-    """Where ``settings`` is in ``config`` (``routes[2].auth``), for error messages."""
-    for index, route in enumerate(config.routes):
-        if route.auth is settings:
-            return f"routes[{index}].auth"
-    return "auth"
-
-
 class AuthFilter:
     """A route's authentication and authorization.
-
-    ``path`` is where ``settings`` is in the configuration, for error messages; by
-    default it is found among ``config.routes``.
 
     Raises:
         ConfigError: a JWT key cannot be loaded or used by the route's algorithms.
@@ -412,10 +398,9 @@ class AuthFilter:
 
     name = "auth"
 
-    def __init__(self, settings: AuthSettings, config: Config, *, path: str | None = None) -> None:
+    def __init__(self, settings: AuthSettings, ctx: BuildContext) -> None:
         self.settings = settings
-        if path is None:
-            path = _path_of(settings, config)
+        path = ctx.at("auth")
         self._jwt = _Jwt(settings.jwt, f"{path}.jwt") if settings.jwt is not None else None
         api = settings.api_key
         self._api_header = api.header.lower().encode() if api and api.header else None
@@ -423,7 +408,7 @@ class AuthFilter:
         consumer_header = api.consumer_header if api else None
         self._consumer_header = consumer_header.encode() if consumer_header else None
         self._consumers: dict[str, _Identity] = {}
-        for name, consumer in config.consumers.items():
+        for name, consumer in (ctx.consumers or {}).items():
             line = b""
             if self._consumer_header is not None:
                 line = self._consumer_header + b": " + name.encode() + b"\r\n"
@@ -443,7 +428,7 @@ class AuthFilter:
             owned.append("authorization")
         self._owned = frozenset(o.encode() for o in owned)
 
-    def request(self, exchange: Exchange) -> Verdict:
+    def request(self, exchange: FilterExchange) -> Verdict:
         token = api_key = None
         owned = self._owned
         spoofed = False
@@ -504,7 +489,7 @@ class AuthFilter:
             wanted.append(f"an API key in the {self._api_query.decode()} query parameter")
         return " or ".join(wanted)
 
-    def _verify_jwt(self, exchange: Exchange, token: bytes) -> Verdict:
+    def _verify_jwt(self, exchange: FilterExchange, token: bytes) -> Verdict:
         jwt_auth = self._jwt
         assert jwt_auth is not None  # noqa: S101 - checked by the caller
         try:
@@ -547,7 +532,7 @@ class AuthFilter:
 
     async def _fetch_then_verify(
         self,
-        exchange: Exchange,
+        exchange: FilterExchange,
         token: bytes,
         kid: str | None,
         alg: str,
@@ -562,7 +547,7 @@ class AuthFilter:
             return self._refuse(exchange, refused)
         return self._verified(exchange, token, jwt_auth.keys.candidates(kid, alg))
 
-    def _verified(self, exchange: Exchange, token: bytes, keys: list[Any]) -> bytes | None:
+    def _verified(self, exchange: FilterExchange, token: bytes, keys: list[Any]) -> bytes | None:
         jwt_auth = self._jwt
         assert jwt_auth is not None  # noqa: S101
         try:
@@ -583,7 +568,7 @@ class AuthFilter:
             )
         return identity
 
-    def _query_key(self, exchange: Exchange) -> bytes | None:
+    def _query_key(self, exchange: FilterExchange) -> bytes | None:
         url = exchange.url
         q = url.find(b"?")
         if q < 0:
@@ -606,7 +591,7 @@ class AuthFilter:
         exchange.set_request_target(path + (b"?" + rest if rest else b""))
         return found
 
-    def _admit(self, exchange: Exchange, identity: _Identity) -> bytes | None:
+    def _admit(self, exchange: FilterExchange, identity: _Identity) -> bytes | None:
         if self._scopes and not self._scopes <= identity.scopes:
             missing = ", ".join(sorted(self._scopes - identity.scopes))
             return reply(exchange, 403, "forbidden", f"the caller lacks the scope(s) {missing}")
@@ -617,7 +602,7 @@ class AuthFilter:
         self._strip_owned(exchange, identity.lines)
         return None
 
-    def _strip_owned(self, exchange: Exchange, lines: bytes) -> None:
+    def _strip_owned(self, exchange: FilterExchange, lines: bytes) -> None:
         owned = self._owned
         if not exchange.spoofed:
             # Nothing to remove (the usual case): just add the identity's lines.
@@ -637,6 +622,6 @@ class AuthFilter:
 
         exchange.rewrite_request_headers(rewrite)
 
-    def _refuse(self, exchange: Exchange, refused: _Refused) -> bytes:
+    def _refuse(self, exchange: FilterExchange, refused: _Refused) -> bytes:
         headers = b"WWW-Authenticate: " + refused.challenge + b"\r\n" if refused.challenge else b""
         return reply(exchange, refused.status, refused.error, refused.detail, headers=headers)

@@ -2,19 +2,14 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from meshgate.config.model import CorsSettings
-from meshgate.gateway.filters import Verdict, reply
+from meshgate.gateway.contract import FilterExchange, Verdict, reply
 from meshgate.gateway.http import status_line
-
-if TYPE_CHECKING:
-    from meshgate.gateway.server import Exchange
 
 __all__ = ["CorsFilter"]
 
 
-def _header(exchange: Exchange, name: bytes) -> bytes | None:
+def _header(exchange: FilterExchange, name: bytes) -> bytes | None:
     for key, value in exchange.headers:
         if key.lower() == name:
             return value
@@ -55,7 +50,7 @@ class CorsFilter:
         value = b"*" if self._any and not self._credentials else origin
         return b"Access-Control-Allow-Origin: " + value + b"\r\nVary: Origin\r\n"
 
-    def request(self, exchange: Exchange) -> Verdict:
+    def request(self, exchange: FilterExchange) -> Verdict:
         origin = _header(exchange, b"origin")
         if origin is None:
             # The answer depends on Origin, so caches must key on it even here.
@@ -70,10 +65,10 @@ class CorsFilter:
             exchange.resp_extra += b"Vary: Origin\r\n"
         return None
 
-    def response(self, exchange: Exchange, headers: bytes) -> bytes:
+    def response(self, exchange: FilterExchange, headers: bytes) -> bytes:
         """The gateway answers CORS for this route: the upstream's own
         Access-Control-* lines go (a second Allow-Origin makes browsers refuse the
-        response); the gateway's, from :attr:`Exchange.resp_extra`, stay."""
+        response); the gateway's, from :attr:`FilterExchange.resp_extra`, stay."""
         if b"ccess-control-" not in headers.lower():
             return headers
         own = [
@@ -88,7 +83,7 @@ class CorsFilter:
         ]
         return b"".join(kept + own)
 
-    def _preflight(self, exchange: Exchange, origin: bytes, method: bytes) -> bytes:
+    def _preflight(self, exchange: FilterExchange, origin: bytes, method: bytes) -> bytes:
         if not self._allowed(origin):
             return reply(exchange, 403, "cors_origin", f"origin {origin.decode()!r} not allowed")
         if method.upper() not in self._methods:

@@ -2,13 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from meshgate.config.model import HeaderPolicySettings, HeaderRules
-from meshgate.gateway.filters import Verdict
-
-if TYPE_CHECKING:
-    from meshgate.gateway.server import Exchange
+from meshgate.gateway.contract import FilterExchange, Verdict
 
 __all__ = ["HeaderFilter", "apply_rules"]
 
@@ -53,12 +48,12 @@ class HeaderFilter:
         self._request = _Compiled(settings.request)
         self._response = _Compiled(settings.response)
 
-    def request(self, exchange: Exchange) -> Verdict:
+    def request(self, exchange: FilterExchange) -> Verdict:
         rules = self._request
         if not rules.empty:
             exchange.rewrite_request_headers(lambda lines: apply_rules(lines, rules))
         return None
 
-    def response(self, exchange: Exchange, headers: bytes) -> bytes:
+    def response(self, exchange: FilterExchange, headers: bytes) -> bytes:
         rules = self._response
         return headers if rules.empty else apply_rules(headers, rules)

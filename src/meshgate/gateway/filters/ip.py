@@ -4,21 +4,17 @@ from __future__ import annotations
 
 import ipaddress
 from functools import lru_cache
-from typing import TYPE_CHECKING
 
-from meshgate.config.model import Config, IpFilterSettings
+from meshgate.config.model import IpFilterSettings
 from meshgate.gateway.addresses import parse_ip
-from meshgate.gateway.filters import Verdict, reply
-
-if TYPE_CHECKING:
-    from meshgate.gateway.server import Exchange
+from meshgate.gateway.contract import BuildContext, FilterExchange, Verdict, reply
 
 __all__ = ["IpFilter", "MtlsFilter", "client_address"]
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
-def client_address(exchange: Exchange, trusted: tuple[Network, ...]) -> str:
+def client_address(exchange: FilterExchange, trusted: tuple[Network, ...]) -> str:
     """The client's address: from X-Forwarded-For when the peer is a trusted proxy
     (the rightmost address that is not itself a trusted proxy), else the peer's."""
     peer = exchange.client.peer_ip
@@ -42,11 +38,11 @@ class IpFilter:
 
     name = "ip"
 
-    def __init__(self, settings: IpFilterSettings, config: Config) -> None:
+    def __init__(self, settings: IpFilterSettings, ctx: BuildContext) -> None:
         self._allow = settings.allow
         self._deny = settings.deny
         self._forwarded = settings.forwarded
-        self._trusted = config.gateway.trusted_proxies
+        self._trusted = ctx.trusted_proxies
         self.permitted = lru_cache(maxsize=65536)(self._permitted)
 
     def _permitted(self, ip: str) -> bool:
@@ -57,7 +53,7 @@ class IpFilter:
             return False
         return not self._allow or any(address in net for net in self._allow)
 
-    def request(self, exchange: Exchange) -> Verdict:
+    def request(self, exchange: FilterExchange) -> Verdict:
         ip = client_address(exchange, self._trusted) if self._forwarded else exchange.client.peer_ip
         if self.permitted(ip):
             return None
@@ -69,7 +65,7 @@ class MtlsFilter:
 
     name = "mtls"
 
-    def request(self, exchange: Exchange) -> Verdict:
+    def request(self, exchange: FilterExchange) -> Verdict:
         if exchange.client.peer_cert:
             return None
         return reply(

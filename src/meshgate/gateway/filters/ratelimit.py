@@ -28,16 +28,12 @@ import math
 import time
 import weakref
 from functools import partial
-from typing import TYPE_CHECKING
 
-from meshgate.config.model import Config, RateLimitSettings
+from meshgate.config.model import RateLimitSettings
 from meshgate.errors import ConfigError, ConfigIssue
-from meshgate.gateway.filters import Verdict, reply
+from meshgate.gateway.contract import BuildContext, FilterExchange, Verdict, reply
 from meshgate.gateway.filters.ip import client_address
 from meshgate.gateway.resp import FollowUp, Pending, RedisError, RespClient
-
-if TYPE_CHECKING:
-    from meshgate.gateway.server import Exchange
 
 __all__ = ["GCRA_SCRIPT", "RateLimitFilter"]
 
@@ -103,10 +99,11 @@ class RateLimitFilter:
 
     name = "rate_limit"
 
-    def __init__(self, settings: RateLimitSettings, route: str, config: Config) -> None:
+    def __init__(self, settings: RateLimitSettings, ctx: BuildContext) -> None:
         self.settings = settings
+        route = ctx.route
         self._route = route.encode()
-        self._trusted = config.gateway.trusted_proxies
+        self._trusted = ctx.trusted_proxies
         self._emission = 1.0 / settings.rate
         self._tolerance = settings.burst * self._emission
         by = settings.by
@@ -138,12 +135,11 @@ class RateLimitFilter:
             try:
                 self._client = _client(settings.redis)
             except (ValueError, OSError) as exc:
-                index = next(i for i, r in enumerate(config.routes) if r.name == route)
                 reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
                 raise ConfigError(
                     [
                         ConfigIssue(
-                            f"routes[{index}].rate_limit.redis",
+                            ctx.at("rate_limit.redis"),
                             f"the Redis URL's TLS settings are unusable: {reason}; "
                             "check the files its ssl_ca_certs, ssl_certfile and "
                             "ssl_keyfile name",
@@ -153,7 +149,7 @@ class RateLimitFilter:
 
     # -- keys
 
-    def _key(self, exchange: Exchange) -> bytes:
+    def _key(self, exchange: FilterExchange) -> bytes:
         by = self._by
         if by == "route":
             return b""
@@ -168,7 +164,7 @@ class RateLimitFilter:
 
     # -- the filter
 
-    def request(self, exchange: Exchange) -> Verdict:
+    def request(self, exchange: FilterExchange) -> Verdict:
         key = self._key(exchange)
         if self.settings.redis is not None:
             return self._redis(exchange, key)
@@ -195,7 +191,7 @@ class RateLimitFilter:
         if len(self._tat) >= _MAX_LOCAL_KEYS:
             self._tat.clear()
 
-    def _redis(self, exchange: Exchange, key: bytes) -> Verdict:
+    def _redis(self, exchange: FilterExchange, key: bytes) -> Verdict:
         full = self._key_prefix + key + b"}"
         # EVAL until Redis has the script cached; then only its SHA1 goes over.
         head = self._evalsha if self._script_loaded else self._eval
@@ -203,7 +199,7 @@ class RateLimitFilter:
         frame = head + b"$%d\r\n%s\r\n" % (len(full), full) + self._args_frame
         return self._client.send(frame, partial(self._decide, exchange))
 
-    def _decide(self, exchange: Exchange, result: object) -> bytes | None:
+    def _decide(self, exchange: FilterExchange, result: object) -> bytes | None:
         """The verdict from Redis's reply (called as the reply is read).
 
         Raises:
@@ -220,7 +216,7 @@ class RateLimitFilter:
         self._headers(exchange, remaining, reset_us / 1_000_000)
         return None
 
-    def _send_script(self, exchange: Exchange) -> Pending:
+    def _send_script(self, exchange: FilterExchange) -> Pending:
         """Send ``exchange``'s request again with EVAL: Redis lost its script cache
         (a restart, SCRIPT FLUSH). The requests after it go on with EVALSHA: they
         reach Redis after the EVAL that caches the script again."""
@@ -228,13 +224,13 @@ class RateLimitFilter:
         frame = self._eval + b"$%d\r\n%s\r\n" % (len(full), full) + self._args_frame
         return self._client.send(frame, partial(self._decide_eval, exchange))
 
-    def _decide_eval(self, exchange: Exchange, result: object) -> bytes | None:
+    def _decide_eval(self, exchange: FilterExchange, result: object) -> bytes | None:
         """The verdict from Redis's reply to that EVAL: no second fallback."""
         if isinstance(result, RedisError):
             return self._redis_failed(exchange, result)
         return self._decide(exchange, result)
 
-    def _redis_failed(self, exchange: Exchange, exc: RedisError) -> bytes | None:
+    def _redis_failed(self, exchange: FilterExchange, exc: RedisError) -> bytes | None:
         self.redis_errors += 1
         exchange.route.stats.rate_limit_redis_errors += 1  # type: ignore[union-attr]
         now = time.monotonic()
@@ -257,13 +253,13 @@ class RateLimitFilter:
             headers=b"Retry-After: 1\r\n",
         )
 
-    def _headers(self, exchange: Exchange, remaining: int, reset: float) -> None:
+    def _headers(self, exchange: FilterExchange, remaining: int, reset: float) -> None:
         exchange.resp_extra += self._policy + b'RateLimit: "meshgate";r=%d;t=%d\r\n' % (
             max(remaining, 0),
             math.ceil(reset),
         )
 
-    def _refuse(self, exchange: Exchange, retry_after: float, reset: float) -> bytes:
+    def _refuse(self, exchange: FilterExchange, retry_after: float, reset: float) -> bytes:
         exchange.route.stats.rate_limited += 1  # type: ignore[union-attr]
         wait = max(1, math.ceil(retry_after))
         return reply(

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
     from meshgate.config.model import UpstreamSettings
-    from meshgate.gateway.server import Exchange
+    from meshgate.gateway.contract import FilterExchange
     from meshgate.gateway.upstream.pool import Endpoint
 
 __all__ = [
@@ -35,7 +35,7 @@ __all__ = [
 class Balancer(Protocol):
     """Picks an endpoint for a request."""
 
-    def pick(self, exchange: Exchange, candidates: Sequence[Endpoint]) -> Endpoint | None:
+    def pick(self, exchange: FilterExchange, candidates: Sequence[Endpoint]) -> Endpoint | None:
         """The endpoint to use, from ``candidates``; None if there are none."""
         ...
 
@@ -61,7 +61,7 @@ class LeastRequest:
     def __init__(self, settings: UpstreamSettings, endpoints: Sequence[Endpoint]) -> None:
         self._penalty = 4 if settings.health.passive is None else 0
 
-    def pick(self, exchange: Exchange, candidates: Sequence[Endpoint]) -> Endpoint | None:
+    def pick(self, exchange: FilterExchange, candidates: Sequence[Endpoint]) -> Endpoint | None:
         n = len(candidates)
         if n < 2:
             return candidates[0] if n else None
@@ -87,7 +87,7 @@ class RoundRobin:
     def __init__(self, settings: UpstreamSettings, endpoints: Sequence[Endpoint]) -> None:
         self._next = 0
 
-    def pick(self, exchange: Exchange, candidates: Sequence[Endpoint]) -> Endpoint | None:
+    def pick(self, exchange: FilterExchange, candidates: Sequence[Endpoint]) -> Endpoint | None:
         n = len(candidates)
         if not n:
             return None
@@ -105,7 +105,7 @@ class WeightedRoundRobin:
     def __init__(self, settings: UpstreamSettings, endpoints: Sequence[Endpoint]) -> None:
         self._current: dict[str, int] = {e.label: 0 for e in endpoints}
 
-    def pick(self, exchange: Exchange, candidates: Sequence[Endpoint]) -> Endpoint | None:
+    def pick(self, exchange: FilterExchange, candidates: Sequence[Endpoint]) -> Endpoint | None:
         best: Endpoint | None = None
         total = 0
         current = self._current
@@ -128,9 +128,18 @@ class ConsistentHash:
     endpoint while that endpoint is available, and when one joins or leaves only
     about 1/n of the keys move. Requests without a key go by least request."""
 
-    __slots__ = ("_client_ip", "_cookie", "_fallback", "_header", "_owners", "_points")
+    __slots__ = (
+        "_client_ip",
+        "_cookie",
+        "_endpoints",
+        "_fallback",
+        "_header",
+        "_owners",
+        "_points",
+    )
 
     def __init__(self, settings: UpstreamSettings, endpoints: Sequence[Endpoint]) -> None:
+        self._endpoints = tuple(endpoints)  # the ring's owners index into these
         hashing = settings.hash
         self._header = hashing.header.lower().encode() if hashing and hashing.header else None
         self._cookie = hashing.cookie.encode() if hashing and hashing.cookie else None
@@ -144,7 +153,7 @@ class ConsistentHash:
         self._owners = [i for _, i in ring]
         self._fallback = LeastRequest(settings, endpoints)
 
-    def key(self, exchange: Exchange) -> bytes | None:
+    def key(self, exchange: FilterExchange) -> bytes | None:
         """The bytes hashed for ``exchange``, or None when the request has none."""
         if self._client_ip:
             return exchange.client.peer_ip.encode()
@@ -158,13 +167,13 @@ class ConsistentHash:
             return cookie_value(headers, self._cookie)
         return None
 
-    def pick(self, exchange: Exchange, candidates: Sequence[Endpoint]) -> Endpoint | None:
+    def pick(self, exchange: FilterExchange, candidates: Sequence[Endpoint]) -> Endpoint | None:
         if not candidates:
             return None
         key = self.key(exchange)
         if not key:
             return self._fallback.pick(exchange, candidates)
-        endpoints = exchange.route.upstream.endpoints  # type: ignore[union-attr]
+        endpoints = self._endpoints
         allowed = set(map(id, candidates))
         points = self._points
         owners = self._owners
@@ -208,7 +217,7 @@ class Sticky:
             for e in endpoints
         }
 
-    def pick(self, exchange: Exchange, candidates: Sequence[Endpoint]) -> Endpoint | None:
+    def pick(self, exchange: FilterExchange, candidates: Sequence[Endpoint]) -> Endpoint | None:
         value = cookie_value(exchange.headers, self._cookie)
         if value is not None:
             endpoint = self._by_id.get(value)
