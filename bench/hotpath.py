@@ -16,8 +16,8 @@ import time
 from typing import Any
 
 from meshgate.config import loads
-from meshgate.gateway.server import ClientConnection
-from meshgate.gateway.upstream.pool import UpstreamConnection
+from meshgate.gateway.protocol import ClientConnection
+from meshgate.gateway.proxy import UpstreamConnection
 from meshgate.gateway.worker import Worker
 
 CONFIG = """

@@ -13,7 +13,7 @@ import pytest
 from meshgate.config import loads
 from meshgate.errors import ConfigError
 from meshgate.gateway.filters.auth import hash_api_key
-from meshgate.gateway.server import ClientConnection
+from meshgate.gateway.protocol import ClientConnection
 from tests.helpers import Client, Message, RawUpstream, gateway_yaml, response, run_gateway
 
 ROUTE = "  - {name: all, upstream: up}\n"

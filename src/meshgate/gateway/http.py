@@ -255,6 +255,11 @@ def split_response_head(
     return out, clen, chunked, upgrade
 
 
+CHUNK_END = b"\r\n"
+"""What ends a chunk's data (and its size line)."""
+LAST_CHUNK = b"0\r\n\r\n"
+"""The last chunk of a chunked body, without trailers."""
+
 IDEMPOTENT_METHODS = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 
 

@@ -37,7 +37,7 @@ from urllib.parse import unquote, urlsplit
 
 if TYPE_CHECKING:
     from meshgate.config.model import TracingSettings
-    from meshgate.gateway.server import Exchange
+    from meshgate.gateway.exchange import Exchange
 
 __all__ = [
     "SpanRecord",

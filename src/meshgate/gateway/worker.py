@@ -27,10 +27,11 @@ from meshgate.config.model import Config
 from meshgate.errors import ConfigError
 from meshgate.gateway.accesslog import AccessLog
 from meshgate.gateway.clock import CLOCK
+from meshgate.gateway.exchange import Exchange
 from meshgate.gateway.metrics import WorkerMetrics
+from meshgate.gateway.protocol import ClientConnection
 from meshgate.gateway.redirect import RedirectProtocol
 from meshgate.gateway.runtime import EndpointSpec, Runtime
-from meshgate.gateway.server import ClientConnection, Exchange
 from meshgate.gateway.tls import TlsTerminator
 from meshgate.gateway.tracing import Tracer, resolve_endpoint
 from meshgate.gateway.upstream.pool import Endpoint

@@ -26,7 +26,7 @@ from meshgate.gateway.upstream.balancer import (
 from meshgate.gateway.upstream.pool import Endpoint, Upstream
 
 if TYPE_CHECKING:
-    from meshgate.gateway.server import Exchange
+    from meshgate.gateway.contract import FilterExchange as Exchange
 
 Headers = Sequence[tuple[bytes, bytes]]
 
@@ -50,7 +50,7 @@ def _exchange(
     peer_ip: str = "192.0.2.1",
     connection_headers: Headers | None = None,
 ) -> Exchange:
-    """What a balancer reads of :class:`meshgate.gateway.server.Exchange`.
+    """What a balancer reads of :class:`meshgate.gateway.contract.FilterExchange`.
 
     ``connection_headers`` are the headers the client connection holds: without
     pipelining the very list of this exchange (``on_headers_complete`` hands it

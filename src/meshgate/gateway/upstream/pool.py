@@ -1,46 +1,34 @@
-"""Upstream connection pools: keep-alive reuse, a connection limit, and the
-protocol that parses an upstream's responses.
+"""Upstream connection pools: endpoints, keep-alive reuse, a connection limit, and the
+accounting of each endpoint's successes and failures.
 
 One :class:`Upstream` per configured upstream and worker. Each endpoint keeps a
 LIFO stack of idle connections (the warmest first, so that idle ones age out);
 the upstream caps how many connections are open at once and queues requests
 past the cap until one frees up or the connect timeout passes (503).
 
-Exchanges (:mod:`meshgate.gateway.server`) talk to a connection through a small
-set of callbacks: ``attach``, ``on_upstream_head``, ``on_upstream_body``,
-``on_upstream_end``, ``on_upstream_lost``, ``on_upstream_upgrade`` and ``fail``.
+The connection itself and the exchange's side of it live in
+:mod:`meshgate.gateway.proxy`.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from httptools import (
-    HttpParserCallbackError,
-    HttpParserError,
-    HttpParserUpgrade,
-    HttpResponseParser,
-)
-
 from meshgate.config.model import UpstreamSettings
 from meshgate.gateway.clock import CLOCK
+from meshgate.gateway.proxy import UpstreamConnection
 from meshgate.gateway.tls import upstream_context
 from meshgate.gateway.upstream.balancer import BALANCERS
 from meshgate.gateway.upstream.health import CircuitBreaker, OutlierDetector, RetryBudget
 
 if TYPE_CHECKING:
-    from meshgate.gateway.server import Exchange
+    from meshgate.gateway.exchange import Exchange
 
-__all__ = ["Endpoint", "Notify", "Upstream", "UpstreamConnection"]
-
-
-class _Leftover(Exception):  # noqa: N818 - internal control flow, never escapes
-    """Raised inside the parser: bytes follow a complete response in the same read."""
+__all__ = ["Endpoint", "Notify", "Upstream"]
 
 
 def endpoint_label(host: str, port: int) -> str:
@@ -148,220 +136,6 @@ class Endpoint:
 
     def __repr__(self) -> str:
         return f"Endpoint({self.label})"
-
-
-class UpstreamConnection(asyncio.Protocol):
-    """A connection to one endpoint; carries one exchange at a time."""
-
-    __slots__ = (
-        "alive",
-        "endpoint",
-        "exchange",
-        "head_buf",
-        "idle_since",
-        "in_head",
-        "parser",
-        "paused",
-        "requests",
-        "reusable",
-        "spill",
-        "transport",
-        "tunnel",
-        "upstream",
-    )
-
-    def __init__(self, upstream: Upstream, endpoint: Endpoint) -> None:
-        self.upstream = upstream
-        self.endpoint = endpoint
-        self.transport: asyncio.Transport = None  # type: ignore[assignment]
-        # No on_header callback: a callback per header costs more than the rest of
-        # the response's handling; the raw head is read from head_buf instead.
-        self.parser = HttpResponseParser(self)
-        self.exchange: Exchange | None = None
-        # The response head as it arrives; the parser validates it, and the raw
-        # bytes are forwarded from here rather than rebuilt header by header.
-        self.head_buf = b""
-        self.in_head = True
-        self.alive = False
-        self.paused = False
-        self.requests = 0
-        self.idle_since = 0.0
-        # A response ended in the read being parsed and the connection may carry the
-        # next request: it goes back to the pool once the whole read is parsed, and
-        # only if nothing followed the response in it.
-        self.reusable = False
-        # Bytes followed the last response head in its read (a HEAD response has none).
-        self.spill = False
-        # The client transport while tunnelling (after 101 Switching Protocols).
-        self.tunnel: asyncio.Transport | None = None
-
-    # -- asyncio.Protocol
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-        self.alive = True
-
-    def data_received(self, data: bytes) -> None:
-        tunnel = self.tunnel
-        if tunnel is not None:
-            tunnel.write(data)
-            return
-        ex = self.exchange
-        if ex is None:
-            # An idle connection must stay silent; anything it says is a protocol
-            # error, and the connection cannot be trusted for the next request.
-            self.discard()
-            return
-        ex.last_io = CLOCK.now
-        if self.in_head:
-            buf = self.head_buf = self.head_buf + data if self.head_buf else data
-            if len(buf) > _MAX_HEAD and buf.find(b"\r\n\r\n", 0, _MAX_HEAD) < 0:
-                self.transport.abort()
-                self.exchange = None
-                detail = f"the upstream's response head is over {_MAX_HEAD} bytes"
-                ex.on_upstream_error(self, detail)
-                return
-        try:
-            self.parser.feed_data(data)
-            if ex.out is not None:
-                ex.flush()
-            if self.reusable:
-                # Upstream.release's common case, inlined: back to the idle stack.
-                self.reusable = False
-                upstream = self.upstream
-                if upstream.waiters:
-                    upstream.release(self, True)
-                else:
-                    if self.paused:
-                        self.resume_reading()
-                    self.idle_since = CLOCK.now
-                    self.endpoint.idle.append(self)
-        except HttpParserCallbackError as exc:
-            if isinstance(exc.__context__, _Leftover):
-                self.reusable = False
-                self.discard()
-                return
-            self._invalid(exc)
-        except HttpParserUpgrade as exc:
-            rest = data[exc.args[0] :]
-            current = self.exchange
-            if current is not None:
-                current.on_upstream_upgrade(self, rest)
-            elif self.tunnel is not None and rest:
-                self.tunnel.write(rest)
-        except HttpParserError as exc:
-            self._invalid(exc)
-
-    def _invalid(self, exc: Exception) -> None:
-        current = self.exchange
-        self.reusable = False
-        self.transport.abort()
-        if current is not None:
-            self.exchange = None
-            current.on_upstream_error(self, f"invalid response from upstream: {exc}")
-
-    def discard(self) -> None:
-        """Close the connection for bytes no request asked for (counted)."""
-        self.endpoint.discarded += 1
-        log.warning(
-            "closed a connection to %s: it sent bytes no request asked for", self.endpoint.label
-        )
-        self.transport.abort()
-
-    def on_message_begin(self) -> None:
-        if self.reusable:
-            # A second response right after the one just delivered: the upstream read
-            # something as a request that the gateway did not send as one.
-            raise _Leftover
-
-    def eof_received(self) -> bool | None:
-        if self.tunnel is not None:
-            self.tunnel.write_eof() if self.tunnel.can_write_eof() else self.tunnel.close()
-            return True
-        return None
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.alive = False
-        upstream = self.upstream
-        self.endpoint.open -= 1
-        ex = self.exchange
-        if ex is not None:
-            self.exchange = None
-            ex.on_upstream_lost(self, exc)
-        elif self.tunnel is not None:
-            self.tunnel.close()
-        else:
-            with contextlib.suppress(ValueError):
-                self.endpoint.idle.remove(self)
-        upstream.slot_freed()
-
-    def pause_writing(self) -> None:
-        ex = self.exchange
-        if ex is not None:
-            ex.client.pause_reading_for(2)
-        elif self.tunnel is not None:
-            self.tunnel.pause_reading()
-
-    def resume_writing(self) -> None:
-        ex = self.exchange
-        if ex is not None:
-            ex.client.resume_reading_for(2)
-        elif self.tunnel is not None:
-            self.tunnel.resume_reading()
-
-    # -- httptools callbacks
-
-    def on_headers_complete(self) -> None:
-        buf = self.head_buf
-        end = buf.find(b"\r\n\r\n")
-        block = buf[buf.find(b"\r\n") + 2 : end]
-        status = self.parser.get_status_code()
-
-        if status < 200 and status != 101:
-            self.head_buf = buf[end + 4 :]  # the final response's head may follow
-        else:
-            self.head_buf = b""
-            self.in_head = False
-            self.spill = len(buf) > end + 4
-        ex = self.exchange
-        if ex is not None:
-            ex.on_upstream_head(self, status, block)
-
-    def on_body(self, body: bytes) -> None:
-        ex = self.exchange
-        if ex is not None:
-            out = ex.out
-            if out is not None and not ex.chunk_out:
-                # Exchange.on_upstream_body's common case, inlined.
-                ex.resp_bytes += len(body)
-                out.append(body)
-            else:
-                ex.on_upstream_body(body)
-
-    def on_message_complete(self) -> None:
-        if not self.in_head:
-            self.in_head = True
-        ex = self.exchange
-        if ex is not None:
-            ex.on_upstream_end(self)
-
-    # -- flow control, driven by the client side
-
-    def pause_reading(self) -> None:
-        if not self.paused and self.alive:
-            self.paused = True
-            self.transport.pause_reading()
-
-    def resume_reading(self) -> None:
-        if self.paused and self.alive:
-            self.paused = False
-            self.transport.resume_reading()
-
-    def reset_parser(self) -> None:
-        """Start a fresh parser: after a response whose end the parser cannot see (HEAD)."""
-        self.parser = HttpResponseParser(self)
-        self.head_buf = b""
-        self.in_head = True
 
 
 class Upstream:
