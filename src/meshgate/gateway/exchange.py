@@ -24,6 +24,7 @@ from meshgate.gateway.contract import PENDING
 from meshgate.gateway.flow import BODY_BUFFER
 from meshgate.gateway.http import CHUNK_END, IDEMPOTENT_METHODS, error_response
 from meshgate.gateway.metrics import BUCKETS
+from meshgate.gateway.upstream.pool import EWMA_WEIGHT
 
 if TYPE_CHECKING:
     from meshgate.gateway.protocol import ClientConnection
@@ -476,10 +477,13 @@ class Exchange:
             self.endpoint = None
             endpoint.inflight -= 1
             if status < 500:
+                # Upstream.succeeded (pool.record_success), inlined: every request.
                 endpoint.failures = 0
                 if upstream_time:
                     ewma = endpoint.ewma
-                    endpoint.ewma = ewma + (upstream_time - ewma) * 0.3 if ewma else upstream_time
+                    endpoint.ewma = (
+                        ewma + (upstream_time - ewma) * EWMA_WEIGHT if ewma else upstream_time
+                    )
                 breaker = endpoint.upstream.breaker  # type: ignore[union-attr]
                 if breaker is not None:
                     breaker.record(True, CLOCK.now)

@@ -42,7 +42,7 @@ from meshgate.config.model import (
 )
 from meshgate.gateway.upstream.balancer import LeastRequest
 from meshgate.gateway.upstream.health import CircuitBreaker, OutlierDetector, RetryBudget
-from meshgate.gateway.upstream.pool import Endpoint
+from meshgate.gateway.upstream.pool import Endpoint, record_failure, record_success
 from meshgate.service.context import (
     DEADLINE_HEADER,
     TraceContext,
@@ -321,10 +321,7 @@ class ServiceClient:
             else:
                 elapsed = time.monotonic() - sent
                 if response.status_code < 500:
-                    instance.failures = 0
-                    ewma = instance.ewma
-                    instance.ewma = ewma + (elapsed - ewma) * 0.3 if ewma else elapsed
-                    self.breaker.record(True, time.monotonic())
+                    record_success(instance, elapsed, self.breaker, time.monotonic())
                     return response
                 retriable = idempotent and response.status_code in _RETRY_STATUSES
                 failures.append(f"{instance.label}: status {response.status_code}")
@@ -333,11 +330,7 @@ class ServiceClient:
                 instance.inflight -= 1
             # A failure: health, breaker, then perhaps another try elsewhere.
             now = time.monotonic()
-            instance.failures += 1
-            instance.last_failure = now
-            if self._outlier is not None:
-                self._outlier.failure(instance, now)
-            self.breaker.record(False, now)
+            record_failure(instance, now, self._outlier, self.breaker)
             if not retriable or attempt >= self.retries or not self._budget.try_spend():
                 break
             attempt += 1

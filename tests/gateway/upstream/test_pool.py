@@ -160,3 +160,33 @@ async def test_a_clean_upstream_keeps_its_connection() -> None:
         assert res.body == b"/after-head"
         assert endpoint.discarded == 0
         assert endpoint.open == 1
+
+
+def test_success_and_failure_accounting_of_an_endpoint() -> None:
+    from meshgate.gateway.upstream.health import CircuitBreaker
+    from meshgate.gateway.upstream.pool import EWMA_WEIGHT, record_failure, record_success
+
+    endpoint = Endpoint("127.0.0.1", 9)
+    record_failure(endpoint, 5.0, None, None)
+    record_failure(endpoint, 6.0, None, None)
+    assert (endpoint.failures, endpoint.last_failure) == (2, 6.0)
+    record_success(endpoint, 0.010, None, 7.0)
+    assert endpoint.failures == 0
+    assert endpoint.ewma == 0.010  # the first sample is the average
+    record_success(endpoint, 0.020, None, 8.0)
+    assert abs(endpoint.ewma - (0.010 + 0.010 * EWMA_WEIGHT)) < 1e-12
+    record_success(endpoint, 0.0, None, 9.0)  # not measured: the average stays
+    assert abs(endpoint.ewma - 0.013) < 1e-12
+
+    class Breaker:
+        def __init__(self) -> None:
+            self.seen: list[tuple[bool, float]] = []
+
+        def record(self, ok: bool, now: float) -> None:
+            self.seen.append((ok, now))
+
+    breaker = Breaker()
+    record_success(endpoint, 0.01, breaker, 10.0)  # type: ignore[arg-type]
+    record_failure(endpoint, 11.0, None, breaker)  # type: ignore[arg-type]
+    assert breaker.seen == [(True, 10.0), (False, 11.0)]
+    assert CircuitBreaker is not None

@@ -28,7 +28,14 @@ from meshgate.gateway.upstream.health import CircuitBreaker, OutlierDetector, Re
 if TYPE_CHECKING:
     from meshgate.gateway.exchange import Exchange
 
-__all__ = ["Endpoint", "Notify", "Upstream"]
+__all__ = [
+    "EWMA_WEIGHT",
+    "Endpoint",
+    "Notify",
+    "Upstream",
+    "record_failure",
+    "record_success",
+]
 
 
 def endpoint_label(host: str, port: int) -> str:
@@ -136,6 +143,36 @@ class Endpoint:
 
     def __repr__(self) -> str:
         return f"Endpoint({self.label})"
+
+
+EWMA_WEIGHT = 0.3
+"""The weight of a new latency sample in an endpoint's moving average."""
+
+
+def record_success(
+    endpoint: Endpoint, latency: float, breaker: CircuitBreaker | None, now: float
+) -> None:
+    """The success half of an endpoint's accounting: its failure run ends, its latency
+    average moves, its breaker hears of it (the gateway's pools and the service
+    client alike)."""
+    endpoint.failures = 0
+    if latency:
+        ewma = endpoint.ewma
+        endpoint.ewma = ewma + (latency - ewma) * EWMA_WEIGHT if ewma else latency
+    if breaker is not None:
+        breaker.record(True, now)
+
+
+def record_failure(
+    endpoint: Endpoint, now: float, outlier: OutlierDetector | None, breaker: CircuitBreaker | None
+) -> None:
+    """The failure half: counted, heard by the outlier detector and the breaker."""
+    endpoint.failures += 1
+    endpoint.last_failure = now
+    if outlier is not None:
+        outlier.failure(endpoint, now)
+    if breaker is not None:
+        breaker.record(False, now)
 
 
 class Upstream:
@@ -261,14 +298,15 @@ class Upstream:
             endpoint.refresh()
         return gone
 
+    def succeeded(self, endpoint: Endpoint, latency: float, now: float) -> None:
+        """An exchange with ``endpoint`` got a response below 500 after ``latency``
+        seconds (0: not measured). The data plane's ``Exchange.finish`` does the same
+        inline, for speed."""
+        record_success(endpoint, latency, self.breaker, now)
+
     def failed(self, endpoint: Endpoint, now: float) -> None:
         """An exchange with ``endpoint`` failed (connection, timeout or 5xx)."""
-        endpoint.failures += 1
-        endpoint.last_failure = now
-        if self.outlier is not None:
-            self.outlier.failure(endpoint, now)
-        if self.breaker is not None:
-            self.breaker.record(False, now)
+        record_failure(endpoint, now, self.outlier, self.breaker)
 
     def acquire(self, ex: Exchange) -> None:
         """Give ``ex`` a connection now (an idle one), later (a new one), or fail it."""
