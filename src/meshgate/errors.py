@@ -2,6 +2,11 @@
 
 Catch :class:`MeshgateError` to handle anything meshgate raises on purpose; catch a
 subclass to handle one kind. Messages name the bad value, where it was, and the fix.
+This module holds the root and the errors every package shares (configuration);
+each package keeps its own in its ``errors.py`` (``meshgate.gateway.errors``,
+``meshgate.service.errors``, ``meshgate.data.errors``, ...), all rooted here. The
+errors the gateway answers requests with are not exceptions but the catalogue in
+:data:`meshgate.gateway.errors.PROBLEMS`.
 """
 
 from __future__ import annotations
@@ -13,13 +18,8 @@ __all__ = [
     "PROBLEM_TYPE",
     "ConfigError",
     "ConfigIssue",
-    "GatewayError",
     "MeshgateError",
     "SupervisorError",
-    "UpstreamConnectError",
-    "UpstreamError",
-    "UpstreamTimeoutError",
-    "UpstreamUnavailableError",
 ]
 
 
@@ -66,40 +66,6 @@ class ConfigError(MeshgateError):
         lines = [f"{head}{count} {noun} in the configuration"]
         lines.extend(f"  {issue}" for issue in self.issues)
         return "\n".join(lines)
-
-
-class GatewayError(MeshgateError):
-    """A request failed inside the gateway; carries the HTTP answer the client gets."""
-
-    status: int = 502
-    """The HTTP status sent to the client."""
-
-    def __init__(self, detail: str, *, headers: Sequence[tuple[str, str]] = ()) -> None:
-        self.detail = detail
-        self.headers = tuple(headers)
-        super().__init__(detail)
-
-
-class UpstreamError(GatewayError):
-    """An upstream could not produce a valid response (502)."""
-
-    status = 502
-
-
-class UpstreamConnectError(UpstreamError):
-    """No connection could be opened to an upstream endpoint (502)."""
-
-
-class UpstreamUnavailableError(GatewayError):
-    """No endpoint of an upstream could take the request right now (503)."""
-
-    status = 503
-
-
-class UpstreamTimeoutError(GatewayError):
-    """An upstream did not answer within the configured timeout (504)."""
-
-    status = 504
 
 
 class SupervisorError(MeshgateError):

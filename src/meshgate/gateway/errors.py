@@ -14,10 +14,27 @@ from typing import NamedTuple
 
 from meshgate.errors import PROBLEM_TYPE, MeshgateError
 
-__all__ = ["PROBLEMS", "PROBLEM_TYPE", "PathError", "Problem", "problem_type"]
+__all__ = [
+    "PROBLEMS",
+    "PROBLEM_TYPE",
+    "GatewayError",
+    "PathError",
+    "Problem",
+    "RedisError",
+    "problem_type",
+]
 
 
-class PathError(MeshgateError):
+class GatewayError(MeshgateError):
+    """The root of the gateway's errors."""
+
+
+class RedisError(GatewayError):
+    """Redis answered with an error, or could not be reached (rate limits, shared
+    health)."""
+
+
+class PathError(GatewayError):
     """A request path is refused: a bad percent-escape, a NUL byte, or an ambiguous
     separator (a backslash, or an encoded slash where they are refused)."""
 

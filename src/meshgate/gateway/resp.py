@@ -27,14 +27,11 @@ from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 from meshgate.gateway.contract import Deferred
+from meshgate.gateway.errors import RedisError
 
 log = logging.getLogger("meshgate.gateway.resp")
 
 __all__ = ["FollowUp", "RedisError", "RespClient", "command"]
-
-
-class RedisError(Exception):
-    """Redis answered with an error, or could not be reached."""
 
 
 def command(*parts: bytes) -> bytes:

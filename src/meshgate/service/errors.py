@@ -8,12 +8,18 @@ status the service answers with (as an RFC 9457 problem, see
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
+from fastapi import HTTPException
+
 from meshgate.errors import MeshgateError
 
 __all__ = [
     "DeadlineExceededError",
     "IdentityError",
     "NoRegistryError",
+    "ProblemError",
     "ServiceError",
     "ServiceStartupError",
     "ServiceUnavailableError",
@@ -54,3 +60,33 @@ class IdentityError(ServiceError):
 class ServiceStartupError(ServiceError):
     """The service cannot start: its database is not at the revision its migrations
     expect (and it may not migrate it), or it went away."""
+
+
+class ProblemError(HTTPException, ServiceError):
+    """Raise it in a handler to answer with a problem of your own::
+
+        raise ProblemError(409, f"a user with email {email!r} already exists",
+                           code="email_taken", email=email)
+
+    ``code`` becomes the ``error`` member (and, for one of :data:`PROBLEMS`, the
+    ``type`` and ``title``); ``type`` and ``title`` may be given for your own problem
+    types; other keywords become extension members. A plain ``HTTPException`` works
+    too (``type`` ``about:blank``).
+    """
+
+    def __init__(
+        self,
+        status: int,
+        detail: str,
+        *,
+        code: str | None = None,
+        type: str | None = None,  # noqa: A002 - the RFC 9457 member's name
+        title: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        **extensions: Any,
+    ) -> None:
+        super().__init__(status, detail, headers=dict(headers) if headers else None)
+        self.code = code
+        self.type = type
+        self.title = title
+        self.extensions = extensions

@@ -42,6 +42,7 @@ from meshgate.service.context import current_request_id
 from meshgate.service.errors import (
     DeadlineExceededError,
     IdentityError,
+    ProblemError,
     ServiceError,
     ServiceUnavailableError,
 )
@@ -165,36 +166,6 @@ def problem_response(
         return Response(status_code=status, headers=dict(headers or {}))
     body = problem(status, detail, instance=scope.get("path"), **members)
     return ProblemResponse(body, status_code=status, headers=dict(headers or {}))
-
-
-class ProblemError(HTTPException):
-    """Raise it in a handler to answer with a problem of your own::
-
-        raise ProblemError(409, f"a user with email {email!r} already exists",
-                           code="email_taken", email=email)
-
-    ``code`` becomes the ``error`` member (and, for one of :data:`PROBLEMS`, the
-    ``type`` and ``title``); ``type`` and ``title`` may be given for your own problem
-    types; other keywords become extension members. A plain ``HTTPException`` works
-    too (``type`` ``about:blank``).
-    """
-
-    def __init__(
-        self,
-        status: int,
-        detail: str,
-        *,
-        code: str | None = None,
-        type: str | None = None,  # noqa: A002 - the RFC 9457 member's name
-        title: str | None = None,
-        headers: Mapping[str, str] | None = None,
-        **extensions: Any,
-    ) -> None:
-        super().__init__(status, detail, headers=dict(headers) if headers else None)
-        self.code = code
-        self.type = type
-        self.title = title
-        self.extensions = extensions
 
 
 # -- the models that document problems in OpenAPI
