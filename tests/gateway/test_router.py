@@ -10,13 +10,8 @@ from typing import Any
 import pytest
 
 from meshgate.config import MatchSettings, RouteSettings, loads
-from meshgate.gateway.router import (
-    RouteMatch,
-    Router,
-    covers,
-    precedence_key,
-    segment_covers,
-)
+from meshgate.gateway.router import RouteMatch, Router
+from meshgate.routing import covers, precedence_key, segment_covers
 
 Headers = tuple[tuple[str, str], ...]
 

@@ -17,7 +17,7 @@ from pydantic import BaseModel, ValidationError
 
 from meshgate.config.model import Config
 from meshgate.errors import ConfigError, ConfigIssue
-from meshgate.gateway.router import covers, precedence_key
+from meshgate.routing import covers, precedence_key
 
 __all__ = [
     "boolean_key_issue",

@@ -28,7 +28,7 @@ from pydantic import (
 )
 
 from meshgate.config.secrets import SecretURL, SecretValue, mask_url
-from meshgate.gateway.paths import EncodedSlashes, PathError, normalize_path
+from meshgate.routing import EncodedSlashes, PathError, normalize_path
 
 __all__ = [
     "AccessLogSettings",

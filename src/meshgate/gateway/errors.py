@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 from meshgate.errors import PROBLEM_TYPE, MeshgateError
+from meshgate.routing.errors import PathError
 
 __all__ = [
     "PROBLEMS",
@@ -32,11 +33,6 @@ class GatewayError(MeshgateError):
 class RedisError(GatewayError):
     """Redis answered with an error, or could not be reached (rate limits, shared
     health)."""
-
-
-class PathError(GatewayError):
-    """A request path is refused: a bad percent-escape, a NUL byte, or an ambiguous
-    separator (a backslash, or an encoded slash where they are refused)."""
 
 
 class Problem(NamedTuple):

@@ -29,7 +29,7 @@ from meshgate.gateway.clock import CLOCK
 from meshgate.gateway.exchange import Exchange, Reject
 from meshgate.gateway.flow import BODY_BUFFER, PIPELINE, REFUSED, TUNNEL_WAIT, UPSTREAM_FULL
 from meshgate.gateway.http import LAST_CHUNK, error_response
-from meshgate.gateway.paths import PathError, normalize_path
+from meshgate.routing import PathError, normalize_path
 
 if TYPE_CHECKING:
     from meshgate.gateway.proxy import UpstreamConnection
@@ -60,7 +60,7 @@ _CHUNK_FRAMING = 12
 _ALLOW_DEFAULT = b"Allow: GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS\r\n"
 _HOST_CHARS = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-:[]_"
 _RID_CHARS = bytes(range(0x21, 0x7F))
-# A path with any of these is normalized before routing (see gateway/paths.py).
+# A path with any of these is normalized before routing (see meshgate/routing/paths.py).
 _needs_normalizing = re.compile(rb"[%;\\]|/[./]").search
 
 

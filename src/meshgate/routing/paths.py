@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from meshgate.gateway.errors import PathError
+from meshgate.routing.errors import PathError
 
 __all__ = ["EncodedSlashes", "PathError", "normalize_path"]
 

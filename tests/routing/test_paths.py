@@ -8,7 +8,7 @@ import re
 import pytest
 
 from meshgate.errors import MeshgateError
-from meshgate.gateway.paths import EncodedSlashes, PathError, normalize_path
+from meshgate.routing import EncodedSlashes, PathError, normalize_path
 
 
 @pytest.mark.parametrize(
