@@ -36,6 +36,7 @@ from meshgate._files import file_signature
 from meshgate.config.loader import loads
 from meshgate.config.model import Address, Config
 from meshgate.errors import ConfigError, MeshgateError, SupervisorError
+from meshgate.gateway import messages
 from meshgate.gateway.admin import AdminToken, create_admin_app
 from meshgate.gateway.metrics import merge_snapshots
 from meshgate.gateway.runtime import EndpointSpec, compile_config
@@ -112,7 +113,6 @@ class Supervisor:
         log_level: int = logging.INFO,
     ) -> None:
         self.config: Config = loads(config_text, source)
-        self.config_text = config_text
         self.source = source
         self.worker_count = workers or self.config.gateway.worker_count
         self.log_level = log_level
@@ -251,7 +251,7 @@ class Supervisor:
         self.prober.stop()
         await self.shared.stop()
         for slot in self._slots:
-            self._send(slot, ("drain",))
+            self._send(slot, (messages.DRAIN,))
         deadline = time.monotonic() + self.config.gateway.drain_timeout + 5
         for slot in self._slots:
             proc = slot.process
@@ -286,8 +286,7 @@ class Supervisor:
             target=worker_main,
             kwargs={
                 "index": slot.index,
-                "config_text": self.config_text,
-                "source": self.source,
+                "config": self.config,
                 "host": gw.listen.host,
                 "port": self.port,
                 "control": child,
@@ -327,13 +326,13 @@ class Supervisor:
             while control.poll():
                 message = control.recv()
                 kind = message[0]
-                if kind == "ready":
+                if kind == messages.READY:
                     self._sync(slot)
                     if slot.ready is not None and not slot.ready.done():
                         slot.ready.set_result(None)
-                elif kind == "ejected":
+                elif kind == messages.EJECTED:
                     self._on_ejected(slot, message[1], message[2], message[3])
-                elif kind == "reply":
+                elif kind == messages.REPLY:
                     fut = self._pending.pop(message[1], None)
                     if fut is not None and not fut.done():
                         fut.set_result(message[2])
@@ -415,7 +414,7 @@ class Supervisor:
         restart does not look like a counter reset (at most what it counted since the
         last scrape is lost).
         """
-        replies = await self._ask_each("metrics")
+        replies = await self._ask_each(messages.METRICS)
         for (index, pid), snapshot in replies.items():
             last = self._last_counts.get(index)
             if last is not None and last[0] != pid:
@@ -456,7 +455,7 @@ class Supervisor:
             log.exception("the configuration validated but did not compile")
             return self._reload_failed(f"the configuration cannot be compiled: {exc}")
         live = [s for s in self._slots if s.control is not None]
-        replies = await self._ask_all("reload", text, self.source)
+        replies = await self._ask_all(messages.RELOAD, config)
         errors = [r["error"] for r in replies if not r.get("ok")]
         if len(replies) < len(live):
             errors.append(
@@ -467,7 +466,6 @@ class Supervisor:
             return self._reload_failed("; ".join(errors))
         restart = _restart_only_changes(self.config, config)
         self.config = config
-        self.config_text = text
         self.reloads += 1
         self.last_reload = time.time()
         self.last_reload_error = None
@@ -538,19 +536,19 @@ class Supervisor:
         self._flags.setdefault((upstream, label), {})[field] = value
         for slot in self._slots:
             if slot.index != skip:
-                self._send(slot, ("endpoint", upstream, label, field, value))
+                self._send(slot, (messages.ENDPOINT, upstream, label, field, value))
 
     def _sync(self, slot: _WorkerSlot) -> None:
         """Send a (new or restarted, or reloaded) worker every service's instances
         and every endpoint flag."""
         for upstream, specs in self._dynamic.items():
-            self._send(slot, ("endpoints", upstream, specs))
+            self._send(slot, (messages.ENDPOINTS, upstream, specs))
         now = time.monotonic()
         for (upstream, label), flags in self._flags.items():
             for name, value in flags.items():
                 if name == "remote_until" and value <= now:
                     continue
-                self._send(slot, ("endpoint", upstream, label, name, value))
+                self._send(slot, (messages.ENDPOINT, upstream, label, name, value))
 
     def _on_probe(self, upstream: str, label: str, healthy: bool) -> None:
         self._set_flag(upstream, label, "healthy", healthy)
@@ -582,7 +580,7 @@ class Supervisor:
 
     async def upstreams(self) -> dict[str, Any]:
         """Every endpoint's state, merged over the workers."""
-        replies = await self._ask_all("upstreams")
+        replies = await self._ask_all(messages.UPSTREAMS)
         probes = self.prober.states()
         out: dict[str, Any] = {}
         for name, settings in self.config.upstreams.items():
@@ -732,7 +730,7 @@ class Supervisor:
                     service,
                 )
             for slot in self._slots:
-                self._send(slot, ("endpoints", upstream, specs))
+                self._send(slot, (messages.ENDPOINTS, upstream, specs))
         if changed:
             self._configure_health()
 

@@ -22,9 +22,9 @@ from collections.abc import Callable, Sequence
 from multiprocessing.connection import Connection
 from typing import Any
 
-from meshgate.config.loader import loads
 from meshgate.config.model import Config
 from meshgate.errors import ConfigError
+from meshgate.gateway import messages
 from meshgate.gateway.accesslog import AccessLog
 from meshgate.gateway.clock import CLOCK
 from meshgate.gateway.exchange import Exchange
@@ -334,8 +334,7 @@ def worker_main(
     *,
     redirect_port: int = 0,
     index: int,
-    config_text: str,
-    source: str,
+    config: Config,
     host: str,
     port: int,
     control: Connection,
@@ -355,20 +354,18 @@ def worker_main(
     except ImportError:  # pragma: no cover
         runner = asyncio.run
     with contextlib.suppress(KeyboardInterrupt):
-        runner(_worker_async(index, config_text, source, host, port, control, redirect_port))
+        runner(_worker_async(index, config, host, port, control, redirect_port))
 
 
 async def _worker_async(  # noqa: PLR0917 - private, called once, positionally
     index: int,
-    config_text: str,
-    source: str,
+    config: Config,
     host: str,
     port: int,
     control: Connection,
     redirect_port: int = 0,
 ) -> None:
     loop = asyncio.get_running_loop()
-    config = loads(config_text, source)
     worker = Worker(config, index=index)
     sock = listen_socket(host, port)
     await worker.serve(sock)
@@ -401,29 +398,29 @@ async def _worker_async(  # noqa: PLR0917 - private, called once, positionally
 
     def handle(message: tuple[Any, ...]) -> None:
         kind = message[0]
-        if kind == "metrics":
-            control.send(("reply", message[1], worker.snapshot()))
-        elif kind == "reload":
+        if kind == messages.METRICS:
+            control.send((messages.REPLY, message[1], worker.snapshot()))
+        elif kind == messages.RELOAD:
             try:
-                worker.apply(loads(message[2], message[3]))
+                worker.apply(message[2])
             except ConfigError as exc:
-                control.send(("reply", message[1], {"ok": False, "error": str(exc)}))
+                control.send((messages.REPLY, message[1], {"ok": False, "error": str(exc)}))
             except Exception as exc:
                 # The supervisor compiled this configuration before sending it, so
                 # this is a bug; the old configuration keeps serving regardless.
                 log.exception("worker %d could not apply the configuration", index)
                 reply = {"ok": False, "error": f"worker {index} failed to apply it: {exc!r}"}
-                control.send(("reply", message[1], reply))
+                control.send((messages.REPLY, message[1], reply))
             else:
-                control.send(("reply", message[1], {"ok": True, "reloads": worker.reloads}))
-        elif kind == "drain":
+                control.send((messages.REPLY, message[1], {"ok": True, "reloads": worker.reloads}))
+        elif kind == messages.DRAIN:
             spawn_drain()
-        elif kind == "endpoint":
+        elif kind == messages.ENDPOINT:
             worker.set_endpoint_state(*message[1:5])
-        elif kind == "endpoints":
+        elif kind == messages.ENDPOINTS:
             worker.set_endpoints(message[1], message[2])
-        elif kind == "upstreams":
-            control.send(("reply", message[1], worker.upstream_stats()))
+        elif kind == messages.UPSTREAMS:
+            control.send((messages.REPLY, message[1], worker.upstream_stats()))
 
     def send_event(event: tuple[Any, ...]) -> None:
         with contextlib.suppress(OSError, ValueError):
@@ -432,7 +429,7 @@ async def _worker_async(  # noqa: PLR0917 - private, called once, positionally
     worker.events = send_event
     loop.add_reader(control.fileno(), on_control)
     loop.add_signal_handler(signal.SIGTERM, spawn_drain)
-    control.send(("ready", index, os.getpid()))
+    control.send((messages.READY, index, os.getpid()))
     await done.wait()
     with contextlib.suppress(OSError):
-        control.send(("exited", index))
+        control.send((messages.EXITED, index))

@@ -16,6 +16,7 @@ from meshgate.config.model import (
     PassiveHealthSettings,
     RetryBudgetSettings,
 )
+from meshgate.gateway.messages import EJECTED
 
 if TYPE_CHECKING:
     from meshgate.gateway.upstream.pool import Endpoint
@@ -68,7 +69,7 @@ class OutlierDetector:
         self._changed()
         upstream = endpoint.upstream
         if upstream is not None and upstream.notify is not None:
-            upstream.notify("ejected", upstream.name, endpoint.label, now + length)
+            upstream.notify(EJECTED, upstream.name, endpoint.label, now + length)
 
     def tick(self, now: float) -> None:
         """Return endpoints whose ejection is over (called by the worker's sweep)."""
