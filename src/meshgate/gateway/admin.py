@@ -11,23 +11,18 @@ processes export to, the query API, the dashboard and Prometheus HTTP SD.
 from __future__ import annotations
 
 import hmac
-import os
-import secrets
-from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, Protocol
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
-from pydantic import SecretStr
 
 from meshgate.config.loader import loads
-from meshgate.config.model import AdminSettings
 from meshgate.config.secrets import public_dump
 from meshgate.errors import ConfigError
 from meshgate.gateway.metrics import GatewayCollector
+from meshgate.gateway.tokens import AdminToken
 from meshgate.observability.auth import AdminAuth
 from meshgate.observability.mount import create_admin_router
 from meshgate.observability.prometheus import GatewayTarget
@@ -35,45 +30,48 @@ from meshgate.observability.store import TelemetryStore
 from meshgate.registry.api import create_router
 
 if TYPE_CHECKING:
-    from meshgate.gateway.supervisor import Supervisor
+    from meshgate.config import Config
     from meshgate.registry.store import Registry
 
-__all__ = ["AdminToken", "create_admin_app"]
+__all__ = ["AdminBackend", "AdminToken", "create_admin_app"]
 
 
-@dataclass(frozen=True)
-class AdminToken:
-    """The admin bearer token, and the file it was read from or written to."""
+class AdminBackend(Protocol):
+    """What the admin API asks of the gateway it manages (the supervisor)."""
 
-    value: str
-    path: Path | None
-    generated: bool
+    @property
+    def config(self) -> Config:
+        """The configuration in effect."""
+        ...
 
-    @classmethod
-    def resolve(cls, admin: AdminSettings, admin_port: int) -> AdminToken:
-        """The configured token, else the one in the token file, else a new one saved there."""
-        return cls.of(admin.token, admin.token_file, f"admin-{admin_port}.token")
+    @property
+    def admin_port(self) -> int:
+        """The admin listener's port (0 before it listens)."""
+        ...
 
-    @classmethod
-    def of(cls, token: SecretStr | None, token_file: str | None, default_name: str) -> AdminToken:
-        """``token``, else the one in ``token_file`` (default ``~/.meshgate/<default_name>``),
-        else a new one saved there (mode 0600)."""
-        if token is not None:
-            return cls(token.get_secret_value(), None, generated=False)
-        path = Path(token_file or Path.home() / ".meshgate" / default_name).expanduser()
-        try:
-            existing = path.read_text(encoding="utf-8").strip()
-        except FileNotFoundError:
-            existing = ""
-        if existing:
-            return cls(existing, path, generated=False)
-        value = secrets.token_urlsafe(32)
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(value + "\n")
-        os.chmod(path, 0o600)
-        return cls(value, path, generated=True)
+    def status(self) -> dict[str, Any]:
+        """``GET /status``."""
+        ...
+
+    async def metrics(self) -> dict[str, Any]:
+        """Every worker's metrics, merged."""
+        ...
+
+    async def apply(self, text: str) -> dict[str, Any]:
+        """Validate a configuration and swap it in (``POST /config``)."""
+        ...
+
+    async def reload_file(self) -> dict[str, Any]:
+        """Re-read the configuration file and apply it (``POST /reload``)."""
+        ...
+
+    async def upstreams(self) -> dict[str, Any]:
+        """Every upstream's state (``GET /upstreams``)."""
+        ...
+
+    def set_drained(self, upstream: str, label: str, drained: bool) -> None:
+        """Take an endpoint out of rotation, or put it back."""
+        ...
 
 
 async def _body_text(request: Request) -> str:
@@ -92,7 +90,7 @@ def _bearer(request: Request) -> bytes:
     return given.strip().encode() if scheme.lower() == "bearer" else b""
 
 
-def _gateway_target(supervisor: Supervisor) -> GatewayTarget | None:
+def _gateway_target(supervisor: AdminBackend) -> GatewayTarget | None:
     """Where Prometheus reaches the admin listener's /metrics."""
     admin = supervisor.config.gateway.admin
     if not supervisor.admin_port:
@@ -108,7 +106,7 @@ def _gateway_target(supervisor: Supervisor) -> GatewayTarget | None:
 
 
 def create_admin_app(
-    supervisor: Supervisor,
+    supervisor: AdminBackend,
     token: AdminToken,
     *,
     registry: Registry | None = None,

@@ -37,17 +37,19 @@ from meshgate.config.loader import loads
 from meshgate.config.model import Address, Config
 from meshgate.errors import ConfigError, MeshgateError, SupervisorError
 from meshgate.gateway import messages
-from meshgate.gateway.admin import AdminToken, create_admin_app
+from meshgate.gateway.admin import create_admin_app
 from meshgate.gateway.metrics import merge_snapshots
 from meshgate.gateway.runtime import EndpointSpec, compile_config
 from meshgate.gateway.tls import admin_context
+from meshgate.gateway.tokens import AdminToken
 from meshgate.gateway.upstream.pool import endpoint_label
 from meshgate.gateway.upstream.probe import Prober
 from meshgate.gateway.upstream.shared import SharedHealth
 from meshgate.gateway.worker import listen_socket, worker_main
+from meshgate.providers import Provider, ServiceEndpoints
+from meshgate.providers.registry import RegistryProvider
 
 if TYPE_CHECKING:
-    from meshgate.registry.model import Instance
     from meshgate.registry.store import Registry
 
 __all__ = ["Supervisor"]
@@ -150,7 +152,7 @@ class Supervisor:
         self.registry_token: AdminToken | None = None
         # The registry's instances by service, and what each service upstream was
         # last given (sorted (host, port, weight)), as the workers know it.
-        self._instances: dict[str, list[Instance]] = {}
+        self._instances: ServiceEndpoints = {}
         self._dynamic: dict[str, tuple[EndpointSpec, ...]] = {}
         self._follow: asyncio.Task[None] | None = None
 
@@ -698,17 +700,19 @@ class Supervisor:
     async def _follow_registry(self) -> None:
         """Keep the service upstreams' endpoints equal to the registry's instances."""
         assert self.registry is not None  # noqa: S101 - started only with a registry
-        async for snapshot in self.registry.changes():
-            self._instances = snapshot.by_service()
+        await self._follow_provider(RegistryProvider(self.registry))
+
+    async def _follow_provider(self, provider: Provider) -> None:
+        """Keep the service upstreams' endpoints equal to what ``provider`` says."""
+        async for endpoints in provider.watch():
+            self._instances = endpoints
             self._apply_instances()
 
     def _apply_instances(self) -> None:
         """Tell the workers of every service upstream whose instances changed."""
         changed = False
         for upstream, service in self._service_upstreams().items():
-            specs = tuple(
-                sorted((i.host, i.port, _weight(i)) for i in self._instances.get(service, ()))
-            )
+            specs = self._instances.get(service, ())
             if self._dynamic.get(upstream) == specs:
                 continue
             old = {(h, p) for h, p, _ in self._dynamic.get(upstream, ())}
@@ -775,15 +779,6 @@ class Supervisor:
         )
         self._admin = _EmbeddedServer(config)
         self._admin_task = asyncio.get_running_loop().create_task(self._admin.serve([sock]))
-
-
-def _weight(instance: Instance) -> int:
-    """The instance's ``weight`` metadata (1 to 1000; 1 when absent or unreadable)."""
-    text = instance.metadata.get("weight", "1")
-    try:
-        return min(max(int(text), 1), 1000)
-    except ValueError:
-        return 1
 
 
 def _path(token: AdminToken) -> str | None:
