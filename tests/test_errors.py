@@ -13,6 +13,8 @@ from meshgate.errors import MeshgateError
 _INTERNAL = {
     "meshgate.gateway.exchange.Reject",  # refuses the request being parsed
     "meshgate.gateway.resp.FollowUp",  # a Redis decision that sent another command
+    "meshgate.gateway.filters._credentials.Refused",  # the auth filter's answer
+    "meshgate.gateway.filters._credentials.NoKey",  # no key verifies: fetch the JWKS
 }
 
 
