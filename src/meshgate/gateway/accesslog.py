@@ -10,18 +10,22 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import queue
 import sys
 import threading
 import time
-from typing import IO, Any
+from typing import IO
 
 __all__ = ["AccessLog", "Record"]
 
-Record = tuple[str, bytes, bytes, int, str, bytes, int, float, float, str]
+log = logging.getLogger("meshgate.gateway.accesslog")
+
+Record = tuple[str, bytes, bytes, int, str, bytes, int, float, float, str, bytes, float]
 """(client ip, method, target, status, route, request id, response bytes,
-total seconds, upstream seconds, why the response was cut off or "")."""
+total seconds, upstream seconds, why the response was cut off or "", trace id or b"",
+start as a ``perf_counter`` time)."""
 
 
 class AccessLog:
@@ -30,6 +34,7 @@ class AccessLog:
     def __init__(self, path: str, worker: int = 0) -> None:
         self.path = path
         self.worker = worker
+        self._tail = f',"worker":{worker},"pid":{os.getpid()}}}\n'
         self.records: list[Record] = []
         self._queue: queue.SimpleQueue[tuple[float, list[Record]] | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="meshgate-access-log", daemon=True)
@@ -39,7 +44,8 @@ class AccessLog:
         """Hand the records gathered so far to the writer thread."""
         if self.records:
             batch, self.records = self.records, []
-            self._queue.put((time.time(), batch))
+            # Hot-path stamps are perf_counter times: this makes them wall-clock ones.
+            self._queue.put((time.time() - time.perf_counter(), batch))
 
     def close(self) -> None:
         """Write what is left and stop the writer thread."""
@@ -59,8 +65,12 @@ class AccessLog:
                 item = self._queue.get()
                 if item is None:
                     break
-                stamp, batch = item
-                lines = [self.format(stamp, rec) for rec in batch]
+                offset, batch = item
+                try:
+                    lines = [self.format(offset, rec) for rec in batch]
+                except Exception:  # a bug must not silence the log for good
+                    log.exception("could not format %d access log records", len(batch))
+                    continue
                 with contextlib.suppress(OSError, ValueError):
                     out.write("".join(lines))
                     out.flush()
@@ -68,22 +78,45 @@ class AccessLog:
             if out is not sys.stdout:
                 out.close()
 
-    def format(self, stamp: float, rec: Record) -> str:
-        """One record as a JSON line."""
-        ip, method, target, status, route, rid, size, total, upstream, aborted = rec
-        entry: dict[str, Any] = {
-            "ts": round(stamp, 3),
-            "client": ip,
-            "method": method.decode("latin-1"),
-            "path": target.split(b"?", 1)[0].decode("latin-1"),
-            "status": status,
-            "route": route or None,
-            "request_id": rid.decode("latin-1"),
-            "bytes": size,
-            "duration_ms": round(total * 1000, 3),
-            "upstream_ms": round(upstream * 1000, 3),
-            "aborted": aborted or None,
-            "worker": self.worker,
-            "pid": os.getpid(),
-        }
-        return json.dumps(entry, separators=(",", ":")) + "\n"
+    def format(self, offset: float, rec: Record) -> str:
+        """One record as a JSON line (the fields of :data:`Record`, plus the worker).
+
+        Written with a template rather than ``json.dumps`` of a dict, which cost the
+        gateway a fifth of its capacity at full load: only a string that needs it is
+        escaped (a request id or path with quotes, backslashes or non-ASCII text).
+        """
+        ip, method, target, status, route, rid, size, total, upstream, aborted, trace, start = rec
+        return _LINE % (
+            start + offset,
+            ip,
+            method.decode("latin-1"),
+            _text(target.split(b"?", 1)[0]),
+            status,
+            '"' + route + '"' if route else "null",  # route names are [A-Za-z0-9_.-]
+            _text(rid),
+            _text(trace) if trace else "",
+            size,
+            total * 1000,
+            upstream * 1000,
+            _quoted(aborted) if aborted else "null",
+            self._tail,
+        )
+
+
+_LINE = (
+    '{"ts":%.3f,"client":"%s","method":"%s","path":"%s","status":%d,"route":%s,'
+    '"request_id":"%s","trace_id":"%s","bytes":%d,"duration_ms":%.3f,"upstream_ms":%.3f,'
+    '"aborted":%s%s'
+)
+
+
+def _quoted(text: str) -> str:
+    return json.dumps(text)
+
+
+def _text(raw: bytes) -> str:
+    """``raw`` as the inside of a JSON string."""
+    text = raw.decode("latin-1")
+    if text.isascii() and text.isprintable() and '"' not in text and "\\" not in text:
+        return text
+    return json.dumps(text)[1:-1]

@@ -503,6 +503,8 @@ class Exchange:
                     total,
                     upstream_time,
                     aborted,
+                    self.trace_id if tracer is not None and route is not None else b"",
+                    self.t_start,
                 )
             )
         if self.keep_alive and client.current is self and not client.closing and not client.pending:
