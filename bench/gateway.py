@@ -257,6 +257,18 @@ def _prepare_tracing(ratio: float) -> Callable[[ScenarioContext], Scenario]:
     return prepare
 
 
+def _prepare_logs(ctx: ScenarioContext) -> Scenario:
+    """Access logs on, to files: nginx's buffered (64 KiB, flushed every second, as
+    production setups write it), meshgate's written by its worker's thread in batches."""
+    nginx_log = ctx.workdir / "nginx-access.log"
+    meshgate_log = ctx.workdir / "meshgate-access.log"
+    return dataclasses.replace(
+        ctx.scenario,
+        nginx_location=f"access_log {nginx_log} buffer=64k flush=1s;",
+        meshgate_gateway={"access_log": {"enabled": True, "path": str(meshgate_log)}},
+    )
+
+
 SCENARIOS: dict[str, Scenario] = {
     s.name: s
     for s in (
@@ -286,6 +298,12 @@ SCENARIOS: dict[str, Scenario] = {
             "one round trip); nginx and HAProxy proxy plainly: the ratio is against "
             "plain nginx",
             prepare=_prepare_auth,
+        ),
+        Scenario(
+            "logs",
+            "basic, with the access log on (to a file) in nginx and meshgate; compare with "
+            "basic in the same run for what logging costs",
+            prepare=_prepare_logs,
         ),
         Scenario(
             "trace1",
