@@ -93,11 +93,12 @@ async def test_metrics_count_requests_by_route_template() -> None:
             await client.get("/context")
         await client.get("/nowhere")
         text = (await client.get("/metrics")).text
+    # ``code``, the label name the gateway uses too; services count exact codes.
     assert (
-        'meshgate_service_requests_total{method="GET",route="/context",service="orders",'
-        'status="200"} 3.0' in text
+        'meshgate_service_requests_total{code="200",method="GET",route="/context",'
+        'service="orders"} 3.0' in text
     )
-    assert 'route="(unmatched)",service="orders",status="404"} 1.0' in text
+    assert 'code="404",method="GET",route="(unmatched)",service="orders"} 1.0' in text
     assert "meshgate_service_request_duration_seconds_bucket" in text
     assert "process_cpu_seconds_total" in text
 
