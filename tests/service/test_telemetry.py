@@ -5,6 +5,8 @@ passing through while tracing is off, a missing SDK, and real OTLP export."""
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -354,3 +356,47 @@ async def test_spans_are_exported_as_otlp_with_the_resource_and_headers(
     assert resource["service.namespace"] == "shop"
     assert resource["service.instance.id"] == "orders-1"  # the environment's wins
     assert resource["service.version"] == "0.0.0"
+
+
+_PROCESS_WIDE = """
+import asyncio
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from meshgate.service import Service
+from meshgate.service.testing import in_process
+
+# A process-wide provider, as meshgate serve sets one: FastAPI (from 0.16x) makes
+# server spans with it unless told not to.
+spans = InMemorySpanExporter()
+provider = TracerProvider()
+provider.add_span_processor(SimpleSpanProcessor(spans))
+trace.set_tracer_provider(provider)
+service = Service("orders")
+service.telemetry.use_exporter(spans)
+
+@service.app.get("/a")
+async def a() -> dict[str, str]:
+    return {}
+
+async def main() -> None:
+    async with in_process(service) as client:
+        await client.get("/a", headers={"traceparent": "SAMPLED"})
+
+asyncio.run(main())
+print("|".join(f"{s.kind.name}:{s.name}" for s in spans.get_finished_spans()))
+"""
+
+
+def test_one_server_span_per_request_when_the_provider_is_the_process_s() -> None:
+    ran = subprocess.run(
+        [sys.executable, "-c", _PROCESS_WIDE.replace("SAMPLED", SAMPLED)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src")},
+    )
+    assert ran.returncode == 0, ran.stderr
+    assert ran.stdout.strip().split("|") == ["SERVER:GET /a"]
