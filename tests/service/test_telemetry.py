@@ -400,3 +400,58 @@ def test_one_server_span_per_request_when_the_provider_is_the_process_s() -> Non
     )
     assert ran.returncode == 0, ran.stderr
     assert ran.stdout.strip().split("|") == ["SERVER:GET /a"]
+
+
+_HTTPX = """
+import asyncio
+import httpx
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from meshgate.service import Service
+from meshgate.service.testing import in_process, serving, use_endpoints
+
+spans = InMemorySpanExporter()
+users = Service("users")
+
+@users.app.get("/u")
+async def u() -> dict[str, str]:
+    return {}
+
+web = Service("web")
+web.telemetry.use_exporter(spans)
+web.telemetry.own_process()  # what Service.serve does
+
+async def main() -> None:
+    async with serving(users) as address:
+        client = use_endpoints(web, "users", [address])
+
+        @web.app.get("/page")
+        async def page() -> None:
+            await client.get("/u")  # the service client's span only
+            async with httpx.AsyncClient() as raw:
+                await raw.get(f"http://{address}/u")  # the httpx instrumentation's
+
+        async with in_process(web) as http:
+            await http.get("/page", headers={"traceparent": "SAMPLED"})
+        async with httpx.AsyncClient() as raw:
+            await raw.get(f"http://{address}/u")  # outside any request: no trace
+
+asyncio.run(main())
+server = next(s for s in spans.get_finished_spans() if s.kind.name == "SERVER")
+for s in spans.get_finished_spans():
+    if s.kind.name == "CLIENT":
+        parent = "server" if s.parent and s.parent.span_id == server.context.span_id else "other"
+        print(f"{s.name}|{parent}")
+"""
+
+
+def test_httpx_calls_of_the_code_are_client_spans_once_the_process_is_the_service_s() -> None:
+    ran = subprocess.run(
+        [sys.executable, "-c", _HTTPX.replace("SAMPLED", SAMPLED)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src")},
+    )
+    assert ran.returncode == 0, ran.stderr
+    assert ran.stdout.splitlines() == ["GET users|server", "GET|server"]
