@@ -19,7 +19,12 @@ from opentelemetry.trace import SpanKind, StatusCode
 
 from meshgate.data import Cache, Database
 from meshgate.service import Service, current_trace
-from meshgate.service.telemetry import DEFAULT_RATIO, TraceSettings, trace_settings
+from meshgate.service.telemetry import (
+    DEFAULT_RATIO,
+    TraceSettings,
+    _OncePerMinute,
+    trace_settings,
+)
 from meshgate.service.testing import capture_logs, capture_spans, in_process
 from tests.otlp import receiver
 
@@ -455,3 +460,23 @@ def test_httpx_calls_of_the_code_are_client_spans_once_the_process_is_the_servic
     )
     assert ran.returncode == 0, ran.stderr
     assert ran.stdout.splitlines() == ["GET users|server", "GET|server"]
+
+
+def test_the_sdk_says_that_the_collector_is_away_once_a_minute() -> None:
+    quiet = _OncePerMinute()
+
+    def record(message: str, level: int = logging.ERROR) -> logging.LogRecord:
+        return logging.LogRecord("opentelemetry.sdk", level, "", 0, message, None, None)
+
+    assert quiet.filter(record("Failed to export span batch code: 404"))
+    assert not quiet.filter(record("Failed to export span batch code: 404"))
+    assert not quiet.filter(record("Failed to export span batch code: 404"))
+    assert quiet.filter(record("Queue full, dropping span."))  # another message
+    assert quiet.filter(record("exporting", logging.DEBUG))  # below WARNING: all of them
+    # A minute later, the next one says how many were held back.
+    quiet._last = {key: moment - 61 for key, moment in quiet._last.items()}
+    later = record("Failed to export span batch code: 404")
+    assert quiet.filter(later)
+    assert later.getMessage() == (
+        "Failed to export span batch code: 404 (2 more like it in the last minute)"
+    )

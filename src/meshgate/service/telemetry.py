@@ -6,8 +6,13 @@ the OpenTelemetry SDKs read it: ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`` (used as 
 else ``OTEL_EXPORTER_OTLP_ENDPOINT`` with ``/v1/traces`` appended (``meshgate up`` sets
 it for every process). Then:
 
-- every request gets a SERVER span (the ASGI instrumentation), named and tagged with
-  its route template (``http.route``), its parent taken from ``traceparent``;
+- every request gets a SERVER span (:meth:`Telemetry.server_context`, started by the
+  service's middleware), named and tagged with its route template (``http.route``),
+  its parent taken from ``traceparent``. It is made with the SDK's tracer here rather
+  than by the ASGI instrumentation, which cost four times as much per request (about
+  110 µs against 25 µs in-process: it collects a dozen attributes by scanning the
+  headers for each, sets them twice, and records two histograms); FastAPI's own
+  server spans are turned off (:func:`fastapi_options`), as they would be a second;
 - every SQL statement of the service's database gets a CLIENT span (the SQLAlchemy
   instrumentation): the statement as sent, with its placeholders, never the values
   bound to them;
