@@ -337,7 +337,7 @@ def test_ps_and_logs_from_the_root_of_the_system(shop: Up, monkeypatch: pytest.M
         assert ps.exit_code == 0, (folder, ps.output)
         assert ps.stdout.startswith("shop: ready, up "), ps.output
         assert f", {shop.file})" in ps.stdout.splitlines()[0]
-        logs = runner.invoke(app, ["logs", "web", "-n", "5"])
+        logs = runner.invoke(app, ["logs", "web", "-n", "200"])
         assert logs.exit_code == 0, logs.output
         assert re.search(r"^web-1 +\| web on http:", logs.stdout, re.M), logs.stdout
     named = runner.invoke(app, ["ps", "--system", "shop", "--json"])
