@@ -321,8 +321,6 @@ class Telemetry:
         service = self._service()
         return service.name if service is not None else "the service"
 
-    # -- starting
-
     # -- requests
 
     def server_context(
@@ -378,6 +376,8 @@ class Telemetry:
         if status >= 500:
             span.set_attribute("error.type", str(status))
             span.set_status(trace.Status(trace.StatusCode.ERROR))
+
+    # -- starting
 
     def start(self) -> None:
         """Read the settings, and with tracing on build the provider and give spans to
