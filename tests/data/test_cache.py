@@ -1,5 +1,6 @@
 """Cache in memory and on a real Redis: values, TTLs, cache-aside with stampede
-protection, and a Redis that fails (a closed port, a cut proxy) and comes back."""
+protection, a Redis that fails (a closed port, a cut proxy) and comes back, and the
+spans of its calls."""
 
 from __future__ import annotations
 
@@ -9,6 +10,11 @@ from collections.abc import AsyncIterator
 from urllib.parse import urlsplit
 
 import pytest
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind, StatusCode
 from prometheus_client import CollectorRegistry
 
 from meshgate.data import Cache, CacheUnavailableError
@@ -269,3 +275,91 @@ async def test_hits_and_misses_are_counted() -> None:
         await cache.get_or_load("k", Loader())
     assert registry.get_sample_value("meshgate_cache_hits_total", {"cache": "counted"}) == 2
     assert registry.get_sample_value("meshgate_cache_misses_total", {"cache": "counted"}) == 1
+
+
+# ---------------------------------------------------------------------------- spans
+
+
+def traced(cache: Cache) -> InMemorySpanExporter:
+    """Give ``cache`` a tracer whose spans are kept in memory."""
+    exporter = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    cache.tracer = provider.get_tracer("test")
+    return exporter
+
+
+async def test_calls_inside_a_recorded_span_make_spans_of_their_own(cache: Cache) -> None:
+    spans = traced(cache)
+    request = cache.tracer.start_span("GET /orders/{id}")
+    with trace.use_span(request, end_on_exit=True):
+        await cache.set("k", "v")
+        assert await cache.get("k") == "v"
+        assert await cache.get("nothing") is None
+        assert await cache.get_or_load("k", Loader()) == "v"
+        assert await cache.get_or_load("new", Loader("fresh", delay=0)) == "fresh"
+        assert await cache.delete("k") is True
+    *calls, outer = spans.get_finished_spans()
+    assert outer.name == "GET /orders/{id}"
+    assert [s.name for s in calls] == [
+        f"cache {op} {cache.name}"
+        for op in ("set", "get", "get", "get_or_load", "get_or_load", "delete")
+    ]
+    for span in calls:
+        assert span.parent is not None
+        assert span.parent.span_id == outer.context.span_id
+        attributes = dict(span.attributes or {})
+        assert attributes["meshgate.cache.name"] == cache.name
+        assert attributes["meshgate.cache.backend"] == cache.backend
+        # Keys and values are never recorded.
+        assert not {"k", "v", "fresh", "new"} & {str(v) for v in attributes.values()}
+    redis = cache.backend == "redis"
+    assert {s.kind for s in calls} == {SpanKind.CLIENT if redis else SpanKind.INTERNAL}
+    assert ("db.system" in dict(calls[0].attributes or {})) is redis
+    outcomes = [dict(s.attributes or {}).get("meshgate.cache.outcome") for s in calls]
+    assert outcomes == [None, None, None, "hit", "miss", None]
+    hits = [dict(s.attributes or {}).get("meshgate.cache.hit") for s in calls]
+    assert hits == [None, True, False, True, False, None]
+
+
+async def test_the_loader_runs_inside_the_get_or_load_span(cache: Cache) -> None:
+    spans = traced(cache)
+    tracer = cache.tracer
+
+    async def load() -> str:
+        with tracer.start_as_current_span("SELECT orders"):
+            return "row"
+
+    with tracer.start_as_current_span("request"):
+        await cache.get_or_load("order:1", load)
+    query, call, _ = spans.get_finished_spans()
+    assert query.name == "SELECT orders"
+    assert query.parent is not None
+    assert query.parent.span_id == call.context.span_id
+
+
+async def test_no_span_outside_a_recorded_one(cache: Cache) -> None:
+    spans = traced(cache)
+    await cache.set("k", 1)
+    await cache.get_or_load("k", Loader())
+    unsampled = trace.NonRecordingSpan(cache.tracer.start_span("x").get_span_context())
+    with trace.use_span(unsampled):
+        await cache.get("k")
+    assert [s.name for s in spans.get_finished_spans()] == []
+
+
+@pytest.mark.services
+async def test_a_failing_redis_call_is_an_error_span(closed_port: int) -> None:
+    async with Cache(
+        f"redis://127.0.0.1:{closed_port}/0", name="down", registry=CollectorRegistry()
+    ) as cache:
+        spans = traced(cache)
+        with cache.tracer.start_as_current_span("request"):
+            with pytest.raises(CacheUnavailableError):
+                await cache.get("k")
+            assert await cache.get_or_load("k", Loader("source", delay=0)) == "source"
+    failed, degraded, _ = spans.get_finished_spans()
+    assert failed.status.status_code is StatusCode.ERROR
+    assert [e.name for e in failed.events] == ["exception"]
+    assert dict(degraded.attributes or {})["meshgate.cache.outcome"] == "degraded"
+    assert degraded.status.status_code is StatusCode.UNSET  # the caller got its value

@@ -18,6 +18,7 @@ def test_exported_members() -> None:
         "RegistryClient",
         "RegistryClosedError",
         "RegistryError",
+        "RegistryMetrics",
         "RegistryRequestError",
         "RegistryStoreError",
         "RegistryUnavailableError",

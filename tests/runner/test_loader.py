@@ -133,6 +133,40 @@ def test_an_empty_file_is_a_system_with_only_a_gateway(tmp_path: Path) -> None:
             "(document) (line 1): the document must be a mapping with gateway and services",
             id="not-a-mapping",
         ),
+        pytest.param(
+            "observability: {otlp: {endpoint: 'collector:4318'}}\n",
+            "observability.otlp.endpoint (line 1): 'collector:4318' is not an http(s) URL; "
+            "write the collector's OTLP/HTTP base URL, such as http://127.0.0.1:4318",
+            id="otlp-endpoint-not-a-url",
+        ),
+        pytest.param(
+            "observability:\n  otlp:\n    endpoint: 'http://u:pw@c:4318/?x=1'\n",
+            "observability.otlp.endpoint (line 3): 'http://u:***@c:4318/?x=1' has a query or "
+            "fragment; give the base URL only (/v1/traces is added)",
+            id="otlp-endpoint-with-a-query-masked",
+        ),
+        pytest.param(
+            "observability:\n  otlp:\n    headers: {'x key': v}\n",
+            "observability.otlp.headers.x key (line 3): 'x key' is not an HTTP header name; "
+            "use letters, digits and '-', such as x-api-key",
+            id="otlp-header-name",
+        ),
+        pytest.param(
+            'observability:\n  otlp:\n    headers: {apikey: "a\\nb"}\n',
+            "observability.otlp.headers.apikey (line 3): a header value cannot hold a line "
+            "break or NUL; write it on one line",
+            id="otlp-header-value",
+        ),
+        pytest.param(
+            "observability:\n  sampling: {ratio: 5}\n",
+            "observability.sampling.ratio (line 2): Input should be less than or equal to 1",
+            id="sampling-ratio",
+        ),
+        pytest.param(
+            "observability: {tracing: true}\n",
+            "observability.tracing (line 1): unknown key 'tracing'; allowed keys: otlp, sampling",
+            id="observability-unknown-key",
+        ),
     ],
 )
 def test_field_errors(text: str, expected: str, tmp_path: Path) -> None:

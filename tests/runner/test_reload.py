@@ -53,17 +53,20 @@ def test_what_needs_a_new_up_is_not_applied(tmp_path: Path) -> None:
         BASE.replace("    depends_on: [users]\n", "")
         + "  search:\n    command: [sleep, '60']\n"
         + "gateway: {listen: '127.0.0.1:8080'}\nname: renamed\n"
+        + "observability: {sampling: {ratio: 0.5}}\n"
     )
     old = system(BASE, tmp_path)
     change = compare(old, system(new, tmp_path))
     assert change.new_up == [
         "name",
         "gateway",
+        "observability",
         "services added (search)",
         "services.web.depends_on",
     ]
     assert change.system.name == old.name
     assert change.system.gateway == old.gateway
+    assert change.system.observability == old.observability
     assert set(change.system.services) == {"users", "web"}
     assert change.system.services["web"].depends_on == ("users",)
     assert change.restart == {}

@@ -3,15 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import itertools
+import re
 import time
+from pathlib import Path
 
 import httpx
 from fastapi import Depends
+from prometheus_client.parser import text_string_to_metric_families
 
+from meshgate.data import Cache, Database
 from meshgate.data.errors import CacheUnavailableError, DatabaseUnavailableError
 from meshgate.service import (
     IdentitySigner,
     Service,
+    ServiceClient,
+    ServiceUnavailableError,
     current_caller,
     current_request_id,
     current_trace,
@@ -93,11 +101,12 @@ async def test_metrics_count_requests_by_route_template() -> None:
             await client.get("/context")
         await client.get("/nowhere")
         text = (await client.get("/metrics")).text
+    # ``code``, the label name the gateway uses too; services count exact codes.
     assert (
-        'meshgate_service_requests_total{method="GET",route="/context",service="orders",'
-        'status="200"} 3.0' in text
+        'meshgate_service_requests_total{code="200",method="GET",route="/context",'
+        'service="orders"} 3.0' in text
     )
-    assert 'route="(unmatched)",service="orders",status="404"} 1.0' in text
+    assert 'code="404",method="GET",route="(unmatched)",service="orders"} 1.0' in text
     assert "meshgate_service_request_duration_seconds_bucket" in text
     assert "process_cpu_seconds_total" in text
 
@@ -247,3 +256,49 @@ async def test_drain_lets_in_flight_requests_finish() -> None:
         await server_exit
     assert response.json() == {"done": True}
     assert time.monotonic() - started >= 0.2  # the drain waited the deregister delay
+
+
+async def test_every_meshgate_metric_follows_the_prometheus_naming_rules(tmp_path: Path) -> None:
+    """Base units (seconds, not milliseconds), ``_total`` on counters and only there, no
+    word twice in a row (the old ``meshgate_gateway_gateway_seconds``)."""
+    database = Database(f"sqlite:///{tmp_path / 'names.db'}", name="names")
+    cache = Cache("memory://", name="names")
+    service = Service("names", database=database, cache=cache)
+    calls = ServiceClient("nowhere", endpoints=[], caller="names")
+
+    @service.app.get("/work")
+    async def work() -> None:
+        await cache.get_or_load("k", database.ping)
+        with contextlib.suppress(ServiceUnavailableError):
+            await calls.get("/x")
+
+    try:
+        async with in_process(service) as client:
+            await client.get("/work")
+            text = (await client.get("/metrics")).text
+    finally:
+        await calls.close()
+    families = [f for f in text_string_to_metric_families(text) if f.name.startswith("meshgate_")]
+    names = {f.name for f in families}
+    assert {
+        "meshgate_service_requests",
+        "meshgate_service_request_duration_seconds",
+        "meshgate_db_query_duration_seconds",
+        "meshgate_cache_hits",
+        "meshgate_client_requests",
+        "meshgate_client_retries",
+        "meshgate_client_breaker_open",
+        "meshgate_client_retry_budget_tokens",
+    } <= names
+    for family in families:
+        words = family.name.split("_")
+        assert re.fullmatch(r"meshgate(_[a-z0-9]+)+", family.name), family.name
+        assert all(a != b for a, b in itertools.pairwise(words)), f"doubled word: {family.name}"
+        assert not {"ms", "millis", "milliseconds", "minutes", "kb", "mb"} & set(words), family.name
+        samples = {s.name for s in family.samples}
+        if family.type == "counter":
+            assert samples <= {f"{family.name}_total", f"{family.name}_created"}, samples
+        else:
+            assert not family.name.endswith("_total"), family.name
+        if family.type == "histogram":
+            assert family.name.endswith("_seconds"), family.name

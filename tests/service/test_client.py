@@ -1,5 +1,5 @@
 """ServiceClient against real services on loopback: balancing, retries, deadlines,
-breaker, identity and trace propagation."""
+breaker, identity, trace propagation, its spans and its metrics."""
 
 from __future__ import annotations
 
@@ -11,6 +11,8 @@ from contextlib import AsyncExitStack
 
 import pytest
 from fastapi import Depends, Request, Response
+from opentelemetry.trace import SpanKind
+from prometheus_client import REGISTRY, CollectorRegistry
 
 from meshgate.config.model import CircuitBreakerSettings
 from meshgate.service import (
@@ -22,7 +24,7 @@ from meshgate.service import (
     current_caller,
     remaining,
 )
-from meshgate.service.testing import in_process, serving, use_endpoints
+from meshgate.service.testing import capture_spans, in_process, serving, use_endpoints
 
 SECRET = "k" * 40
 
@@ -292,3 +294,146 @@ async def test_set_instances_keeps_state_of_those_that_stay(
         assert [e.label for e in client.instances] == [addresses[0], addresses[2]]
     finally:
         await client.close()
+
+
+# ---------------------------------------------------------------------------- traces and metrics
+
+PARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+
+
+def client_sample(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+async def test_a_call_is_one_client_span_the_parent_of_every_try() -> None:
+    users = Service("users")
+    users_spans = capture_spans(users)
+    answers = iter([503, 200])
+
+    @users.app.get("/flaky")
+    async def flaky(response: Response) -> dict[str, str]:
+        response.status_code = next(answers)
+        return {}
+
+    web = Service("web")
+    web_spans = capture_spans(web)
+
+    async with serving(users) as address:
+        client = use_endpoints(web, "users", [address])
+
+        @web.app.get("/page")
+        async def page() -> dict[str, int]:
+            return {"status": (await client.get("/flaky")).status_code}
+
+        labels = {"service": "web", "target": "users"}
+        calls = client_sample("meshgate_client_requests_total", code="200", **labels)
+        retries = client_sample("meshgate_client_retries_total", **labels)
+        async with in_process(web) as http:
+            answer = await http.get("/page", headers={"traceparent": PARENT})
+    assert answer.json() == {"status": 200}
+
+    server = next(s for s in web_spans.get_finished_spans() if s.kind is SpanKind.SERVER)
+    (call,) = [s for s in web_spans.get_finished_spans() if s.kind is SpanKind.CLIENT]
+    assert call.name == "GET users"
+    assert call.parent is not None
+    assert call.parent.span_id == server.context.span_id
+    host, port = address.rsplit(":", 1)
+    assert dict(call.attributes or {}) == {
+        "http.request.method": "GET",
+        "peer.service": "users",
+        "server.address": host,
+        "server.port": int(port),
+        "meshgate.instance": address,
+        "url.full": f"http://{address}/flaky",
+        "meshgate.retries": 1,
+        "http.request.resend_count": 1,
+        "meshgate.breaker.state": "closed",
+        "http.response.status_code": 200,
+    }
+    (failed,) = call.events
+    assert failed.name == "try failed"
+    assert dict(failed.attributes or {}) == {
+        "meshgate.instance": address,
+        "meshgate.reason": f"{address}: status 503",
+    }
+    # Both tries reached users: each is a server span whose parent is the call's.
+    tries = [s for s in users_spans.get_finished_spans() if s.name == "GET /flaky"]
+    assert [dict(s.attributes or {})["http.response.status_code"] for s in tries] == [503, 200]
+    for span in tries:
+        assert span.parent is not None
+        assert span.parent.span_id == call.context.span_id
+        assert span.context.trace_id == call.context.trace_id == int(PARENT.split("-")[1], 16)
+    after = client_sample("meshgate_client_requests_total", code="200", **labels)
+    assert after - calls == 1
+    assert client_sample("meshgate_client_retries_total", **labels) - retries == 1
+
+
+async def test_a_call_outside_any_request_is_not_a_trace_of_its_own(
+    fleet: tuple[Fleet, list[str]],
+) -> None:
+    instances, addresses = fleet
+    web = Service("web")
+    spans = capture_spans(web)
+    client = use_endpoints(web, "users", addresses[:1])
+    async with in_process(web):
+        response = await client.get("/echo")
+    assert response.status_code == 200
+    assert spans.get_finished_spans() == ()
+    assert instances.seen[-1]["traceparent"] is None
+
+
+async def test_off_a_call_passes_the_callers_trace_context_on_unchanged(
+    fleet: tuple[Fleet, list[str]],
+) -> None:
+    instances, addresses = fleet
+    web = Service("web")
+    users = use_endpoints(web, "users", addresses[:1])
+
+    @web.app.get("/page")
+    async def page() -> None:
+        await users.get("/echo")
+
+    async with in_process(web) as client:
+        await client.get("/page", headers={"traceparent": PARENT})
+    assert not web.telemetry.enabled
+    assert instances.seen[-1]["traceparent"] == PARENT
+
+
+async def test_outcomes_breaker_and_budget_are_counted() -> None:
+    metrics = CollectorRegistry()
+    client = ServiceClient(
+        "users",
+        endpoints=[closed_port()],
+        caller="web",
+        retries=1,
+        retry_budget=0.0,  # a floor that earns almost nothing back while the test runs
+        retries_per_second=0.01,
+        circuit_breaker=CircuitBreakerSettings(
+            failure_ratio=0.5, min_requests=4, window=10.0, open_for=30.0
+        ),
+        metrics=metrics,
+    )
+
+    def sample(name: str, **labels: str) -> float | None:
+        return metrics.get_sample_value(name, {"service": "web", "target": "users", **labels})
+
+    full = sample("meshgate_client_retry_budget_tokens")
+    assert sample("meshgate_client_breaker_open") == 0.0
+    try:
+        for _ in range(2):
+            with pytest.raises(ServiceUnavailableError, match="cannot connect"):
+                await client.get("/echo")
+        with pytest.raises(ServiceUnavailableError, match="circuit breaker is open"):
+            await client.get("/echo")
+        with pytest.raises(DeadlineExceededError):
+            await client.get("/echo", timeout=0)
+    finally:
+        await client.close()
+    assert sample("meshgate_client_requests_total", code="unavailable") == 3.0
+    assert sample("meshgate_client_requests_total", code="timeout") == 1.0
+    assert sample("meshgate_client_retries_total") == 2.0
+    assert sample("meshgate_client_breaker_open") == 1.0
+    tokens = sample("meshgate_client_retry_budget_tokens")
+    assert full == 2.0
+    assert tokens is not None
+    assert tokens < 0.5  # two retries spent

@@ -4,7 +4,8 @@ watchers hear of every change.
 Backends: :class:`MemoryRegistry` (embedded, optionally persisted to SQLite) and
 ``meshgate.registry.redis.RedisRegistry`` (shared by several gateway nodes; needs the
 ``redis`` extra, so it is imported from its module). :func:`create_router` serves
-the HTTP API; :class:`RegistryClient` and :class:`Heartbeater` are its client side.
+the HTTP API; :class:`RegistryClient` and :class:`Heartbeater` are its client side;
+:class:`RegistryMetrics` its Prometheus metrics (instances, evictions).
 The reference is docs/registry.md.
 """
 
@@ -21,6 +22,7 @@ from meshgate.registry.errors import (
     RegistryUnavailableError,
 )
 from meshgate.registry.memory import MemoryRegistry
+from meshgate.registry.metrics import RegistryMetrics
 from meshgate.registry.model import Instance, InstanceSpec, Snapshot
 from meshgate.registry.store import BaseRegistry, Registry
 
@@ -35,6 +37,7 @@ __all__ = [
     "RegistryClient",
     "RegistryClosedError",
     "RegistryError",
+    "RegistryMetrics",
     "RegistryRequestError",
     "RegistryStoreError",
     "RegistryUnavailableError",

@@ -51,6 +51,10 @@ class Registry(Protocol):
     :class:`RegistryClosedError`.
     """
 
+    evictions: int
+    """Instances this registry evicted because they missed their TTL (with a shared
+    store, those this node's reaper evicted); see :mod:`meshgate.registry.metrics`."""
+
     async def start(self) -> None:
         """Load persisted state or connect, and start the reaper. Call once before use."""
 

@@ -10,7 +10,7 @@ state folder instead of ``~/.meshgate``, so that systems do not share them.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,8 @@ import yaml
 from meshgate.config.loader import loads
 from meshgate.config.model import Config
 from meshgate.runner.loader import SystemFile, registers
-from meshgate.runner.state import StateDir
+from meshgate.runner.state import StateDir, write_private
+from meshgate.runner.telemetry import apply_gateway_tracing, gateway_tracing
 
 __all__ = [
     "GATEWAY_READY_RE",
@@ -69,6 +70,9 @@ class GatewayPlan:
     """The registry's bearer token (None when the registry is disabled)."""
     registry_token_file: Path | None
     """Where it is kept (None when set in the configuration or disabled)."""
+    tracing: dict[str, Any] = field(default_factory=dict)
+    """What its ``gateway.tracing`` gets unless its file sets it (export headers,
+    sampling ratio: see :func:`meshgate.runner.telemetry.gateway_tracing`)."""
     scheme: str = "http"
     admin_scheme: str = "http"
     port: int = 0
@@ -83,8 +87,10 @@ class GatewayPlan:
 
     @property
     def admin_url(self) -> str:
-        host = _client_host(self.admin.rpartition(":")[0])
-        return f"{self.admin_scheme}://{host}:{self.admin_port}"
+        """The admin listener's URL: with the port it chose, or before its first start
+        the one configured (0 when it is left free)."""
+        host, _, configured = self.admin.rpartition(":")
+        return f"{self.admin_scheme}://{_client_host(host)}:{self.admin_port or int(configured)}"
 
     def replace(self, base: dict[str, Any], config: Config, state: StateDir) -> None:
         """Take a new version of the configuration (the file changed); ports and
@@ -131,15 +137,17 @@ class GatewayPlan:
         registry = gw.setdefault("registry", {})
         if self.registry_token_file is not None:
             registry["token_file"] = str(self.registry_token_file)
+        apply_gateway_tracing(doc, self.tracing)
         return doc
 
     def write(self, *, pinned: bool) -> None:
         """Write the configuration as run (validated again: it must stay valid)."""
         text = yaml.safe_dump(self.document(pinned=pinned), sort_keys=False)
         loads(text, str(self.path))
-        self.path.write_text(
+        # Private: the export headers in it may carry a token.
+        write_private(
+            self.path,
             "# Written by meshgate up from the system file; edits here are overwritten.\n" + text,
-            encoding="utf-8",
         )
 
 
@@ -204,6 +212,7 @@ def plan_gateway(sf: SystemFile, state: StateDir) -> GatewayPlan:
         admin_token_file=admin_file,
         registry_token=registry_token,
         registry_token_file=registry_file,
+        tracing=gateway_tracing(sf.system, admin_token),
         scheme="https" if gw.tls is not None else "http",
         admin_scheme="https" if gw.admin.tls is not None else "http",
     )

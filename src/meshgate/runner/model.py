@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 import shlex
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
     AfterValidator,
@@ -22,12 +23,16 @@ from pydantic import (
 )
 
 from meshgate.config.model import Address, Duration, Name
+from meshgate.config.secrets import mask_url
 
 __all__ = [
     "EMBEDDED",
     "GatewaySpec",
+    "ObservabilitySpec",
+    "OtlpSpec",
     "ReadySpec",
     "RestartPolicy",
+    "SamplingSpec",
     "ServiceSpec",
     "System",
 ]
@@ -37,6 +42,7 @@ EMBEDDED = "embedded"
 
 _ENV_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _APP_RE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*$")
+_HEADER_NAME_RE = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 
 RestartPolicy = Literal["always", "on-failure", "never"]
 """When a process that exited by itself is started again."""
@@ -222,6 +228,72 @@ class ServiceSpec(_Model):
         return value
 
 
+def _header_name(value: str) -> str:
+    if not _HEADER_NAME_RE.match(value):
+        raise ValueError(
+            f"{value!r} is not an HTTP header name; use letters, digits and '-', such as x-api-key"
+        )
+    return value
+
+
+def _header_value(value: str) -> str:
+    if any(c in value for c in "\r\n\0"):
+        raise ValueError("a header value cannot hold a line break or NUL; write it on one line")
+    return value
+
+
+HeaderName = Annotated[str, AfterValidator(_header_name)]
+HeaderValue = Annotated[str, BeforeValidator(_env_value), AfterValidator(_header_value)]
+
+
+class OtlpSpec(_Model):
+    """The OpenTelemetry collector every process of the system exports to."""
+
+    endpoint: str | None = None
+    """The collector's OTLP/HTTP base URL (``http://collector:4318``): traces go to
+    ``<endpoint>/v1/traces``. Default: the collector of the gateway's admin listener."""
+    headers: dict[HeaderName, HeaderValue] = Field(default_factory=dict)
+    """Headers sent with every export, such as a hosted collector's API key (the
+    embedded collector's token is sent without being written here)."""
+
+    @field_validator("endpoint")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(
+                f"{mask_url(value)!r} is not an http(s) URL; write the collector's OTLP/HTTP "
+                "base URL, such as http://127.0.0.1:4318"
+            )
+        if parts.query or parts.fragment:
+            raise ValueError(
+                f"{mask_url(value)!r} has a query or fragment; give the base URL only "
+                "(/v1/traces is added)"
+            )
+        return value
+
+
+class SamplingSpec(_Model):
+    """How many traces are kept."""
+
+    ratio: float | None = Field(default=None, ge=0.0, le=1.0)
+    """The share of new traces (requests without a trace context) that are sampled,
+    from 0 to 1; a sampled request is traced in every process it reaches. Default:
+    1 with the embedded collector (a system on one machine: every request), else the
+    processes' own default (0.01)."""
+
+
+class ObservabilitySpec(_Model):
+    """Telemetry of every process: where it goes and how much of it."""
+
+    otlp: OtlpSpec = Field(default_factory=OtlpSpec)
+    """The collector (default: the embedded one)."""
+    sampling: SamplingSpec = Field(default_factory=SamplingSpec)
+    """Trace sampling."""
+
+
 class System(_Model):
     """A whole system file: the gateway and the services run by ``meshgate up``."""
 
@@ -239,3 +311,5 @@ class System(_Model):
     examples: tuple[str, ...] = ()
     """Lines printed once everything is ready (commands to try), with placeholders
     such as ``{gateway}``."""
+    observability: ObservabilitySpec = Field(default_factory=ObservabilitySpec)
+    """Where every process's traces go (OTLP), and how many are sampled."""

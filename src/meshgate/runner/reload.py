@@ -9,8 +9,8 @@ one it runs (:func:`compare`), and then:
   after a crash, ``scale``, ``meshgate restart``); running instances keep theirs until
   ``meshgate restart SERVICE``;
 - what the running processes are built around (the gateway, ``root``, ``name``,
-  services added or removed, ``depends_on``) is not applied: ``up`` says that it
-  needs a new ``up``.
+  ``observability``, services added or removed, ``depends_on``) is not applied:
+  ``up`` says that it needs a new ``up``.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from meshgate.runner.model import ServiceSpec, System
 
 __all__ = ["Change", "compare"]
 
-_NEW_UP = ("name", "root", "gateway")
+_NEW_UP = ("name", "root", "gateway", "observability")
 """Top-level fields that only a new ``up`` applies."""
 
 

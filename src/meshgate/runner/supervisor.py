@@ -67,6 +67,7 @@ from meshgate.runner.reload import Change, compare
 from meshgate.runner.render import instances_table, plural
 from meshgate.runner.state import StateDir
 from meshgate.runner.systems import record_system
+from meshgate.runner.telemetry import process_env, reserve_admin_port
 
 __all__ = ["Runner"]
 
@@ -334,6 +335,7 @@ class Runner:
 
     async def _start_all(self) -> None:
         self.plan = plan_gateway(self.sf, self.state)
+        reserve_admin_port(self.system, self.plan)
         self.ctx.admin_token = self.plan.admin_token
         gateway_ready = asyncio.Event()
         ready = {name: asyncio.Event() for name in self.order}
@@ -482,6 +484,16 @@ class Runner:
         plan.write(pinned=self._gateway_pinned)
         argv = [self.python, "-m", "meshgate", "gateway", str(plan.path), "--log-level", "info"]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env.update(
+            process_env(
+                self.system,
+                self.name,
+                plan,
+                service=plan.config.gateway.tracing.service_name,
+                instance="gateway",
+                gateway=True,
+            )
+        )
         return Launch(argv, env, self.sf.root, fixed=plan.fixed_ports(pinned=self._gateway_pinned))
 
     def _build_app(self, instance: Instance) -> Launch:
@@ -523,8 +535,8 @@ class Runner:
         self, service: str, spec: ServiceSpec, instance: str, index: int, port: int | None
     ) -> dict[str, str]:
         """The environment of a process of ``service``: the runner's own, the
-        system's ``env``, the dependency URLs, the registry and identity settings,
-        then the service's ``env`` (which wins)."""
+        system's ``env``, the dependency URLs, the registry, identity and telemetry
+        settings, then the service's ``env`` (which wins)."""
         plan = self.plan
         values = self._values(service, instance, index, port)
         env = dict(os.environ)
@@ -551,6 +563,7 @@ class Runner:
         env["MESHGATE_SERVICE_SECRET"] = self._secret
         env["MESHGATE_SYSTEM"] = self.name
         env["MESHGATE_INSTANCE"] = instance
+        env.update(process_env(self.system, self.name, plan, service=service, instance=instance))
         if port is not None:
             env["PORT"] = str(port)
         if spec.migrate:

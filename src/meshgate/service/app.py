@@ -10,10 +10,13 @@ with:
 - a database that names its migrations checked before the service starts: at
   their head revision, or migrated when ``migrate`` is on, or a clear refusal;
 - ``/metrics`` in the Prometheus format (requests, latency, in flight, and the
-  data layer's metrics);
+  data layer's and the service clients' metrics);
 - the request's id (``X-Request-ID``), W3C trace context (``traceparent``),
   deadline and calling service taken from each request and made available to the
   code handling it and to :meth:`Service.client` calls it makes;
+- OpenTelemetry traces (a server span per request, spans of its queries, cache and
+  service calls) exported as OTLP when an endpoint is set
+  (:mod:`meshgate.service.telemetry`);
 - every error answered as an RFC 9457 problem (``application/problem+json``, see
   :mod:`meshgate.service.problems`), documented in its OpenAPI: a 503 naming the
   database or cache that went away mid-request, a 504 when the caller's deadline
@@ -56,6 +59,7 @@ from meshgate.service.context import current_caller
 from meshgate.service.middleware import ServiceMiddleware
 from meshgate.service.problems import ProblemError
 from meshgate.service.readiness import Check, prepare_database, run_checks
+from meshgate.service.telemetry import Telemetry, fastapi_options
 
 if TYPE_CHECKING:
     from meshgate.data import Cache, Database
@@ -82,6 +86,9 @@ class _ServiceApp(FastAPI):
     service: Service
 
     def build_middleware_stack(self) -> ASGIApp:
+        # Built when the app gets its first message (the lifespan's startup): the
+        # tracer provider is made then, not when the module is imported.
+        self.service.telemetry.start()
         return ServiceMiddleware(super().build_middleware_stack(), self.service)
 
     def openapi(self) -> dict[str, Any]:
@@ -109,6 +116,7 @@ class Service:
         drain_timeout: float = 10.0,
         deregister_delay: float = 1.0,
         migrate: bool | None = None,
+        trace_ratio: float | None = None,
     ) -> None:
         """
         Args:
@@ -130,6 +138,11 @@ class Service:
             migrate: when the database names its ``migrations`` and is not at their
                 head when the service starts, upgrade it (True) or refuse to start
                 (False); None: ``MESHGATE_MIGRATE`` (``1``, ``true``, ``yes``), else False.
+            trace_ratio: the share of new traces (requests without a sampled or
+                unsampled ``traceparent``) that are traced, from 0 to 1; None:
+                ``OTEL_TRACES_SAMPLER_ARG``, else 0.01. Traces are exported when
+                ``OTEL_EXPORTER_OTLP_ENDPOINT`` is set (see
+                :mod:`meshgate.service.telemetry`).
         """
         if not _NAME_RE.match(name):
             raise MeshgateError(
@@ -165,11 +178,13 @@ class Service:
         self._registration: Any = None
         self._startup: list[Callable[[], Awaitable[None]]] = []
         self._shutdown: list[Callable[[], Awaitable[None]]] = []
+        self.telemetry = Telemetry(self, ratio=trace_ratio)
+        """Its traces (see :mod:`meshgate.service.telemetry`)."""
         self.metrics = CollectorRegistry(auto_describe=True)
         self._requests = Counter(
             "meshgate_service_requests",
-            "Requests handled, by method, route template and status.",
-            ["service", "method", "route", "status"],
+            "Requests handled, by method, route template and status code.",
+            ["service", "method", "route", "code"],
             registry=self.metrics,
         )
         self._latency = Histogram(
@@ -196,6 +211,7 @@ class Service:
             version=version,
             lifespan=self._lifespan,
             responses=problems.DEFAULT_RESPONSES,
+            **fastapi_options(),
         )
         app.service = self
         app.state.service = self
@@ -226,6 +242,7 @@ class Service:
 
         existing = self._clients.get(service)
         if existing is None:
+            options.setdefault("telemetry", self.telemetry)
             existing = ServiceClient(
                 service,
                 registry=self.registry_url,
@@ -280,7 +297,8 @@ class Service:
         @app.get("/metrics", include_in_schema=False)
         async def metrics() -> Response:
             # The service's own metrics, then the process-wide ones: the data layer's
-            # pools, queries and cache, and the process (CPU, memory, file descriptors).
+            # pools, queries and cache, the clients' calls, retries, breakers and
+            # budgets, and the process (CPU, memory, file descriptors).
             body = generate_latest(self.metrics) + generate_latest(REGISTRY)
             return Response(body, media_type=CONTENT_TYPE_LATEST)
 
@@ -390,6 +408,7 @@ class Service:
                 raised before it listens.
         """
         await self.prepare()
+        self.telemetry.own_process()
         if sock is None:
             sock = socket.create_server((host, port), reuse_port=False)
         server = self.server(sock, advertise=advertise, log_level=log_level)

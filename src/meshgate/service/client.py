@@ -15,7 +15,17 @@ keeps the list current by watching it), and for each call:
   flooded;
 - fails fast while the service's circuit breaker is open;
 - carries the request id, the W3C trace context, and a signed token naming the
-  calling service (see :mod:`meshgate.service.identity`).
+  calling service (see :mod:`meshgate.service.identity`);
+- is one CLIENT span (``GET users``) in the request's trace, the parent of what the
+  callee records for every try: with the instance that answered
+  (``server.address``, ``server.port``, ``meshgate.instance``), the status, the
+  retries (``meshgate.retries``, ``http.request.resend_count``, and an event per
+  failed try naming its instance and why), and the breaker's state
+  (``meshgate.breaker.state``);
+- is counted: ``meshgate_client_requests_total{service,target,code}`` (``code`` is
+  the answer's status, or ``unavailable`` or ``timeout`` when none came),
+  ``meshgate_client_retries_total``, and, read when scraped,
+  ``meshgate_client_breaker_open`` and ``meshgate_client_retry_budget_tokens``.
 
 The balancing, outlier ejection, retry budget and breaker are the gateway's own.
 """
@@ -24,14 +34,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import os
 import random
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
+from opentelemetry import propagate, trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
+from prometheus_client import CollectorRegistry
 
 from meshgate.config.model import (
     Address,
@@ -43,12 +57,11 @@ from meshgate.config.model import (
 from meshgate.gateway.upstream.balancer import LeastRequest
 from meshgate.gateway.upstream.health import CircuitBreaker, OutlierDetector, RetryBudget
 from meshgate.gateway.upstream.pool import Endpoint, record_failure, record_success
+from meshgate.service._metrics import client_metrics
 from meshgate.service.context import (
     DEADLINE_HEADER,
-    TraceContext,
     current_deadline,
     current_request_id,
-    current_trace,
 )
 from meshgate.service.errors import (
     DeadlineExceededError,
@@ -56,6 +69,10 @@ from meshgate.service.errors import (
     ServiceUnavailableError,
 )
 from meshgate.service.identity import IDENTITY_HEADER, IdentitySigner
+from meshgate.service.telemetry import quiet_http
+
+if TYPE_CHECKING:
+    from meshgate.service.telemetry import Telemetry
 
 # The errors live in meshgate.service.errors; importing them from here keeps working.
 __all__ = ["DeadlineExceededError", "ServiceClient", "ServiceUnavailableError"]
@@ -64,6 +81,19 @@ log = logging.getLogger("meshgate.service.client")
 
 _IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 _RETRY_STATUSES = frozenset({502, 503, 504})
+_TRACER = trace.get_tracer("meshgate.service.client")
+"""The process's tracer, for a client that no service made."""
+
+
+class _Call:
+    """What one call did, for its span and its count."""
+
+    __slots__ = ("code", "instance", "retries")
+
+    def __init__(self) -> None:
+        self.code = "unavailable"
+        self.instance: Endpoint | None = None
+        self.retries = 0
 
 
 class ServiceClient:
@@ -87,6 +117,8 @@ class ServiceClient:
         circuit_breaker: CircuitBreakerSettings | None = None,
         discovery_timeout: float = 5.0,
         max_connections: int = 100,
+        telemetry: Telemetry | None = None,
+        metrics: CollectorRegistry | None = None,
     ) -> None:
         """Nothing is looked up until the first call, so that a client may be made when
         a module is imported (``users = service.client("users")``) by a process that
@@ -110,8 +142,15 @@ class ServiceClient:
                 of at least 20 calls in 10 s, for 10 s).
             discovery_timeout: how long a first call waits for the registry.
             max_connections: pooled connections to the service, at most.
+            telemetry: the calling service's traces (``Service.client`` gives it);
+                None: the process's tracer provider.
+            metrics: the Prometheus registry of its metrics; None: the process's,
+                which every service's ``/metrics`` shows (one family for all the
+                clients of the process, each labelled with its caller).
         """
         self.service = service
+        self.caller = caller or ""
+        """The calling service (the ``service`` label of the metrics)."""
         self.timeout = timeout
         self.retries = retries
         self.discovery_timeout = discovery_timeout
@@ -149,6 +188,12 @@ class ServiceClient:
         self._watcher: asyncio.Task[None] | None = None
         self._registry_client: Any = None
         self.retried = 0  # retries made, for tests and metrics
+        self._telemetry = telemetry
+        counters = client_metrics(metrics)
+        self._requests = counters.requests
+        self._counted: dict[str, Any] = {}
+        self._retries = counters.retries.labels(self.caller, service)
+        counters.live.clients.add(self)
         if endpoints is not None:
             self.set_instances(endpoints)
 
@@ -209,7 +254,11 @@ class ServiceClient:
     async def _candidates(self, deadline: float) -> tuple[Endpoint, ...]:
         if not self._fixed and self._watcher is None:
             url, token = self._registry()
-            self._watcher = asyncio.get_running_loop().create_task(self._watch(url, token))
+            # A context of its own: the first call's request (its id, its trace) is
+            # not the watch's, which lasts as long as the client.
+            self._watcher = asyncio.get_running_loop().create_task(
+                self._watch(url, token), context=contextvars.Context()
+            )
         if not self._known.is_set():
             wait = min(self.discovery_timeout, deadline - time.monotonic())
             try:
@@ -246,6 +295,97 @@ class ServiceClient:
             DeadlineExceededError: the timeout or the request's deadline passed.
         """
         method = method.upper()
+        tracer = self._telemetry.tracer if self._telemetry is not None else _TRACER
+        span = tracer.start_span(f"{method} {self.service}", kind=SpanKind.CLIENT)
+        call = _Call()
+        failure: BaseException | None = None
+        try:
+            with trace.use_span(span, record_exception=False, set_status_on_exception=False):
+                response = await self._call(
+                    call,
+                    span,
+                    method,
+                    path,
+                    params=params,
+                    json=json,
+                    content=content,
+                    headers=headers,
+                    timeout=timeout,
+                    idempotent=idempotent,
+                )
+            call.code = str(response.status_code)
+        except DeadlineExceededError as exc:
+            call.code, failure = "timeout", exc
+            raise
+        except ServiceUnavailableError as exc:
+            failure = exc
+            raise
+        except BaseException as exc:
+            # Cancelled with the request, or a bug: not an outcome of the callee's.
+            call.code, failure = "", exc
+            raise
+        else:
+            return response
+        finally:
+            if call.code:
+                counted = self._counted.get(call.code)
+                if counted is None:
+                    counted = self._counted[call.code] = self._requests.labels(
+                        self.caller, self.service, call.code
+                    )
+                counted.inc()
+            if span.is_recording():
+                self._describe(span, method, path, call, failure)
+            span.end()
+
+    def _describe(
+        self,
+        span: trace.Span,
+        method: str,
+        path: str,
+        call: _Call,
+        failure: BaseException | None,
+    ) -> None:
+        """The attributes and status of a call's span, once it ended."""
+        instance = call.instance
+        attributes: dict[str, str | int] = {
+            "http.request.method": method,
+            "peer.service": self.service,
+            "meshgate.retries": call.retries,
+            "meshgate.breaker.state": self.breaker.state,
+        }
+        if instance is not None:
+            attributes["server.address"] = instance.host
+            attributes["server.port"] = instance.port
+            attributes["meshgate.instance"] = instance.label
+            attributes["url.full"] = f"http://{instance.label}{path}"
+        if call.retries:
+            attributes["http.request.resend_count"] = call.retries
+        status = int(call.code) if call.code.isdigit() else 0
+        if status:
+            attributes["http.response.status_code"] = status
+        if failure is not None:
+            attributes["error.type"] = type(failure).__qualname__
+            span.set_status(Status(StatusCode.ERROR, str(failure)))
+        elif status >= 500:
+            attributes["error.type"] = call.code
+            span.set_status(Status(StatusCode.ERROR))
+        span.set_attributes(attributes)
+
+    async def _call(
+        self,
+        call: _Call,
+        span: trace.Span,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, Any] | None,
+        json: Any,
+        content: bytes | None,
+        headers: Mapping[str, str] | None,
+        timeout: float | None,
+        idempotent: bool | None,
+    ) -> httpx.Response:
         started = time.monotonic()
         deadline = started + (timeout if timeout is not None else self.timeout)
         inherited = current_deadline.get()
@@ -260,7 +400,9 @@ class ServiceClient:
             idempotent = method in _IDEMPOTENT or any(k.lower() == "idempotency-key" for k in out)
         request_id = current_request_id.get() or os.urandom(16).hex()
         out.setdefault("X-Request-ID", request_id)
-        parent = current_trace.get()
+        # The call's span (current here) is the parent of what the callee records,
+        # whichever try reaches it.
+        propagate.inject(out)
         if self._signer is not None:
             out[IDENTITY_HEADER] = self._signer.token(self.service)
         if not self.breaker.allow(started):
@@ -269,6 +411,7 @@ class ServiceClient:
                 f"{self.breaker.retry_after(started)}s"
             )
         self._spend_credit()
+        recording = span.is_recording()
         tried: list[Endpoint] = []
         failures: list[str] = []
         answer: httpx.Response | None = None  # the last try's 5xx, returned if it is the last
@@ -285,12 +428,11 @@ class ServiceClient:
             instance = self._balancer.pick(None, fresh)  # type: ignore[arg-type]
             assert instance is not None  # noqa: S101 - fresh is never empty
             tried.append(instance)
+            call.instance = instance
             left = deadline - time.monotonic()
             if left <= 0:
                 detail = "; ".join(failures) or "no try finished"
                 raise DeadlineExceededError(f"{self.service!r} did not answer in time: {detail}")
-            span = parent.child() if parent is not None else TraceContext.new()
-            out["traceparent"] = span.header()
             out[DEADLINE_HEADER] = str(int(left * 1000))
             url = f"http://{instance.label}{path}"
             instance.inflight += 1
@@ -300,15 +442,16 @@ class ServiceClient:
                 await answer.aclose()
                 answer = None
             try:
-                response = await self._http.request(
-                    method,
-                    url,
-                    params=params,
-                    json=json,
-                    content=content,
-                    headers=out,
-                    timeout=httpx.Timeout(left, connect=min(left, 2.0)),
-                )
+                with quiet_http():
+                    response = await self._http.request(
+                        method,
+                        url,
+                        params=params,
+                        json=json,
+                        content=content,
+                        headers=out,
+                        timeout=httpx.Timeout(left, connect=min(left, 2.0)),
+                    )
             except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
                 retriable = True  # it never reached the callee: safe for any method
                 failures.append(f"{instance.label}: cannot connect ({exc or type(exc).__name__})")
@@ -331,10 +474,17 @@ class ServiceClient:
             # A failure: health, breaker, then perhaps another try elsewhere.
             now = time.monotonic()
             record_failure(instance, now, self._outlier, self.breaker)
+            if recording:
+                span.add_event(
+                    "try failed",
+                    {"meshgate.instance": instance.label, "meshgate.reason": failures[-1]},
+                )
             if not retriable or attempt >= self.retries or not self._budget.try_spend():
                 break
             attempt += 1
+            call.retries = attempt
             self.retried += 1
+            self._retries.inc()
             backoff = min(0.025 * 2 ** (attempt - 1), 0.25) * (0.5 + random.random())  # noqa: S311
             if time.monotonic() + backoff >= deadline:
                 break
@@ -348,6 +498,20 @@ class ServiceClient:
         raise ServiceUnavailableError(
             f"{self.service!r} could not be reached: " + "; ".join(failures)
         )
+
+    # -- what the metrics read
+
+    def breaker_open(self, now: float) -> bool:
+        """Whether the circuit breaker refuses calls at ``now`` (monotonic)."""
+        breaker = self.breaker
+        return (
+            breaker.state == CircuitBreaker.OPEN
+            and now - breaker.opened_at < breaker.settings.open_for
+        )
+
+    def retry_tokens(self) -> float:
+        """Retries the budget allows now (as credited by the last call)."""
+        return float(self._budget.tokens)
 
     def _spend_credit(self) -> None:
         """Credit the retry budget for this call (lazily, by elapsed time)."""

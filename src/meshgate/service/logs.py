@@ -4,7 +4,9 @@
 JSON line: the SDK's, the service's own (``logging.getLogger("shop.users")``), and
 uvicorn's (its ``uvicorn``/``uvicorn.error`` loggers lose their own handlers and
 formats). Each line has ``ts``, ``level``, ``service``, ``instance``, ``logger`` and
-``message``; inside a request also ``request_id``, ``trace_id`` and ``span_id``; then
+``message``; inside a request also ``request_id``, and inside a trace ``trace_id`` and
+``span_id`` (of the span current in the OpenTelemetry context: the request's server
+span, a query's, a call's, or the caller's own when tracing is off); then
 any ``extra=`` fields, and ``exception`` (the traceback) when there is one.
 
 Records are formatted and written by a thread of their own: the code that logs only
@@ -27,7 +29,9 @@ import time
 from logging.handlers import QueueHandler, QueueListener
 from typing import IO, Any
 
-from meshgate.service.context import current_request_id, current_trace
+from opentelemetry import trace
+
+from meshgate.service.context import current_request_id
 
 __all__ = ["JsonFormatter", "configure_logging", "flush", "set_instance"]
 
@@ -45,10 +49,10 @@ def _context() -> dict[str, str]:
     request_id = current_request_id.get()
     if request_id is not None:
         found["request_id"] = request_id
-    trace = current_trace.get()
-    if trace is not None:
-        found["trace_id"] = trace.trace_id
-        found["span_id"] = trace.span_id
+    span = trace.get_current_span().get_span_context()
+    if span.is_valid:
+        found["trace_id"] = f"{span.trace_id:032x}"
+        found["span_id"] = f"{span.span_id:016x}"
     return found
 
 

@@ -1,11 +1,14 @@
 """The service's outermost middleware: what every request of a service goes through.
 
-Per request, in this order: its id, trace, deadline and calling service into context
+Per request, in this order: its id, trace (the SERVER span of
+:meth:`~meshgate.service.telemetry.Telemetry.server_context`, or the caller's context
+as it came while tracing is off), deadline and calling service into context
 (:mod:`meshgate.service.context`); the refusals that need no handler (a bad identity
 token, a deadline already past); then the app (FastAPI's own middleware and the
-handlers). On the way out: ``X-Request-ID`` on the response, the request metrics, the
-access log line, and for an error nothing handled, a problem (500) and its traceback
-logged as one record with the request id.
+handlers). On the way out: ``X-Request-ID`` on the response, the route template and
+status on the server span, the request metrics, the access log line (inside the
+span, so that it carries its ids), and for an error nothing handled, a problem (500)
+and its traceback logged as one record with the request id.
 
 It sits outside FastAPI's ``ServerErrorMiddleware`` (see ``_ServiceApp`` in
 :mod:`meshgate.service.app`), so that even an error of a middleware added later by
@@ -19,19 +22,19 @@ import os
 import time
 from typing import TYPE_CHECKING
 
+from opentelemetry import context as otel_context
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from meshgate.service.context import (
     DEADLINE_HEADER,
-    TraceContext,
     current_caller,
     current_deadline,
     current_request_id,
-    current_trace,
     parse_deadline,
 )
 from meshgate.service.identity import IDENTITY_HEADER, IdentityError, verify_identity
 from meshgate.service.problems import internal_detail, problem_response
+from meshgate.service.telemetry import QUIET_PATHS
 
 if TYPE_CHECKING:
     from starlette.responses import Response
@@ -47,7 +50,6 @@ and metrics endpoints, which probes and scrapers call all the time)."""
 log = logging.getLogger("meshgate.service")
 access = logging.getLogger(ACCESS_LOGGER)
 
-_QUIET_PATHS = frozenset({"/health/live", "/health/ready", "/metrics"})
 _DEADLINE_KEY = DEADLINE_HEADER.lower().encode()
 _IDENTITY_KEY = IDENTITY_HEADER.lower().encode()
 
@@ -100,11 +102,11 @@ class ServiceMiddleware:
         request_id = (headers.get(b"x-request-id") or b"").decode("latin-1")[:200] or None
         if request_id is None:
             request_id = os.urandom(16).hex()
-        parent = TraceContext.parse(headers.get(b"traceparent", b"").decode("latin-1"))
-        trace = parent.child() if parent is not None else TraceContext.new()
+        telemetry = service.telemetry
+        trace_context, server_span = telemetry.server_context(scope, headers, request_id)
+        trace_token = otel_context.attach(trace_context)
         deadline = parse_deadline(headers.get(_DEADLINE_KEY, b"").decode("latin-1"))
         id_token = current_request_id.set(request_id)
-        trace_token = current_trace.set(trace)
         deadline_token = current_deadline.set(deadline)
         refusal, caller = self._refusal(scope, headers.get(_IDENTITY_KEY), deadline)
         caller_token = current_caller.set(caller)
@@ -118,6 +120,8 @@ class ServiceMiddleware:
                 status = message["status"]
                 started_response = True
                 message["headers"] = [*message.get("headers", ()), (b"x-request-id", rid)]
+                if server_span is not None:
+                    telemetry.answered(server_span, scope, status)
             await send(message)
 
         started = time.perf_counter()
@@ -129,10 +133,12 @@ class ServiceMiddleware:
                 await refusal(scope, receive, send_with_id)
             else:
                 await self.app(scope, receive, send_with_id)
-        except Exception:
+        except Exception as exc:
             # FastAPI's ServerErrorMiddleware has answered (the SDK's handler: a
             # problem) and re-raised, for servers to log: logged here instead, once,
             # with the request's id, and not raised again to be logged twice.
+            if server_span is not None and server_span.is_recording():
+                server_span.record_exception(exc)
             log.exception(
                 "unhandled error in %s %s",
                 scope.get("method", ""),
@@ -152,7 +158,7 @@ class ServiceMiddleware:
             service._requests.labels(service.name, method, template, str(status)).inc()
             service._latency.labels(service.name, method, template).observe(elapsed)
             path = scope.get("path", "")
-            level = logging.DEBUG if path in _QUIET_PATHS else logging.INFO
+            level = logging.DEBUG if path in QUIET_PATHS else logging.INFO
             if access.isEnabledFor(level):
                 millis = round(elapsed * 1000, 2)
                 access.log(
@@ -172,5 +178,7 @@ class ServiceMiddleware:
                 )
             current_caller.reset(caller_token)
             current_deadline.reset(deadline_token)
-            current_trace.reset(trace_token)
             current_request_id.reset(id_token)
+            if server_span is not None:
+                server_span.end()
+            otel_context.detach(trace_token)

@@ -2,7 +2,9 @@
 
 ::
 
-    from meshgate.service.testing import capture_logs, in_process, serving, use_endpoints
+    from meshgate.service.testing import (
+        capture_logs, capture_spans, in_process, serving, use_endpoints,
+    )
 
     async def test_get_user() -> None:
         async with in_process(users.service) as client:      # no server, no registry
@@ -24,6 +26,12 @@
         with capture_logs() as records:
             ...
         assert records[0]["request_id"] == ...
+
+    async def test_spans() -> None:
+        spans = capture_spans(users.service)                  # before it starts
+        async with in_process(users.service) as client:
+            await client.get("/users/1")
+        assert spans.get_finished_spans()[-1].name == "GET /users/{user_id}"
 """
 
 from __future__ import annotations
@@ -34,7 +42,7 @@ import json
 import logging
 import socket
 from collections.abc import AsyncIterator, Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
@@ -42,7 +50,10 @@ from meshgate.service.app import Service
 from meshgate.service.client import ServiceClient
 from meshgate.service.logs import JsonFormatter
 
-__all__ = ["capture_logs", "in_process", "serving", "use_endpoints"]
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+__all__ = ["capture_logs", "capture_spans", "in_process", "serving", "use_endpoints"]
 
 
 @contextlib.asynccontextmanager
@@ -120,3 +131,16 @@ def capture_logs(
     finally:
         target.removeHandler(handler)
         target.setLevel(old_level)
+
+
+def capture_spans(service: Service) -> InMemorySpanExporter:
+    """Keep ``service``'s spans in memory, every new trace sampled, whatever the
+    environment says; call it before the service starts. Each span is there as soon
+    as it ends: ``capture_spans(service).get_finished_spans()``."""
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import (  # noqa: PLC0415
+        InMemorySpanExporter,
+    )
+
+    exporter = InMemorySpanExporter()
+    service.telemetry.use_exporter(exporter)
+    return exporter

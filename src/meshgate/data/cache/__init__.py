@@ -20,6 +20,13 @@ most every 10 s per cache, counted in ``meshgate_cache_errors_total`` and
 ``meshgate_cache_loads_total{reason="degraded"}``). The cost is load on the source
 of truth while Redis is down: there is no cross-process single flight then (the
 in-process one still holds).
+
+Traces: inside a recorded span (a traced request), ``get``, ``set``, ``delete`` and
+``get_or_load`` each make a span (``cache get users``, a CLIENT span with Redis, an
+internal one in memory) with the cache's name and backend, whether a lookup hit, and
+for ``get_or_load`` its outcome (hit, miss, coalesced, degraded); the loader's own
+spans (its queries) are its children. Keys and values are never recorded. Outside a
+recorded span, nothing is made: no trace of one cache call on its own.
 """
 
 from __future__ import annotations
@@ -32,10 +39,12 @@ import random
 import secrets
 import time
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractContextManager, nullcontext
 from functools import partial
 from types import TracebackType
 from typing import Any, Final, Protocol, Self, TypeVar, cast
 
+from opentelemetry import trace
 from prometheus_client import CollectorRegistry
 
 from meshgate.data._engines import mask_url
@@ -56,6 +65,7 @@ _POLL_FIRST = 0.01
 _POLL_MAX = 0.1
 """Waiting for another process's load: first poll after 10 ms, then doubling up to 100 ms."""
 _LOCK_NAMESPACE = "__meshgate_lock__:"
+_TRACER = trace.get_tracer("meshgate.data.cache")
 
 
 class _Missing:
@@ -150,6 +160,17 @@ class Cache:
         self._inflight: dict[str, asyncio.Future[Any]] = {}
         self._last_warning = -math.inf
         self._suppressed = 0
+        self.tracer: trace.Tracer = _TRACER
+        """The tracer of its spans: the process's, until the service it belongs to
+        gives its own (``service.telemetry.instrument_cache``)."""
+        distributed = self._backend.distributed
+        self._span_kind = trace.SpanKind.CLIENT if distributed else trace.SpanKind.INTERNAL
+        self._span_attributes: dict[str, str] = {
+            "meshgate.cache.name": name,
+            "meshgate.cache.backend": self.backend,
+        }
+        if distributed:
+            self._span_attributes["db.system"] = "redis"
 
     @property
     def backend(self) -> str:
@@ -178,13 +199,27 @@ class Cache:
 
     # -- the API
 
+    def _span(self, operation: str) -> AbstractContextManager[trace.Span | None]:
+        """A span for one call, only inside a recorded span (see the module)."""
+        if not trace.get_current_span().is_recording():
+            return nullcontext()
+        return self.tracer.start_as_current_span(
+            f"cache {operation} {self.name}",
+            kind=self._span_kind,
+            attributes=self._span_attributes,
+        )
+
     async def get(self, key: str, default: Any = None) -> Any:
         """The value under ``key``, or ``default`` when there is none (or it expired).
 
         Raises :class:`~meshgate.data.errors.CacheUnavailableError` when Redis fails.
         """
-        value = await self._fetch(key)
-        if value is _MISSING:
+        with self._span("get") as span:
+            value = await self._fetch(key)
+            hit = value is not _MISSING
+            if span is not None:
+                span.set_attribute("meshgate.cache.hit", hit)
+        if not hit:
             self._misses.inc()
             return default
         self._hits.inc()
@@ -198,7 +233,8 @@ class Cache:
         """
         data = _encode(key, value)
         try:
-            await self._backend.set(self.prefix + key, data, self._ttl(ttl))
+            with self._span("set"):
+                await self._backend.set(self.prefix + key, data, self._ttl(ttl))
         except CacheUnavailableError:
             self._errors.labels(self.name, "set").inc()
             raise
@@ -209,7 +245,8 @@ class Cache:
         Raises :class:`~meshgate.data.errors.CacheUnavailableError` when Redis fails.
         """
         try:
-            return await self._backend.delete(self.prefix + key)
+            with self._span("delete"):
+                return await self._backend.delete(self.prefix + key)
         except CacheUnavailableError:
             self._errors.labels(self.name, "delete").inc()
             raise
@@ -240,23 +277,41 @@ class Cache:
         fails, the loader is called and its value returned: this method raises only
         what the loader raises (and TypeError for a value JSON cannot encode).
         """
+        with self._span("get_or_load") as span:
+            return await self._get_or_load(key, loader, ttl, span)
+
+    async def _get_or_load(
+        self,
+        key: str,
+        loader: Callable[[], Awaitable[T]],
+        ttl: float | None,
+        span: trace.Span | None,
+    ) -> T:
         try:
             value = await self._fetch(key)
         except CacheUnavailableError as exc:
             self._degraded(exc)
             self._loads["degraded"].inc()
+            if span is not None:
+                span.set_attribute("meshgate.cache.outcome", "degraded")
             return await loader()
         if value is not _MISSING:
             self._hits.inc()
+            if span is not None:
+                span.set_attributes({"meshgate.cache.hit": True, "meshgate.cache.outcome": "hit"})
             return cast("T", value)
         self._misses.inc()
         flight = self._inflight.get(key)
         if flight is None:
+            outcome = "miss"
             flight = asyncio.ensure_future(self._load(key, loader, ttl))
             self._inflight[key] = flight
             flight.add_done_callback(partial(self._landed, key))
         else:
+            outcome = "coalesced"
             self._coalesced["local"].inc()
+        if span is not None:
+            span.set_attributes({"meshgate.cache.hit": False, "meshgate.cache.outcome": outcome})
         # Shielded: a caller that gives up does not cancel the load the others wait for.
         return cast("T", await asyncio.shield(flight))
 
