@@ -361,14 +361,14 @@ BAD_DOCUMENTS = [
     ),
     pytest.param(
         UPSTREAM_U + "  - {name: r, upstream: u, match: {headers: {X-A: {regex: 'a('}}}}\n",
-        "routes[0].match.headers",
+        "routes[0].match.headers.X-A",
         "'a(' is not a valid regular expression",
         4,
         id="bad-header-regex",
     ),
     pytest.param(
         UPSTREAM_U + "  - {name: r, upstream: u, match: {headers: {X-A: '\u20ac'}}}\n",
-        "routes[0].match.headers",
+        "routes[0].match.headers.X-A",
         "cannot appear in an HTTP header; use latin-1 characters",
         4,
         id="header-value-not-latin-1",
@@ -376,7 +376,7 @@ BAD_DOCUMENTS = [
     pytest.param(
         UPSTREAM_U
         + "  - {name: r, upstream: u, match: {headers: {X-A: {exact: '1', present: true}}}}\n",
-        "routes[0].match.headers",
+        "routes[0].match.headers.X-A",
         "give exactly one of exact, regex or present",
         4,
         id="header-condition-ambiguous",

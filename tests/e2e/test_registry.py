@@ -67,6 +67,10 @@ def test_registered_instances_take_traffic_and_leave(
     assert upstreams["demo"]["service"] == "demo"
     assert list(upstreams["demo"]["endpoints"]) == [demo_upstream.address]
     assert upstreams["demo"]["retry_budget"] > 0
+    # The admin listener's /metrics counts the registry's instances too.
+    metrics = gw.admin("GET", "/metrics").text
+    assert 'meshgate_registry_instances{service="demo"} 1.0' in metrics
+    assert "meshgate_registry_evictions_total 0.0" in metrics
 
     assert httpx.delete(instance, headers=headers).status_code in (200, 204)
     left = _until(lambda: httpx.get(api, timeout=5).status_code == 503, 1.0)

@@ -11,7 +11,12 @@ import pytest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from meshgate.config import loads
-from meshgate.gateway.tracing import parse_traceparent, resolve_endpoint, resolve_headers
+from meshgate.gateway.tracing import (
+    parse_traceparent,
+    resolve_endpoint,
+    resolve_headers,
+    resource_attributes,
+)
 from tests.helpers import Client, Message, RawUpstream, gateway_yaml, response, run_gateway
 
 ROUTE = "  - {name: api, upstream: up}\n"
@@ -67,6 +72,23 @@ def test_export_headers_come_from_the_standard_variables_and_the_config() -> Non
     assert resolve_headers(settings, env) == {"Authorization": "Bearer t0ken", "X-Own": "mine"}
     env["OTEL_EXPORTER_OTLP_TRACES_HEADERS"] = "X-Traces=1"
     assert resolve_headers(settings, env) == {"X-Traces": "1", "X-Own": "mine"}
+
+
+def test_the_resource_follows_the_standard_variables() -> None:
+    settings = loads(gateway_yaml({"up": ["127.0.0.1:1"]}, ROUTE)).gateway.tracing
+    env = {
+        "OTEL_SERVICE_NAME": "edge",
+        "OTEL_RESOURCE_ATTRIBUTES": "service.namespace=shop,service.instance.id=gw%201",
+    }
+    attrs = resource_attributes(settings, 2, env)
+    assert attrs["service.name"] == "edge"
+    assert attrs["service.namespace"] == "shop"
+    assert attrs["service.instance.id"] == "gw 1:2"
+    named = loads(gateway_yaml({"up": ["127.0.0.1:1"]}, ROUTE, "tracing: {service_name: own}"))
+    assert resource_attributes(named.gateway.tracing, 0, env)["service.name"] == "own"
+    plain = resource_attributes(settings, 0, {})
+    assert plain["service.name"] == "meshgate-gateway"
+    assert plain["service.instance.id"].endswith(":0")
 
 
 class Collector:

@@ -36,14 +36,14 @@ GATEWAY_METRICS = {
     "meshgate_gateway_upstream_duration_seconds_bucket",
     "meshgate_gateway_retries_total",
     "meshgate_gateway_retry_budget_exhausted_total",
+    "meshgate_gateway_breaker_open",
 }
 SERVICE_METRICS = {
     "meshgate_service_requests_total",
     "meshgate_service_request_duration_seconds_bucket",
+    "meshgate_client_breaker_open",
 }
 PLACEHOLDERS = {
-    "meshgate_gateway_circuit_open",
-    "meshgate_client_circuit_open",
     "meshgate_events_outbox_pending",
     "meshgate_events_outbox_oldest_age_seconds",
     "meshgate_events_consumer_lag",
@@ -229,7 +229,7 @@ RULE_TESTS: dict[str, Any] = {
                     service="users",
                     method="GET",
                     route="/u",
-                    status="200",
+                    code="200",
                 ),
                 _series(
                     "meshgate_service_requests_total",
@@ -237,7 +237,7 @@ RULE_TESTS: dict[str, Any] = {
                     service="users",
                     method="GET",
                     route="/u",
-                    status="503",
+                    code="503",
                 ),
                 _series(
                     "up",
@@ -281,7 +281,7 @@ RULE_TESTS: dict[str, Any] = {
             "interval": "1m",
             "input_series": [
                 _series(
-                    "meshgate_gateway_circuit_open", "0 0 1 1 1 1", upstream="users", worker="1"
+                    "meshgate_gateway_breaker_open", "0 0 1 1 1 1", upstream="users", worker="1"
                 ),
                 _series("meshgate_events_outbox_oldest_age_seconds", "0+30x20", service="orders"),
                 _series(

@@ -69,6 +69,11 @@ def test_an_empty_file_is_a_system_with_only_a_gateway(tmp_path: Path) -> None:
             id="bad-int",
         ),
         pytest.param(
+            "services:\n  user-admin: {app: x:y, replicas: many}\n",
+            "services.user-admin.replicas (line 2): Input should be a valid integer",
+            id="bad-int-in-a-dashed-name",
+        ),
+        pytest.param(
             "services:\n  users: {app: 'not an app'}\n",
             "services.users.app (line 2): 'not an app' is not module:attribute; write it like "
             "examples.shop.users.app:service",

@@ -174,7 +174,7 @@ def test_every_process_exports_to_the_embedded_collector_by_default(
     assert otel(users) == {
         "OTEL_SERVICE_NAME": "users",
         "OTEL_RESOURCE_ATTRIBUTES": f"service.namespace={name},service.instance.id=users-2",
-        "OTEL_EXPORTER_OTLP_ENDPOINT": f"{admin}/v1/otlp",
+        "OTEL_EXPORTER_OTLP_ENDPOINT": f"{admin}",
         "OTEL_EXPORTER_OTLP_HEADERS": f"Authorization=Bearer%20{plan.registry_token}",
         "OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
         "OTEL_TRACES_SAMPLER_ARG": "1",

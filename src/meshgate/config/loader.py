@@ -292,6 +292,15 @@ def _boolean_key_line(
     return _line_of(node, []) if node is not None else None
 
 
+_PYDANTIC_TAGS = frozenset({"json-or-python", "lax-or-strict", "tagged-union", "function-after"})
+
+
+def _pydantic_tag(part: str) -> bool:
+    """Whether a location part is pydantic's (``function-after[...]``, a union
+    member's type), not a key of the document (``user-admin`` is one)."""
+    return "[" in part or part in _PYDANTIC_TAGS
+
+
 def translate(
     err: Any,
     node: yaml.Node | None,
@@ -306,7 +315,7 @@ def translate(
         return boolean
     # pydantic adds "function-after[...]" or type names to the location of
     # validators; they mean nothing to the user.
-    loc = [p for p in err["loc"] if isinstance(p, int) or ("[" not in p and "-" not in p)]
+    loc = [p for p in err["loc"] if isinstance(p, int) or not _pydantic_tag(p)]
     path = format_path(loc)
     kind = err["type"]
     if kind == "extra_forbidden":

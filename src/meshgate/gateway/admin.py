@@ -28,6 +28,7 @@ from meshgate.observability.mount import create_admin_router
 from meshgate.observability.prometheus import GatewayTarget
 from meshgate.observability.store import TelemetryStore
 from meshgate.registry.api import create_router
+from meshgate.registry.metrics import RegistryMetrics
 
 if TYPE_CHECKING:
     from meshgate.config import Config
@@ -128,12 +129,16 @@ def create_admin_app(
     async def status() -> dict[str, Any]:
         return supervisor.status()
 
+    registry_metrics = RegistryMetrics(registry) if registry is not None else None
+
     @admin.get("/metrics")
     async def metrics() -> PlainTextResponse:
         data = await supervisor.metrics()
-        registry = CollectorRegistry(auto_describe=False)
-        registry.register(GatewayCollector(lambda: data))
-        return PlainTextResponse(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+        families = CollectorRegistry(auto_describe=False)
+        families.register(GatewayCollector(lambda: data))
+        if registry_metrics is not None:
+            families.register(await registry_metrics.read())
+        return PlainTextResponse(generate_latest(families), media_type=CONTENT_TYPE_LATEST)
 
     @admin.get("/config")
     async def config() -> dict[str, Any]:

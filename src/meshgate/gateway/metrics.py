@@ -132,6 +132,7 @@ def merge_snapshots(snapshots: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
     connections = 0
     upstreams: dict[tuple[str, str], dict[str, int]] = {}
     spans = {"exported": 0, "dropped": 0, "failures": 0}
+    circuits: dict[str, int] = {}  # upstream: 1 if a worker's breaker is open
     for snap in snapshots:
         connections += snap.get("connections", 0)
         for key, value in (snap.get("tracing") or {}).items():
@@ -150,6 +151,10 @@ def merge_snapshots(snapshots: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
             for counter in _COUNTERS:
                 merged[counter] += entry[counter]
         for name, up in snap.get("upstreams", {}).items():
+            state = up.get("circuit")
+            if state is not None:
+                seen = circuits.setdefault(name, 0)
+                circuits[name] = max(seen, 1 if state == "open" else 0)
             for label, ep in up["endpoints"].items():
                 slot = upstreams.setdefault((name, label), {"open": 0, "idle": 0, "discarded": 0})
                 slot["open"] += ep["open"]
@@ -160,6 +165,7 @@ def merge_snapshots(snapshots: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
         "connections": connections,
         "upstream_connections": upstreams,
         "spans": spans,
+        "circuits": circuits,
     }
 
 
@@ -297,6 +303,15 @@ class GatewayCollector(Collector):
             if counts.get("discarded"):
                 discarded.add_metric([name, label], counts["discarded"])
         yield discarded
+        breakers = GaugeMetricFamily(
+            "meshgate_gateway_breaker_open",
+            "1 while an upstream's circuit breaker is open in any worker (requests get "
+            "503 circuit_open), else 0; only upstreams with a breaker.",
+            labels=["upstream"],
+        )
+        for name, value in sorted((data.get("circuits") or {}).items()):
+            breakers.add_metric([name], value)
+        yield breakers
         spans = data.get("spans") or {}
         exported = CounterMetricFamily(
             "meshgate_gateway_spans_exported",

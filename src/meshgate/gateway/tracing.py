@@ -45,6 +45,7 @@ __all__ = [
     "parse_traceparent",
     "resolve_endpoint",
     "resolve_headers",
+    "resource_attributes",
 ]
 
 _random = random.random
@@ -99,6 +100,30 @@ def resolve_headers(
             headers[unquote(key.strip())] = unquote(value.strip())
     headers.update(settings.headers)
     return headers
+
+
+def resource_attributes(
+    settings: TracingSettings, worker: int, env: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """The resource of the gateway's spans: ``OTEL_RESOURCE_ATTRIBUTES`` (``k=v,...``,
+    percent-encoded), then ``service.name`` (``OTEL_SERVICE_NAME`` when the
+    configuration keeps the default name) and ``service.instance.id`` (host, pid and
+    worker unless the variables set one), as the OpenTelemetry SDKs read them."""
+    environ = os.environ if env is None else env
+    out: dict[str, str] = {}
+    for item in environ.get("OTEL_RESOURCE_ATTRIBUTES", "").split(","):
+        key, eq, value = item.partition("=")
+        if eq and key.strip():
+            out[unquote(key.strip())] = unquote(value.strip())
+    name = settings.service_name
+    if name == "meshgate-gateway":
+        name = environ.get("OTEL_SERVICE_NAME") or out.get("service.name") or name
+    out["service.name"] = name
+    instance = out.get("service.instance.id") or f"{socket.gethostname()}:{os.getpid()}"
+    out["service.instance.id"] = f"{instance}:{worker}"  # one per worker process
+    out["telemetry.sdk.name"] = "meshgate"
+    out["telemetry.sdk.language"] = "python"
+    return out
 
 
 def parse_traceparent(value: bytes) -> tuple[bytes, bytes, bool] | None:
@@ -246,15 +271,10 @@ class _Encoder:
     joins of pre-encoded pieces.
     """
 
-    def __init__(self, service_name: str, instance: str) -> None:
+    def __init__(self, resource_attributes: Mapping[str, str]) -> None:
         resource = b"".join(
             _len(1, _kv_message(key, value))  # Resource.attributes is field 1
-            for key, value in (
-                ("service.name", service_name),
-                ("service.instance.id", instance),
-                ("telemetry.sdk.name", "meshgate"),
-                ("telemetry.sdk.language", "python"),
-            )
+            for key, value in resource_attributes.items()
         )
         self._resource = _len(1, resource)
         self._scope = _len(1, _len(1, b"meshgate.gateway"))
@@ -446,8 +466,7 @@ class Tracer:
         self.exported = 0
         self.dropped = 0
         self.failures = 0
-        instance = f"{socket.gethostname()}:{os.getpid()}:{worker}"
-        self._encoder = _Encoder(settings.service_name, instance)
+        self._encoder = _Encoder(resource_attributes(settings, worker))
         self._queue: queue.Queue[tuple[float, list[SpanRecord]] | None] = queue.Queue(
             maxsize=max(1, settings.max_queue // 64)
         )

@@ -36,10 +36,10 @@ __all__ = [
     "uses_embedded",
 ]
 
-EMBEDDED_OTLP_PATH = "/v1/otlp"
-"""Where the embedded collector receives OTLP/HTTP on the admin listener:
-``OTEL_EXPORTER_OTLP_ENDPOINT`` is ``<admin URL>/v1/otlp``, so traces are posted to
-``<admin URL>/v1/otlp/v1/traces``."""
+EMBEDDED_OTLP_PATH = ""
+"""Where the embedded collector receives OTLP/HTTP on the admin listener, after the
+admin URL: it serves ``/v1/traces``, ``/v1/logs`` and ``/v1/metrics`` at the root, so
+``OTEL_EXPORTER_OTLP_ENDPOINT`` is the admin URL itself."""
 EMBEDDED_RATIO = 1.0
 """The sampling ratio with the embedded collector when the file gives none: a system
 on one machine, whose every request should be there to look at."""
