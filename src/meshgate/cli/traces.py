@@ -32,7 +32,6 @@ traces_app = typer.Typer(
 )
 app.add_typer(traces_app, name="traces")
 
-_DEFAULT_FILE = Path("meshgate.yaml")
 _BAR_WIDTH = 40
 _PALETTE = ("cyan", "magenta", "green", "yellow", "blue", "bright_red", "bright_cyan", "orange3")
 
@@ -59,7 +58,11 @@ def _read_token(path: Path) -> str:
 
 
 def _target(
-    admin_url: str | None, token: str | None, token_file: Path | None, file: Path | None
+    admin_url: str | None,
+    token: str | None,
+    token_file: Path | None,
+    file: Path | None,
+    system: str | None = None,
 ) -> _Target:
     """Where the admin API is and its token (see the module docstring)."""
     if admin_url:
@@ -71,10 +74,13 @@ def _target(
             f"--admin-url {admin_url} needs the admin token: give --token-file or set "
             "MESHGATE_ADMIN_TOKEN"
         )
-    from meshgate.runner.loader import STATE_FOLDER  # noqa: PLC0415 - keep start-up light
-    from meshgate.runner.state import StateDir  # noqa: PLC0415
+    from meshgate.runner.errors import AmbiguousSystemError, NotRunningError  # noqa: PLC0415
+    from meshgate.runner.systems import find_system  # noqa: PLC0415 - keep start-up light
 
-    state = StateDir((file or _DEFAULT_FILE).absolute().parent / STATE_FOLDER)
+    try:
+        state, _ = find_system(file, system, command="traces")
+    except (AmbiguousSystemError, NotRunningError) as exc:
+        raise _fail(str(exc)) from None
     if not state.running():
         raise _fail(
             f"nothing runs from {state.path} (no meshgate up holds it); start the system "
@@ -143,6 +149,10 @@ SystemFile = Annotated[
     ),
 ]
 AsJson = Annotated[bool, typer.Option("--json", help="Print the API's JSON.")]
+SystemName = Annotated[
+    str | None,
+    typer.Option("--system", help="The running system of this name.", show_default=False),
+]
 
 
 def _token() -> str | None:
@@ -187,12 +197,13 @@ def traces(
     admin_url: AdminUrl = None,
     token_file: TokenFile = None,
     file: SystemFile = None,
+    system: SystemName = None,
 ) -> None:
     """List the newest traces the control plane keeps (most recent first)."""
-    ctx.obj = (admin_url, token_file, file)
+    ctx.obj = (admin_url, token_file, file, system)
     if ctx.invoked_subcommand is not None:
         return
-    target = _target(admin_url, _token(), token_file, file)
+    target = _target(admin_url, _token(), token_file, file, system)
     params = {"limit": str(limit)}
     if service:
         params["service"] = service
@@ -264,11 +275,18 @@ def show(
     admin_url: AdminUrl = None,
     token_file: TokenFile = None,
     file: SystemFile = None,
+    system: SystemName = None,
 ) -> None:
     """Show one trace as a waterfall: every span, indented under its parent, with a
     bar where it ran, and each service's share of the time."""
-    parent = ctx.obj or (None, None, None)
-    target = _target(admin_url or parent[0], _token(), token_file or parent[1], file or parent[2])
+    parent = ctx.obj or (None, None, None, None)
+    target = _target(
+        admin_url or parent[0],
+        _token(),
+        token_file or parent[1],
+        file or parent[2],
+        system or parent[3],
+    )
     body = _get(target, f"/traces/{trace_id}")
     if as_json:
         out.print_json(json.dumps(body))

@@ -997,6 +997,7 @@ class Runner:
         lines.append(("admin", admin))
         if plan.registry_token is not None:
             lines.append(("registry", f"{plan.admin_url}/v1/registry"))
+        lines.append(("dashboard", f"{plan.admin_url}/ui  (log in with the admin token)"))
         out = Text()
         for label, value in lines:
             out.append(f"  {label:<9}", style="bold")
