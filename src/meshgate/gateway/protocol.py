@@ -60,6 +60,9 @@ _CHUNK_FRAMING = 12
 _ALLOW_DEFAULT = b"Allow: GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS\r\n"
 _HOST_CHARS = b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-:[]_"
 _RID_CHARS = bytes(range(0x21, 0x7F))
+_NO_HEADERS: list[tuple[bytes, bytes]] = []
+"""What a connection between requests holds as its headers: shared, never appended to
+(a request's list is made when its target arrives)."""
 # A path with any of these is normalized before routing (see meshgate/routing/paths.py).
 _needs_normalizing = re.compile(rb"[%;\\]|/[./]").search
 
@@ -251,7 +254,7 @@ class ClientConnection(asyncio.Protocol):
         self.current: Exchange | None = None
         self.parsing: Exchange | None = None
         self.pending: deque[Exchange] | None = None
-        self.headers: list[tuple[bytes, bytes]] = []
+        self.headers: list[tuple[bytes, bytes]] = _NO_HEADERS
         self.head_size = 0
         self.head_started = 0.0
         self.body_seen = 0.0
@@ -282,11 +285,14 @@ class ClientConnection(asyncio.Protocol):
             # An IPv4 client of a dual-stack listener: judged (allow and deny
             # lists, trusted proxies, rate-limit keys) by its IPv4 address.
             ip = canonical_ip(ip) or ip
-        self.peer_ip = ip
-        self.peer_trusted = worker.runtime.is_trusted(ip)
+        rt = worker.runtime
+        # One string, and one set of forwarding lines, per client address: an idle
+        # connection holds pointers, not copies.
+        self.peer_ip = ip = rt.intern_ip(ip)
+        self.peer_trusted = rt.is_trusted(ip)
         self.peer_cert = bool(transport.get_extra_info("peercert"))
         self.idle_since = CLOCK.now
-        self.fwd = worker.runtime.forwarded_lines(ip)
+        self.fwd = rt.forwarded_lines(ip)
 
     def data_received(self, data: bytes) -> None:
         tunnel = self.tunnel
@@ -767,11 +773,11 @@ class ClientConnection(asyncio.Protocol):
             )
         elif host:
             if host != self.host_cached:
-                # Most connections send one Host throughout: build its lines once.
-                xf_start, fwd_start, _ = self.fwd
-                self.host_cached = host
-                self.host_fwd = xf_start + host + fwd_start + host + b'"\r\n'
-                self.host_line = b"Host: " + host + b"\r\n"
+                # Most connections send one Host throughout: its lines are built once
+                # (and shared by the connections of one client address).
+                self.host_cached, self.host_fwd, self.host_line = rt.host_lines(
+                    self.peer_ip, self.fwd, host
+                )
             fwd.append(self.host_fwd)
         else:
             fwd.append(self.fwd[2])
@@ -788,10 +794,9 @@ class ClientConnection(asyncio.Protocol):
             fwd[1] = route.host_line
         elif route.preserve_host and host:
             if host != self.host_cached:
-                self.host_cached = host
-                xf_start, fwd_start, _ = self.fwd
-                self.host_fwd = xf_start + host + fwd_start + host + b'"\r\n'
-                self.host_line = b"Host: " + host + b"\r\n"
+                self.host_cached, self.host_fwd, self.host_line = rt.host_lines(
+                    self.peer_ip, self.fwd, host
+                )
             fwd[1] = self.host_line
         if fwd[1]:
             ex.head = b"".join(fwd)
@@ -830,6 +835,9 @@ class ClientConnection(asyncio.Protocol):
         ex = self.parsing
         self.parsing = None
         self.head_size = 0
+        # The exchange keeps its headers; an idle connection keeps none (on_url makes
+        # the next request's list).
+        self.headers = _NO_HEADERS
         if ex is not None:
             if self.upgrading is ex:
                 # An upgrade sent on as a plain request: the parser skipped its body,

@@ -159,6 +159,10 @@ class CompiledRoute:
         self.chain = chain
 
 
+_SHARED_ENTRIES = 16_384
+"""Entries of each per-client cache (addresses, forwarding lines) before it restarts."""
+
+
 class Runtime:
     """One compiled configuration, ready for the hot path."""
 
@@ -229,6 +233,9 @@ class Runtime:
         self.keepalive_timeout = gw.keepalive_timeout
         self._trusted = gw.trusted_proxies
         self.is_trusted = lru_cache(maxsize=4096)(self._is_trusted)
+        self._ips: dict[str, str] = {}
+        self._fwd: dict[str, tuple[bytes, bytes, bytes]] = {}
+        self._hosts: dict[tuple[str, bytes], tuple[bytes, bytes, bytes]] = {}
 
     def _is_trusted(self, ip: str) -> bool:
         if not self._trusted:
@@ -238,12 +245,48 @@ class Runtime:
             return False
         return any(addr in net for net in self._trusted)
 
+    def intern_ip(self, ip: str) -> str:
+        """One string object per client address (connections hold it for their life)."""
+        got = self._ips.get(ip)
+        if got is None:
+            if len(self._ips) > _SHARED_ENTRIES:
+                self._ips.clear()
+            got = self._ips[ip] = ip
+        return got
+
     def forwarded_lines(self, ip: str) -> tuple[bytes, bytes, bytes]:
-        """Per-connection pieces of X-Forwarded-* and Forwarded for an untrusted peer.
+        """Per-client pieces of X-Forwarded-* and Forwarded for an untrusted peer (one
+        tuple per client address, shared by its connections).
 
         Returns the text before the host in X-Forwarded-Host, the text between it
         and the host in Forwarded, and the whole block for a request without Host.
         """
+        got = self._fwd.get(ip)
+        if got is None:
+            if len(self._fwd) > _SHARED_ENTRIES:
+                self._fwd.clear()
+            got = self._fwd[ip] = self._forwarded_lines(ip)
+        return got
+
+    def host_lines(
+        self, ip: str, fwd: tuple[bytes, bytes, bytes], host: bytes
+    ) -> tuple[bytes, bytes, bytes]:
+        """(host, its forwarding lines, its Host line) for a client at ``ip``: built once
+        per address and Host, and shared by the connections that send them."""
+        key = (ip, host)
+        got = self._hosts.get(key)
+        if got is None:
+            if len(self._hosts) > _SHARED_ENTRIES:
+                self._hosts.clear()
+            xf_start, fwd_start, _ = fwd
+            got = self._hosts[key] = (
+                host,
+                xf_start + host + fwd_start + host + b'"\r\n',
+                b"Host: " + host + b"\r\n",
+            )
+        return got
+
+    def _forwarded_lines(self, ip: str) -> tuple[bytes, bytes, bytes]:
         addr = ip.encode()
         node = b'"[' + addr + b']"' if b":" in addr else addr
         scheme = self.scheme
