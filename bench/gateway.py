@@ -917,10 +917,13 @@ def run_wrk(
     duration: float,
     headers: Mapping[str, str],
     timeout: float,
+    script: Path | None = None,
 ) -> tuple[WrkResult, str, float]:
     """Run wrk on the load CPU; return its numbers, its report and its CPU seconds."""
     argv = [tools["taskset"], "-c", str(LOAD_CPU), tools["wrk"], "-t1", f"-c{connections}"]
     argv += [f"-d{duration:g}s", f"--timeout={timeout:g}s", "--latency"]
+    if script is not None:
+        argv += ["-s", str(script)]
     for name, value in headers.items():
         argv += ["-H", f"{name}: {value}"]
     argv.append(url)
@@ -1119,6 +1122,9 @@ class Options:
     wrk_timeout: float
     json_path: Path | None
     keep: bool
+    paced: float | None = None
+    """Requests per second offered in all (wrk paced by a Lua delay), or None: as fast
+    as the proxy answers."""
 
 
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # ignore http_proxy
@@ -1309,10 +1315,23 @@ class ScenarioRunner:
                 duration=duration,
                 headers=self.scenario.headers,
                 timeout=self.opts.wrk_timeout,
+                script=self._pacing(body),
             )
         except BenchError:
             self._check_alive(target)  # a dead server explains it better than wrk does
             raise
+
+    def _pacing(self, body: str) -> Path | None:
+        """A wrk script that waits between a connection's requests so that all of them
+        together offer ``--paced`` requests per second (while answers take less time than
+        the pause, which is the point: latency at a rate every target sustains)."""
+        rate = self.opts.paced
+        if rate is None:
+            return None
+        pause_ms = self.connections(body) / rate * 1000
+        path = self.workdir / f"paced-{body}.lua"
+        path.write_text(f"function delay()\n  return {pause_ms:.3f}\nend\n")
+        return path
 
     def _check_alive(self, target: str) -> None:
         for proc in (self.upstream, self.endpoints[target][0]):
@@ -1426,6 +1445,13 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         help="where to write the results (default bench/results/gateway-<UTC>.json)",
     )
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (configs, logs)")
+    parser.add_argument(
+        "--paced",
+        type=float,
+        metavar="RPS",
+        help="offer this many requests per second in all (paced wrk) instead of as many as "
+        "the proxy takes: compare p99 latency at one rate",
+    )
     ns = parser.parse_args(argv)
     duration = ns.duration if ns.duration is not None else (3.0 if ns.quick else 10.0)
     reps = ns.reps if ns.reps is not None else (1 if ns.quick else 3)
@@ -1443,6 +1469,7 @@ def parse_args(argv: Sequence[str] | None) -> Options:
         wrk_timeout=ns.wrk_timeout,
         json_path=ns.json,
         keep=ns.keep,
+        paced=ns.paced,
     )
 
 
