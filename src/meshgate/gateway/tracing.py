@@ -35,6 +35,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlsplit
 
+from meshgate._otlp import env_headers
+
 if TYPE_CHECKING:
     from meshgate.config.model import TracingSettings
     from meshgate.gateway.exchange import Exchange
@@ -89,15 +91,7 @@ def resolve_headers(
     """The headers sent with every export: ``OTEL_EXPORTER_OTLP_TRACES_HEADERS`` or
     ``OTEL_EXPORTER_OTLP_HEADERS`` (``key=value,key2=value2``, values percent-encoded,
     as the OpenTelemetry specification says), then ``settings.headers`` (which win)."""
-    environ = os.environ if env is None else env
-    raw = environ.get("OTEL_EXPORTER_OTLP_TRACES_HEADERS") or environ.get(
-        "OTEL_EXPORTER_OTLP_HEADERS", ""
-    )
-    headers: dict[str, str] = {}
-    for item in raw.split(","):
-        key, eq, value = item.partition("=")
-        if eq and key.strip():
-            headers[unquote(key.strip())] = unquote(value.strip())
+    headers = env_headers(os.environ if env is None else env)
     headers.update(settings.headers)
     return headers
 

@@ -461,14 +461,10 @@ class Telemetry:
         if self._exporter is not None:
             provider.add_span_processor(SimpleSpanProcessor(self._exporter))
         else:
-            from opentelemetry.exporter.otlp.proto.http.trace_exporter import (  # noqa: PLC0415
-                OTLPSpanExporter,
-            )
+            from meshgate.service._exporter import FastSpanExporter  # noqa: PLC0415
 
             assert settings.endpoint is not None  # noqa: S101 - checked by start()
-            provider.add_span_processor(
-                BatchSpanProcessor(OTLPSpanExporter(endpoint=settings.endpoint))
-            )
+            provider.add_span_processor(BatchSpanProcessor(FastSpanExporter(settings.endpoint)))
         return provider
 
     def _take_process(self) -> None:
