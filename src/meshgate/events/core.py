@@ -37,7 +37,7 @@ from meshgate.events.envelope import Event, check_topic
 from meshgate.events.errors import BusUnavailableError
 from meshgate.events.inbox import Consumer, Handler, check_group
 from meshgate.events.metrics import EventMetrics
-from meshgate.events.outbox import Lag, Outbox, Relay, instance_name
+from meshgate.events.outbox import Lag, Outbox, Relay, instance_name, stop_task
 from meshgate.events.schema import DEFAULT_PREFIX, PARTITIONS, EventTables
 from meshgate.events.settings import ConsumerSettings, TopicSettings
 
@@ -138,6 +138,15 @@ class Events:
             url = self._bus_arg if isinstance(self._bus_arg, str) else None
             self._bus = bus_from_env(name=self.instance, url=url)
         return self._bus
+
+    def use_bus(self, bus: Bus) -> None:
+        """Use ``bus`` instead of the environment's (before :meth:`start`; tests give
+        a :class:`meshgate.service.testing.MemoryBus`)."""
+        if self._starting is not None:
+            raise RuntimeError("use_bus() must come before the events start")
+        self._bus = bus
+        for consumer in self.consumers:
+            consumer.bus = bus
 
     def topic(self, name: str, settings: TopicSettings | None = None, **fields: Any) -> None:
         """Declare the settings of a topic's stream (retention, replicas, max age,
@@ -334,9 +343,7 @@ class Events:
         connection. Safe to call twice."""
         starting, self._starting = self._starting, None
         if starting is not None and not starting.done():
-            starting.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await starting
+            await stop_task(starting, grace=0.0)
         for _, stop in reversed(self._hooks):
             with contextlib.suppress(Exception):
                 await stop()

@@ -39,6 +39,7 @@ from meshgate.events.bus.base import Bus, DeadLetter, Delivery, Subscription
 from meshgate.events.envelope import Event
 from meshgate.events.errors import BusUnavailableError, EnvelopeError, EventsError
 from meshgate.events.metrics import EventMetrics
+from meshgate.events.outbox import stop_task
 from meshgate.events.schema import EventTables
 from meshgate.events.settings import ConsumerSettings, TopicSettings
 from meshgate.service.context import TraceContext, current_request_id, current_trace
@@ -145,11 +146,7 @@ class Consumer:
         task, self._task = self._task, None
         self._stopping = True
         if task is not None:
-            done, _ = await asyncio.wait({task}, timeout=timeout)
-            if not done:
-                task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await stop_task(task, grace=timeout)
         sub, self._sub = self._sub, None
         if sub is not None:
             await sub.close()

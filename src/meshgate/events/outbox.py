@@ -51,11 +51,23 @@ from meshgate.events.schema import EventTables, partition_of
 from meshgate.events.settings import TopicSettings
 from meshgate.service.context import current_trace
 
-__all__ = ["Lag", "Outbox", "Relay", "instance_name"]
+__all__ = ["Lag", "Outbox", "Relay", "instance_name", "stop_task"]
 
 log = logging.getLogger("meshgate.events")
 
 _WOKEN = "meshgate.outbox.woken"
+
+
+async def stop_task(task: asyncio.Task[None], *, grace: float) -> None:
+    """Let ``task`` end by itself within ``grace`` seconds, then cancel it until it is
+    done: a cancellation can be lost inside libraries (and in Python 3.11's
+    timeouts), so one ``cancel()`` is not enough to be sure."""
+    await asyncio.wait({task}, timeout=grace)
+    while not task.done():
+        task.cancel()
+        await asyncio.wait({task}, timeout=0.5)
+    if not task.cancelled() and task.exception() is not None:
+        log.error("a background task of the events ended with %r", task.exception())
 
 
 def instance_name(service: str) -> str:
@@ -198,6 +210,7 @@ class Relay:
         self.leading = False
         self._lease_until = 0.0
         self._wake = asyncio.Event()
+        self._stopping = False
         self._task: asyncio.Task[None] | None = None
         self._ensured: set[str] = set()
         self._published: dict[str, Any] = {}
@@ -222,9 +235,9 @@ class Relay:
         """Stop after the round in progress (its rows are marked or left for later)."""
         task, self._task = self._task, None
         if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            self._stopping = True
+            self._wake.set()
+            await stop_task(task, grace=2.0)
         if self.leading:
             with contextlib.suppress(DataError, sa_exc.SQLAlchemyError):
                 await self._release_lease()
@@ -233,7 +246,7 @@ class Relay:
         backoff = 0.1
         next_lag = 0.0
         next_prune = time.monotonic() + 5.0
-        while True:
+        while not self._stopping:
             self._wake.clear()
             moved = 0
             try:
@@ -265,7 +278,8 @@ class Relay:
             if moved >= self.batch:
                 continue  # more waiting
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.poll_interval)
+                async with asyncio.timeout(self.poll_interval):
+                    await self._wake.wait()
 
     # -- one round
 

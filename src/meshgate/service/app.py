@@ -57,6 +57,7 @@ from meshgate.service.identity import IDENTITY_HEADER, IdentityError, verify_ide
 
 if TYPE_CHECKING:
     from meshgate.data import Cache, Database
+    from meshgate.events import Events
     from meshgate.service.client import ServiceClient
 
 __all__ = ["Check", "Service"]
@@ -218,6 +219,23 @@ class Service:
             self._clients[service] = existing
         return existing
 
+    # -- events (the integration is meshgate.events.service; this is only its door)
+
+    @property
+    def events(self) -> Events:
+        """This service's events: publish through the outbox in a transaction
+        (``await service.events.publish(session, topic, payload, key=...)``), handle
+        with :meth:`on`, run sagas. Made on first use; started and stopped with the
+        service; its readiness detail is under the ``events`` check. docs/events.md."""
+        from meshgate.events.service import events_of  # noqa: PLC0415 - optional part
+
+        return events_of(self)
+
+    def on(self, topic: str, *, group: str | None = None, **options: Any) -> Any:
+        """Declare a handler of ``topic`` for consumer ``group`` (default: this
+        service's name), applied once per event: see :meth:`Events.on`."""
+        return self.events.on(topic, group=group, **options)
+
     # -- health
 
     async def readiness(self) -> tuple[bool, dict[str, Any]]:
@@ -227,12 +245,18 @@ class Service:
             started = time.perf_counter()
             try:
                 async with asyncio.timeout(_CHECK_TIMEOUT):
-                    await check()
+                    answer = await check()
             except TimeoutError:
                 return {"ok": False, "error": f"no answer within {_CHECK_TIMEOUT:g}s"}
             except Exception as exc:  # noqa: BLE001 - any failure is "not ready", with its reason
                 return {"ok": False, "error": str(exc) or type(exc).__name__}
-            return {"ok": True, "latency_ms": round((time.perf_counter() - started) * 1000, 2)}
+            outcome: dict[str, Any] = {
+                "ok": True,
+                "latency_ms": round((time.perf_counter() - started) * 1000, 2),
+            }
+            if isinstance(answer, dict):  # a check may say more (the events' lag)
+                outcome["detail"] = answer
+            return outcome
 
         names = list(self.checks)
         results = await asyncio.gather(*(run(self.checks[n]) for n in names))

@@ -20,15 +20,23 @@ from meshgate.events.bus.base import Bus, Delivery
 from meshgate.events.embedded import EmbeddedNats
 from tests.events.conftest import bus_url, clean_bus
 
-pytestmark = pytest.mark.services
-
-BACKENDS = ["nats", "embedded", "redis"]
+BACKENDS = [
+    pytest.param("nats", marks=pytest.mark.services),
+    pytest.param("embedded"),
+    pytest.param("redis", marks=pytest.mark.services),
+    pytest.param("memory"),
+]
 
 
 @pytest.fixture(params=BACKENDS)
 async def bus(
     request: pytest.FixtureRequest, namespace: str, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[Bus]:
+    if request.param == "memory":
+        from meshgate.service.testing import MemoryBus
+
+        yield MemoryBus(namespace)
+        return
     embedded: EmbeddedNats | None = None
     if request.param == "embedded":
         embedded = EmbeddedNats(tmp_path_factory.mktemp("nats"))
