@@ -34,6 +34,7 @@ from meshgate.events.errors import (
     StepFailed,
 )
 from meshgate.events.outbox import Lag
+from meshgate.events.saga import Saga, Step, StepContext
 from meshgate.events.settings import ConsumerSettings, TopicSettings
 
 __all__ = [
@@ -50,8 +51,11 @@ __all__ = [
     "Lag",
     "MissingDependencyError",
     "PublishError",
+    "Saga",
     "SagaError",
     "SagaNotFoundError",
+    "Step",
+    "StepContext",
     "StepFailed",
     "Subscription",
     "TopicSettings",

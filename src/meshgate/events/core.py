@@ -38,6 +38,8 @@ from meshgate.events.errors import BusUnavailableError
 from meshgate.events.inbox import Consumer, Handler, check_group
 from meshgate.events.metrics import EventMetrics
 from meshgate.events.outbox import Lag, Outbox, Relay, instance_name, stop_task
+from meshgate.events.saga import Saga
+from meshgate.events.sagas import SagaRunner
 from meshgate.events.schema import DEFAULT_PREFIX, PARTITIONS, EventTables
 from meshgate.events.settings import ConsumerSettings, TopicSettings
 
@@ -89,6 +91,9 @@ class Events:
             topics' ``max_age``, so that any redelivery or replay is still recognised.
         poll_interval: seconds between the relay's looks at the outbox when no local
             commit woke it (rows of other instances, rows left by a crash).
+        relay_batch: outbox rows a relay round takes at most.
+        saga_lease: seconds an instance holds a saga it drives; another instance
+            takes over a saga whose lease ran out (its driver died).
     """
 
     def __init__(
@@ -104,6 +109,7 @@ class Events:
         inbox_retention: float = 7 * 24 * 3600.0,
         poll_interval: float = 0.5,
         relay_batch: int = 500,
+        saga_lease: float = 10.0,
     ) -> None:
         self.database = database
         self.service = service
@@ -126,6 +132,9 @@ class Events:
         }
         self._starting: asyncio.Task[None] | None = None
         self._started = False
+        self._sagas: SagaRunner | None = None
+        self._saga_options: dict[str, Any] = {"lease": saga_lease}
+        self._started_sagas = False
         self._hooks: list[tuple[Callable[[], Any], Callable[[], Any]]] = []
         """(start, stop) of parts added on top (the saga runner)."""
 
@@ -237,6 +246,28 @@ class Events:
 
         return register
 
+    @property
+    def sagas(self) -> SagaRunner:
+        """What drives this service's sagas (made on first use)."""
+        if self._sagas is None:
+            self._sagas = SagaRunner(
+                self._need_database("sagas"),
+                self.tables,
+                service=self.service,
+                metrics=self.metrics,
+                instance=self.instance,
+                **self._saga_options,
+            )
+        return self._sagas
+
+    def saga(self, saga: Saga) -> Saga:
+        """Drive ``saga`` in this service (its ``start`` works from then on): state in
+        this service's database, resumed here or by another instance after a crash."""
+        self.sagas.register(saga)
+        if self._started_sagas:
+            self.sagas.start_background()
+        return saga
+
     def add_part(self, start: Callable[[], Any], stop: Callable[[], Any]) -> None:
         """Start and stop something with the events (the saga runner)."""
         self._hooks.append((start, stop))
@@ -295,6 +326,9 @@ class Events:
         outbox keeps what is published meanwhile)."""
         if self._starting is not None:
             return
+        if self._sagas is not None:  # HTTP steps need no bus: sagas start at once
+            self._sagas.start_background()
+        self._started_sagas = True
         self._starting = asyncio.get_running_loop().create_task(
             self._connect_then_run(), name=f"meshgate-events-{self.service}"
         )
@@ -347,6 +381,9 @@ class Events:
         for _, stop in reversed(self._hooks):
             with contextlib.suppress(Exception):
                 await stop()
+        if self._sagas is not None:
+            await self._sagas.stop()
+        self._started_sagas = False
         await asyncio.gather(*(c.stop() for c in self.consumers))
         if self.relay is not None:
             await self.relay.stop()
@@ -375,6 +412,11 @@ class Events:
             }
             if relay.last_error:
                 detail["outbox"]["error"] = relay.last_error
+        if self._sagas is not None and self._sagas.sagas:
+            detail["sagas"] = {
+                "driving": len(self._sagas.active),
+                **({"error": self._sagas.last_error} if self._sagas.last_error else {}),
+            }
         if self.consumers:
             detail["consumers"] = {
                 c.name: {"lag": c.lag, **({"error": c.last_error} if c.last_error else {})}

@@ -37,6 +37,9 @@ def events_of(service: Service) -> Events:
     service.on_startup(events.start)
     service.on_shutdown(events.stop)
     service.add_check("events", events.check)
+    from meshgate.events.api import saga_routes  # noqa: PLC0415 - FastAPI is the service's
+
+    service.app.include_router(saga_routes(events))
     return events
 
 

@@ -424,12 +424,14 @@ class NatsBus(Bus):
     async def dead_letters(
         self, *, service: str | None = None, limit: int = 100
     ) -> list[DeadLetter]:
-        await self._ensure_dead_letters()
         stream = self._dead_stream()
         found: list[DeadLetter] = []
         seq = 1
         try:
-            info = await self.js.stream_info(stream)
+            try:
+                info = await self.js.stream_info(stream)
+            except nats.js.errors.NotFoundError:
+                return []  # none yet (the stream is made with the first)
             seq = max(1, int(info.state.first_seq))
             last = int(info.state.last_seq)
             while seq <= last and len(found) < limit:
@@ -448,7 +450,6 @@ class NatsBus(Bus):
         return found
 
     async def take_dead_letter(self, letter_id: str) -> DeadLetter:
-        await self._ensure_dead_letters()
         stream = self._dead_stream()
         missing = DeadLetterNotFoundError(
             f"no dead letter {letter_id!r} on NATS at {self.url}; list them with "
