@@ -1,4 +1,5 @@
-"""The users service: create, read, list, update and delete users.
+"""The users service: create, read, list, update and delete users; a new user is
+announced as ``users.created`` through the transactional outbox.
 
 Stored in SQL (``USERS_DATABASE_URL``; SQLite ``users.db`` by default) with a
 cache-aside for reads (``USERS_CACHE_URL``; in memory by default, Redis in real
@@ -22,7 +23,15 @@ from fastapi import HTTPException, Query, Response
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
-from examples.shop.users.models import Base, User, UserIn, UserOut, UserPage, UserPatch
+from examples.shop.users.models import (
+    Base,
+    User,
+    UserCreated,
+    UserIn,
+    UserOut,
+    UserPage,
+    UserPatch,
+)
 from meshgate.data import Cache, CacheUnavailableError, Database
 from meshgate.service import Service
 
@@ -59,6 +68,9 @@ def create_service(
     cache = Cache(cache_url, prefix=cache_prefix, default_ttl=cache_ttl, name="users")
     service = Service("users", version="1.0.0", database=database, cache=cache)
     app = service.app
+    # Declared here, at import: `meshgate db upgrade` then knows this service uses
+    # events, and makes its outbox table too.
+    service.events.topic("users.created")
 
     @service.on_startup
     async def create_tables() -> None:
@@ -66,6 +78,7 @@ def create_service(
         real deployments run ``meshgate db upgrade`` instead."""
         if os.environ.get("USERS_CREATE_TABLES") == "1":
             await database.create_all(metadata)
+            await service.events.create_tables()
 
     async def _load(user_id: int) -> dict[str, object]:
         async with database.session() as session:
@@ -92,6 +105,13 @@ def create_service(
                 session.add(user)
                 await session.flush()
                 out = UserOut.model_validate(user)
+                # In the same transaction: the event exists exactly when the user does.
+                await service.events.publish(
+                    session,
+                    "users.created",
+                    UserCreated(id=out.id, email=out.email, name=out.name),
+                    key=str(out.id),
+                )
         except IntegrityError:
             raise _conflict(body.email) from None
         response.headers["Location"] = f"/users/{out.id}"
