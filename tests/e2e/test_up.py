@@ -322,9 +322,7 @@ def test_shop_runs_and_the_readme_calls_work(shop: Up) -> None:
         if order["status"] == "cancelled":
             assert order["reason"] == "step 'charge-payment' failed: payment declined"
         # users.created reached notifications through the embedded NATS.
-        while not any(
-            n["kind"] == "welcome" for n in client.get("/api/notifications").json()
-        ):
+        while not any(n["kind"] == "welcome" for n in client.get("/api/notifications").json()):
             assert time.monotonic() < deadline, "no welcome notification"
             time.sleep(0.1)
     # The example lines printed once ready are those calls, with the real URL.

@@ -5,6 +5,8 @@ second ``POST /reservations`` with the same key answers the first one's result a
 holds nothing more; ``release`` and ``commit`` can be repeated. Stored in SQL
 (``INVENTORY_DATABASE_URL``; SQLite ``inventory.db`` by default), seeded at start
 with the catalogue of ``INVENTORY_STOCK`` (``sku=units@cents,...``) when empty.
+``INVENTORY_FAILURE_SHARE`` (0 to 1) makes that share of reservations fail with a
+503 before doing anything, for demos and tests of retries.
 
 Run it with ``meshgate serve examples.shop.inventory.app:service``.
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -73,6 +76,10 @@ def create_service(database_url: str | None = None, stock: str | None = None) ->
     catalogue = parse_stock(stock or os.environ.get("INVENTORY_STOCK", DEFAULT_STOCK))
     service = Service("inventory", version="1.0.0", database=database)
     app = service.app
+    # A share of reservations answered 503 before doing anything, for demos and
+    # tests of retries (the caller tries again with the same key).
+    flaky = float(os.environ.get("INVENTORY_FAILURE_SHARE", "0") or 0)
+    chance = random.Random()  # noqa: S311 - a demo's coin, not cryptography
 
     @service.on_startup
     async def seed() -> None:
@@ -111,6 +118,8 @@ def create_service(database_url: str | None = None, stock: str | None = None) ->
     @app.post("/reservations", status_code=201)
     async def reserve(body: ReservationIn, response: Response) -> ReservationOut:
         """Hold the lines under ``key``; the same key again answers what the first did."""
+        if flaky and chance.random() < flaky:
+            raise HTTPException(503, "inventory is busy (INVENTORY_FAILURE_SHARE); try again")
         try:
             async with database.session() as session:
                 existing = await session.get(Reservation, body.key)

@@ -26,9 +26,10 @@ import json
 import os
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import HTTPException, Response
+from fastapi import HTTPException, Query, Response
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from examples.shop.orders.models import (
@@ -39,6 +40,8 @@ from examples.shop.orders.models import (
     OrderCompleted,
     OrderIn,
     OrderOut,
+    OrderPage,
+    Status,
 )
 from meshgate.data import Database
 from meshgate.events import Saga, StepContext, StepFailed
@@ -188,6 +191,9 @@ def create_service(database_url: str | None = None, *, step_timeout: float = 5.0
         )
 
     service.events.saga(place_order)
+    # How long an instance holds a saga it drives; a crashed one's sagas are taken
+    # over once it runs out.
+    service.events.sagas.lease = float(os.environ.get("ORDERS_SAGA_LEASE", "10"))
     service.place_order = place_order  # type: ignore[attr-defined] - for tests and tools
 
     @service.on_startup
@@ -214,6 +220,21 @@ def create_service(database_url: str | None = None, *, step_timeout: float = 5.0
             out = _out(order)
         response.headers["Location"] = f"/orders/{out.id}"
         return out
+
+    @app.get("/orders")
+    async def list_orders(
+        status: Status | None = None,
+        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+        after: Annotated[int, Query(ge=0, description="The last id of the previous page")] = 0,
+    ) -> OrderPage:
+        """Orders in id order (of one status)."""
+        async with database.session() as session:
+            query = select(Order).where(Order.id > after).order_by(Order.id).limit(limit + 1)
+            if status is not None:
+                query = query.where(Order.status == status)
+            rows = list(await session.scalars(query))
+        items = [_out(o) for o in rows[:limit]]
+        return OrderPage(items=items, next=items[-1].id if len(rows) > limit else None)
 
     @app.get("/orders/{order_id}")
     async def get_order(order_id: int) -> OrderOut:

@@ -68,6 +68,13 @@ class OrderOut(BaseModel):
     updated_at: datetime
 
 
+class OrderPage(BaseModel):
+    """One page of orders, in id order; pass ``next`` as ``after`` for the next page."""
+
+    items: list[OrderOut]
+    next: int | None
+
+
 class OrderCompleted(BaseModel):
     """``orders.completed``: an order went through (stock held, money taken)."""
 

@@ -94,6 +94,12 @@ class StepContext:
     """When the whole saga times out (UTC)."""
 
     @property
+    def action_key(self) -> str:
+        """The idempotency key of this step's action, also in its compensation: what
+        names the thing to undo at the callee."""
+        return f"{self.saga_id}:{self.step}"
+
+    @property
     def idempotency_key(self) -> str:
         """The same for every attempt of this step and phase, in any instance: give it
         to the callee (``Idempotency-Key``) so that a retry is not applied twice."""

@@ -34,6 +34,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from meshgate.data.database import Database
 from meshgate.data.errors import DataError
+from meshgate.events import _faults
 from meshgate.events.envelope import encode_data, new_event_id
 from meshgate.events.errors import EnvelopeError, SagaError, SagaNotFoundError, StepFailed
 from meshgate.events.metrics import EventMetrics
@@ -703,6 +704,7 @@ class _Drive:
             async with asyncio.timeout(step.timeout):
                 result = await func(ctx)
             result = encode_data(result)
+            await _faults.point(f"saga.{phase}.{step.name}")
         except StepFailed as exc:
             outcome = "failed-final" if phase == "action" else "failed"
             error = exc.reason
