@@ -19,7 +19,7 @@ def orders_service(tmp_path: Path) -> tuple[Service, Saga]:
     service = Service("orders", database=Database(f"sqlite:///{tmp_path / 'orders.db'}"))
     saga = Saga("place-order")
 
-    @saga.step("reserve")
+    @saga.step("reserve", compensation_attempts=2, retry_delay=0.01)
     async def reserve(ctx: StepContext) -> dict[str, int]:
         return {"reserved": ctx.input["n"]}
 

@@ -95,7 +95,7 @@ def create_service(database_url: str | None = None, *, step_timeout: float = 5.0
 
     place_order = Saga("place-order", timeout=120)
 
-    @place_order.step("reserve-stock", timeout=step_timeout, attempts=4)
+    @place_order.step("reserve-stock", timeout=step_timeout, attempts=6, retry_delay=0.5)
     async def reserve(ctx: StepContext) -> dict[str, Any]:
         answer = await inventory().post(
             "/reservations",
@@ -120,7 +120,7 @@ def create_service(database_url: str | None = None, *, step_timeout: float = 5.0
         if answer.status_code != 200:
             raise _unexpected("inventory", answer)
 
-    @place_order.step("charge-payment", timeout=step_timeout, attempts=4)
+    @place_order.step("charge-payment", timeout=step_timeout, attempts=6, retry_delay=0.5)
     async def charge(ctx: StepContext) -> dict[str, Any]:
         amount = ctx.results["reserve-stock"]["amount_cents"]
         answer = await payments().post(
@@ -151,7 +151,7 @@ def create_service(database_url: str | None = None, *, step_timeout: float = 5.0
         if answer.status_code != 200:
             raise _unexpected("payments", answer)
 
-    @place_order.step("confirm-reservation", timeout=step_timeout, attempts=10)
+    @place_order.step("confirm-reservation", timeout=step_timeout, attempts=10, retry_delay=0.5)
     async def confirm(ctx: StepContext) -> None:
         key = f"{ctx.saga_id}:reserve-stock"
         answer = await inventory().post(

@@ -119,7 +119,7 @@ class Step:
     attempts: int = 3
     """Attempts of the action before the saga compensates."""
     compensation: Action | None = None
-    compensation_attempts: int = 5
+    compensation_attempts: int = 10
     """Attempts of the compensation before the saga is left ``stuck``."""
     retry_delay: float = 0.2
     """Seconds before the second attempt; doubled each time (at most 5 s)."""
@@ -161,7 +161,7 @@ class Saga:
         *,
         timeout: float = 10.0,
         attempts: int = 3,
-        compensation_attempts: int = 5,
+        compensation_attempts: int = 10,
         retry_delay: float = 0.2,
     ) -> Callable[[Action], Step]:
         """Add a step (a decorator of its action; returns the :class:`Step`, whose
