@@ -29,7 +29,7 @@ from typing import Any
 
 from pydantic import BaseModel
 from sqlalchemy import exc as sa_exc
-from sqlalchemy import insert
+from sqlalchemy import insert, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from meshgate.data.database import Database
@@ -54,6 +54,16 @@ Handler = Callable[..., Awaitable[Any]]
 _INFRA = (DatabaseUnavailableError, StatementTimeoutError, BusUnavailableError)
 _FETCH_WAIT = 1.0
 _LAG_EVERY = 2.0
+
+
+class _OneByOne(Exception):  # noqa: N818 - a signal between two methods, never raised out
+    """The batch must be handled again one event at a time, under savepoints (but
+    for the event whose handler failed, if one did: it is not run twice)."""
+
+    def __init__(self, event_id: str | None = None, error: BaseException | None = None) -> None:
+        super().__init__(event_id)
+        self.event_id = event_id
+        self.error = error
 
 
 def check_group(group: str, where: str = "group") -> str:
@@ -206,7 +216,14 @@ class Consumer:
         return len(deliveries)
 
     async def handle(self, deliveries: list[Delivery]) -> None:
-        """Handle one batch in one transaction; ack, nak or dead-letter each delivery."""
+        """Handle one batch in one transaction; ack, nak or dead-letter each delivery.
+
+        The common case takes one query to find the duplicates, one insert for the
+        inbox rows, the handlers, and one commit. When a handler fails (or another
+        instance records one of the events at the same time), the batch is rolled
+        back and handled again, each event under its own savepoint, so that one
+        failure undoes only its own writes.
+        """
         events: list[tuple[Delivery, Event]] = []
         for delivery in deliveries:
             try:
@@ -217,18 +234,29 @@ class Consumer:
                 await self._dead(delivery, _poison_id(delivery.data), str(exc))
                 continue
             events.append((delivery, event))
+            if event.attempt > 1:
+                self._m_redelivered.inc()
+            else:
+                self._m_latency.observe(max(0.0, (datetime.now(UTC) - event.time).total_seconds()))
         if not events:
             return
         done: list[tuple[Delivery, bool]] = []  # (delivery, duplicate)
         failed: list[tuple[Delivery, Event, BaseException]] = []
         try:
-            async with self.database.session() as session:
-                for delivery, event in events:
-                    outcome = await self._apply(session, event)
-                    if isinstance(outcome, BaseException):
-                        failed.append((delivery, event, outcome))
-                    else:
-                        done.append((delivery, outcome is True))
+            try:
+                done = await self._all_at_once(events)
+            except _OneByOne as one_by_one:
+                done = []
+                async with self.database.session() as session:
+                    for delivery, event in events:
+                        if event.id == one_by_one.event_id and one_by_one.error is not None:
+                            failed.append((delivery, event, one_by_one.error))
+                            continue
+                        outcome = await self._apply(session, event)
+                        if isinstance(outcome, BaseException):
+                            failed.append((delivery, event, outcome))
+                        else:
+                            done.append((delivery, outcome is True))
         except (DataError, sa_exc.SQLAlchemyError, OSError) as exc:
             # The commit failed (or the database went away): nothing of the batch
             # is known to be applied. The inbox makes the redelivery safe even if
@@ -243,17 +271,82 @@ class Consumer:
         for delivery, event, error in failed:
             await self._retry(delivery, event, error, infra=isinstance(error, _INFRA))
 
-    async def _apply(self, session: AsyncSession, event: Event) -> BaseException | bool | None:
-        """Record and handle one event under a savepoint. None: applied; True: a
-        duplicate; an exception: it failed (its writes undone)."""
-        if event.attempt > 1:
-            self._m_redelivered.inc()
-        else:
-            self._m_latency.observe(max(0.0, (datetime.now(UTC) - event.time).total_seconds()))
+    async def _all_at_once(
+        self, events: list[tuple[Delivery, Event]]
+    ) -> list[tuple[Delivery, bool]]:
+        """The batch in one transaction without savepoints; raises :class:`_OneByOne`
+        (everything rolled back) when that cannot be done."""
+        if any(event.attempt > 1 for _, event in events):
+            raise _OneByOne  # redeliveries fail more often: savepoints at once
+        inbox = self.tables.inbox
+        done: list[tuple[Delivery, bool]] = []
+        async with self.database.session() as session:
+            ids = [event.id for _, event in events]
+            seen = set(
+                (
+                    await session.execute(
+                        select(inbox.c.event_id).where(
+                            inbox.c.consumer == self.group, inbox.c.event_id.in_(ids)
+                        )
+                    )
+                ).scalars()
+            )
+            fresh: list[tuple[Delivery, Event]] = []
+            for delivery, event in events:
+                duplicate = event.id in seen
+                seen.add(event.id)
+                done.append((delivery, duplicate))
+                if not duplicate:
+                    fresh.append((delivery, event))
+            if fresh:
+                now = datetime.now(UTC)
+                try:
+                    await session.execute(
+                        insert(inbox),
+                        [
+                            {
+                                "consumer": self.group,
+                                "event_id": event.id,
+                                "topic": event.type,
+                                "received_at": now,
+                            }
+                            for _, event in fresh
+                        ],
+                    )
+                except sa_exc.IntegrityError:
+                    # One was recorded meanwhile by another instance.
+                    raise _OneByOne from None
+                for _, event in fresh:
+                    await self._run_or_roll_back(event, session)
+        return done
+
+    async def _run_or_roll_back(self, event: Event, session: AsyncSession) -> None:
+        error = await self._call(event, session)
+        if error is not None:
+            raise _OneByOne(event.id, error)  # the session's block rolls everything back
+
+    async def _call(self, event: Event, session: AsyncSession) -> BaseException | None:
+        """Run the handler in the event's trace; the exception it raised, if any."""
         parent = TraceContext.parse(event.traceparent)
         trace = parent.child() if parent is not None else TraceContext.new()
         tokens = (current_trace.set(trace), current_request_id.set(event.id))
         started = time.perf_counter()
+        try:
+            if self._with_session:
+                await self.handler(event, session)
+            else:
+                await self.handler(event)
+        except Exception as exc:  # noqa: BLE001 - a handler's failure is retried, not fatal
+            return exc
+        finally:
+            self._m_duration.observe(time.perf_counter() - started)
+            current_request_id.reset(tokens[1])
+            current_trace.reset(tokens[0])
+        return None
+
+    async def _apply(self, session: AsyncSession, event: Event) -> BaseException | bool | None:
+        """Record and handle one event under a savepoint. None: applied; True: a
+        duplicate; an exception: it failed (its writes undone)."""
         try:
             savepoint = await session.begin_nested()
             try:
@@ -268,24 +361,15 @@ class Consumer:
             except sa_exc.IntegrityError:
                 await savepoint.rollback()
                 return True
-            try:
-                if self._with_session:
-                    await self.handler(event, session)
-                else:
-                    await self.handler(event)
-                await savepoint.commit()
-            except Exception as exc:  # noqa: BLE001 - a handler's failure is retried, not fatal
+            failure = await self._call(event, session)
+            if failure is not None:
                 with contextlib.suppress(Exception):
                     await savepoint.rollback()
-                return exc
-            else:
-                return None
+                return failure
+            await savepoint.commit()
         except (DataError, sa_exc.SQLAlchemyError, OSError) as exc:
             return exc
-        finally:
-            self._m_duration.observe(time.perf_counter() - started)
-            current_request_id.reset(tokens[1])
-            current_trace.reset(tokens[0])
+        return None
 
     async def _retry(
         self, delivery: Delivery, event: Event, error: BaseException, *, infra: bool
