@@ -24,12 +24,14 @@ import json
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from types import SimpleNamespace
 from typing import Any
 
 from sqlalchemy import event as sa_event
 from sqlalchemy import exc as sa_exc
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import func, insert, select, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
 
 from meshgate.data.database import Database
@@ -59,6 +61,29 @@ _Adopt = dict[tuple[str, str], tuple[int, int]]
 """Attempts recorded as running, to take over: (step, phase) -> (row id, attempt)."""
 
 
+@dataclass(frozen=True, slots=True)
+class _Fresh:
+    """A saga this instance just started: what its drive needs, without reading it back."""
+
+    id: str
+    name: str
+    data: dict[str, Any]
+    deadline: datetime
+    first_attempt: int
+    """The row of its first attempt, recorded as running at the start."""
+
+    def row(self) -> Any:
+        return SimpleNamespace(
+            id=self.id,
+            name=self.name,
+            status="running",
+            position=0,
+            error=None,
+            data=json.dumps(self.data),
+            deadline=self.deadline,
+        )
+
+
 class _LeaseLostError(Exception):
     """Another instance drives this saga now."""
 
@@ -73,6 +98,16 @@ def _new_id(result: Any) -> int:
     if not key or key[0] is None:  # pragma: no cover - every supported engine returns it
         raise SagaError("the database did not return the id of a saga step it recorded")
     return int(key[0])
+
+
+async def _lazy_commit(conn: AsyncConnection | AsyncSession) -> None:
+    """On PostgreSQL, do not wait for the disk at this commit: a transition lost in a
+    crash of the database itself means a step attempted again with its idempotency
+    key, which the callee applies once. Endings, which carry the service's own
+    writes, keep the full guarantee."""
+    bind = conn.bind if isinstance(conn, AsyncSession) else conn
+    if bind is not None and bind.dialect.name == "postgresql":
+        await conn.execute(text("SET LOCAL synchronous_commit TO OFF"))
 
 
 def _now() -> datetime:
@@ -117,6 +152,8 @@ class SagaRunner:
         self.max_active = max_active
         self.sagas: dict[str, Saga] = {}
         self.active: dict[str, asyncio.Task[None]] = {}
+        self._waiting: dict[str, _Fresh | None] = {}
+        """Sagas leased here, waiting for a free slot (in order)."""
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
         self._stopping = False
@@ -158,7 +195,7 @@ class SagaRunner:
         )
         # The first attempt is recorded as running in the same transaction: the
         # drive that starts after the commit takes it over (one write fewer per saga).
-        await session.execute(
+        first = await session.execute(
             insert(self.tables.saga_steps).values(
                 saga_id=saga_id,
                 position=0,
@@ -169,28 +206,32 @@ class SagaRunner:
                 started_at=now,
             )
         )
-        self._after_commit(session, saga_id, saga.name)
+        fresh = _Fresh(
+            id=saga_id,
+            name=saga.name,
+            data=doc,
+            deadline=now + timedelta(seconds=saga.timeout),
+            first_attempt=_new_id(first),
+        )
+        self._after_commit(session, fresh)
         return saga_id
 
-    def _after_commit(
-        self, session: AsyncSession | AsyncConnection, saga_id: str, name: str
-    ) -> None:
+    def _after_commit(self, session: AsyncSession | AsyncConnection, fresh: _Fresh) -> None:
         sync: Any = session.sync_session if isinstance(session, AsyncSession) else None
         if sync is None:
-            # A Core connection: the poll picks it up once its lease (ours) runs out;
-            # start it now instead, it waits for the commit by finding the row.
-            self._launch(saga_id)
+            # A Core connection has no after-commit event: the poll takes the saga
+            # once its lease (ours, unused) runs out.
             return
-        started: list[tuple[str, str]] = sync.info.setdefault(_STARTED, [])
+        started: list[_Fresh] = sync.info.setdefault(_STARTED, [])
         first = not started
-        started.append((saga_id, name))
+        started.append(fresh)
         if not first:
             return
 
         def after_commit(s: Any) -> None:
-            for one, saga_name in s.info.pop(_STARTED, []):
-                self.metrics.sagas.labels(self.service, saga_name, "started").inc()
-                self._launch(one, fresh=True)
+            for one in s.info.pop(_STARTED, []):
+                self.metrics.sagas.labels(self.service, one.name, "started").inc()
+                self._launch(one.id, fresh=one)
 
         def after_rollback(s: Any) -> None:
             s.info.pop(_STARTED, None)
@@ -225,6 +266,7 @@ class SagaRunner:
         for drive in drives:
             await stop_task(drive, grace=0.0)
         self.active.clear()
+        self._waiting.clear()
         sagas = self.tables.sagas
         with contextlib.suppress(DataError, sa_exc.SQLAlchemyError, TimeoutError):
             async with asyncio.timeout(3.0), self.database.connection() as conn:
@@ -234,16 +276,18 @@ class SagaRunner:
                     .values(lease_owner=None, lease_until=None)
                 )
 
-    def _launch(self, saga_id: str, *, fresh: bool = False) -> None:
-        """Drive ``saga_id`` (held by our lease). ``fresh``: just started here, so its
-        running first attempt is ours to take; otherwise attempts left running were
-        a dead driver's, and are recorded as lost."""
+    def _launch(self, saga_id: str, *, fresh: _Fresh | None = None) -> None:
+        """Drive ``saga_id`` (held by our lease). ``fresh``: it was just started here,
+        and this is all there is to know of it (nothing to read back); otherwise it is
+        read from the database, and attempts left running (a dead driver's) are
+        recorded as lost."""
         if self._stopping or saga_id in self.active:
             return
         if len(self.active) >= self.max_active:
-            # Ours by lease: the loop takes it when a slot frees (or another instance
-            # once the lease ran out).
-            self._wake.set()
+            # Ours by lease: driven when a slot frees (or by another instance, if the
+            # lease runs out first).
+            if saga_id not in self._waiting:
+                self._waiting[saga_id] = fresh
             return
         task = asyncio.get_running_loop().create_task(
             self._drive(saga_id, fresh=fresh), name=f"meshgate-saga-{saga_id}"
@@ -255,7 +299,10 @@ class SagaRunner:
         for saga_id, running in list(self.active.items()):
             if running is task:
                 del self.active[saga_id]
-        self._wake.set()
+        while self._waiting and len(self.active) < self.max_active and not self._stopping:
+            saga_id, fresh = next(iter(self._waiting.items()))
+            del self._waiting[saga_id]
+            self._launch(saga_id, fresh=fresh)
 
     async def _loop(self) -> None:
         next_renew = 0.0
@@ -288,6 +335,7 @@ class SagaRunner:
         sagas = self.tables.sagas
         ids = list(self.active)
         async with self.database.connection() as conn:
+            await _lazy_commit(conn)
             for start in range(0, len(ids), 200):
                 await conn.execute(
                     update(sagas)
@@ -297,32 +345,29 @@ class SagaRunner:
                 )
 
     async def _claim(self, room: int) -> list[str]:
-        """Sagas of the names this instance drives whose lease ran out, taken over."""
+        """Sagas of the names this instance drives whose lease ran out, taken over
+        (and its own leased ones it does not drive, after a restart of its loop)."""
         if not self.sagas or room <= 0:
             return []
         sagas = self.tables.sagas
-        now = _now()
-        expired = (sagas.c.lease_until.is_(None)) | (sagas.c.lease_until < now)
+        busy = [*self.active, *self._waiting]
+        expired = (sagas.c.lease_until.is_(None)) | (sagas.c.lease_until < _now())
         mine = sagas.c.lease_owner == self.instance
+        query = (
+            select(sagas.c.id)
+            .where(sagas.c.status.in_(ACTIVE), sagas.c.name.in_(list(self.sagas)))
+            .where(expired | mine)
+            .order_by(sagas.c.created_at)
+            .limit(room)
+        )
+        if busy:
+            query = query.where(sagas.c.id.not_in(busy))
         async with self.database.connection() as conn:
-            candidates = (
-                (
-                    await conn.execute(
-                        select(sagas.c.id)
-                        .where(sagas.c.status.in_(ACTIVE), sagas.c.name.in_(list(self.sagas)))
-                        .where(expired | mine)
-                        .order_by(sagas.c.created_at)
-                        .limit(room)
-                    )
-                )
-                .scalars()
-                .all()
-            )
+            candidates = (await conn.execute(query)).scalars().all()
         taken = []
         for saga_id in candidates:
-            if saga_id in self.active:
-                continue
             async with self.database.connection() as conn:
+                await _lazy_commit(conn)
                 got = await conn.execute(
                     update(sagas)
                     .where(sagas.c.id == saga_id, sagas.c.status.in_(ACTIVE))
@@ -340,13 +385,20 @@ class SagaRunner:
 
     # -- driving one saga
 
-    async def _drive(self, saga_id: str, *, fresh: bool) -> None:
+    async def _drive(self, saga_id: str, *, fresh: _Fresh | None) -> None:
         gauge = None
         try:
-            loaded = await self._load(saga_id, fresh=fresh)
-            if loaded is None:
-                return
-            row, counts, adopt = loaded
+            if fresh is not None:
+                row: Any = fresh.row()
+                counts: _Counts = {}
+                adopt: _Adopt = {
+                    (self.sagas[fresh.name].steps[0].name, "action"): (fresh.first_attempt, 1)
+                }
+            else:
+                loaded = await self._load(saga_id)
+                if loaded is None:
+                    return
+                row, counts, adopt = loaded
             saga = self.sagas.get(row.name)
             if saga is None:
                 return
@@ -367,9 +419,9 @@ class SagaRunner:
             if gauge is not None:
                 gauge.dec()
 
-    async def _load(self, saga_id: str, *, fresh: bool) -> tuple[Any, _Counts, _Adopt] | None:
-        """The saga (if our lease holds it), attempts made so far by step and phase, and
-        the running attempt to take over (fresh) or the lost ones recorded as lost."""
+    async def _load(self, saga_id: str) -> tuple[Any, _Counts, _Adopt] | None:
+        """The saga (if our lease holds it) and the attempts made so far by step and
+        phase; attempts left running (by a driver that died) are recorded as lost."""
         t = self.tables
         steps = t.saga_steps
         async with self.database.connection() as conn:
@@ -391,10 +443,7 @@ class SagaRunner:
                     )
                 )
             ).all()
-            adopt: _Adopt = {}
-            if fresh:
-                adopt = {(r.step, r.phase): (r.id, r.attempt) for r in running}
-            elif running:
+            if running:
                 await conn.execute(
                     update(steps)
                     .where(steps.c.id.in_([r.id for r in running]))
@@ -413,9 +462,7 @@ class SagaRunner:
                 )
             ).all()
         counts = {(step, phase): int(n or 0) for step, phase, n in counted}
-        for key in adopt:
-            counts[key] = adopt[key][1] - 1
-        return row, counts, adopt
+        return row, counts, {}
 
     # -- reading, for the API and the CLI
 
@@ -681,6 +728,7 @@ class _Drive:
             return adopted[0], adopted[1], _now()
         started = _now()
         async with self.runner.database.connection() as conn:
+            await _lazy_commit(conn)
             done = await conn.execute(
                 insert(self.runner.tables.saga_steps).values(
                     saga_id=self.id,
@@ -789,7 +837,12 @@ class _Drive:
         finisher = {"completed": self.saga.completed, "compensated": self.saga.compensated}.get(
             ending or ""
         )
-        async with runner.database.session() as session:
+        # A session (the ORM's) only for an ending, whose code writes the service's
+        # own rows; a plain connection otherwise.
+        opened = runner.database.session() if finisher is not None else runner.database.connection()
+        async with opened as session:
+            if finisher is None:
+                await _lazy_commit(session)
             await self._guarded(session, **values)
             await session.execute(
                 update(steps_table)
@@ -818,6 +871,7 @@ class _Drive:
                 self.adopt[(following, "action")] = (_new_id(done), attempt)
             if finisher is not None:
                 self.error = error_after
+                assert isinstance(session, AsyncSession)  # noqa: S101 - opened as one above
                 await finisher(self.context("", "end", 1), session)
         self.position, self.status, self.error = position, ending or status_after, error_after
         if turn is not None:
