@@ -151,9 +151,8 @@ class Pipeline:
     """One service that publishes through its outbox and handles its own events."""
 
     def __init__(self, db_url: str, nats_url: str) -> None:
-        self.database = Database(
-            db_url, name="bench", pool_size=24, max_overflow=8, slow_query=None
-        )
+        pool = None if db_url.startswith("sqlite") else 24  # SQLite: one writer, one connection
+        self.database = Database(db_url, name="bench", pool_size=pool, slow_query=None)
         self.bus = NatsBus(nats_url, namespace=f"b{uuid.uuid4().hex[:8]}")
         self.events = Events(self.database, service="bench", bus=self.bus, poll_interval=0.5)
         self.committed: dict[str, float] = {}
