@@ -349,6 +349,23 @@ def test_ps_and_logs_commands(shop: Up) -> None:
     assert '"message": "users registered as' in raw.output, raw.output
 
 
+def test_sagas_and_events_commands_find_the_running_system(shop: Up) -> None:
+    runner = CliRunner()
+    wide = {"COLUMNS": "250"}
+    listed = runner.invoke(app, ["sagas", "list", "--file", str(shop.file), "--json"], env=wide)
+    assert listed.exit_code == 0, listed.output
+    sagas = json.loads(listed.output)
+    assert "orders" in sagas["counts"]  # asked through the registry, one instance per service
+    first = sagas["sagas"][-1]
+    assert first["name"] == "place-order"
+    shown = runner.invoke(app, ["sagas", "show", first["id"], "--file", str(shop.file)], env=wide)
+    assert shown.exit_code == 0, shown.output
+    assert "reserve-stock" in shown.output
+    letters = runner.invoke(app, ["events", "dead-letters", "--file", str(shop.file)], env=wide)
+    assert letters.exit_code == 0, letters.output
+    assert "no dead letters on nats://127.0.0.1:" in letters.output  # the embedded server
+
+
 def user_url(shop: Up) -> str:
     """The gateway URL of a user that exists (made here if needed)."""
     url = shop.gateway_url()
