@@ -280,9 +280,20 @@ def test_shop_runs_and_the_readme_calls_work(shop: Up) -> None:
     ps = shop.ps()
     assert ps["status"] == "ready"
     names = {i["name"]: i for i in ps["instances"]}
-    assert set(names) == {"gateway", "users-1", "users-2", "web-1"}
+    assert set(names) == {
+        "gateway",
+        "nats",
+        "users-1",
+        "users-2",
+        "web-1",
+        "inventory-1",
+        "payments-1",
+        "orders-1",
+        "notifications-1",
+    }
     assert all(i["status"] == "ready" and i["pid"] for i in names.values()), names
-    assert "users-migrate | " in shop.text()  # the migrations ran first, in the stream
+    # the migrations ran first, in the stream
+    assert re.search(r"^users-migrate +\| ", shop.text(), re.M)
     assert re.search(
         r"^gateway +\| meshgate \S+: gateway on http://\S+ \(1 worker\); ", shop.text(), re.M
     )
@@ -303,9 +314,31 @@ def test_shop_runs_and_the_readme_calls_work(shop: Up) -> None:
         assert fetched.json()["name"] == "Ada Lovelace"
         profile = client.get("/api/profile/1")  # web -> users through the registry
         assert profile.json()["greeting"] == "Hello, Ada!", profile.text
+        # The README's order lines: 202 with the id, pending, then completed or
+        # cancelled with the reason (payments declines one charge in ten).
+        placed = client.post(
+            "/api/orders",
+            headers={"Authorization": f"Bearer {token.text}", "Content-Type": "application/json"},
+            content=b'{"user_id": 1, "items": [{"sku": "coffee", "quantity": 2}]}',
+        )
+        assert placed.status_code == 202, placed.text
+        assert placed.json()["status"] == "pending"
+        order_id = placed.json()["id"]
+        deadline = time.monotonic() + 30
+        while (order := client.get(f"/api/orders/{order_id}").json())["status"] == "pending":
+            assert time.monotonic() < deadline, order
+            time.sleep(0.1)
+        assert order["status"] in ("completed", "cancelled"), order
+        if order["status"] == "cancelled":
+            assert order["reason"] == "step 'charge-payment' failed: payment declined"
+        # users.created reached notifications through the embedded NATS.
+        while not any(n["kind"] == "welcome" for n in client.get("/api/notifications").json()):
+            assert time.monotonic() < deadline, "no welcome notification"
+            time.sleep(0.1)
     # The example lines printed once ready are those calls, with the real URL.
     assert f"TOKEN=$(curl -s -X POST {url}/api/demo-token)" in shop.text()
     assert f"curl -s {url}/api/users/1" in shop.text()
+    assert f"curl -s {url}/api/orders/1" in shop.text()
     # The merged stream: each line prefixed by its instance; the database in the state.
     shop.wait_for(r"^gateway +\| GET /api/users/1 200")  # the access log, written in batches
     assert (shop.state / "data" / "users.db").is_file()
@@ -320,7 +353,7 @@ def test_ps_and_logs_commands(shop: Up) -> None:
     logs = runner.invoke(app, ["logs", "users", "--file", str(shop.file), "-n", "200"])
     assert logs.exit_code == 0, logs.output
     assert re.search(r"^users-1 +\| users on http://127\.0\.0\.1:\d+$", logs.output, re.M)
-    assert "users-migrate | " in logs.output
+    assert re.search(r"users-migrate +\| ", logs.output)
     assert "web-1" not in logs.output
     raw = runner.invoke(app, ["logs", "users-2", "--file", str(shop.file), "--raw"])
     assert '"message": "users registered as' in raw.output, raw.output
@@ -379,6 +412,23 @@ def test_the_readme_s_serve_lines_add_an_instance_by_hand(shop: Up) -> None:
         proc.terminate()
         proc.wait(30)
     assert address not in shop.registered("users")  # it left the registry as it stopped
+
+
+def test_sagas_and_events_commands_find_the_running_system(shop: Up) -> None:
+    runner = CliRunner()
+    wide = {"COLUMNS": "250"}
+    listed = runner.invoke(app, ["sagas", "list", "--file", str(shop.file), "--json"], env=wide)
+    assert listed.exit_code == 0, listed.output
+    sagas = json.loads(listed.output)
+    assert "orders" in sagas["counts"]  # asked through the registry, one instance per service
+    first = sagas["sagas"][-1]
+    assert first["name"] == "place-order"
+    shown = runner.invoke(app, ["sagas", "show", first["id"], "--file", str(shop.file)], env=wide)
+    assert shown.exit_code == 0, shown.output
+    assert "reserve-stock" in shown.output
+    letters = runner.invoke(app, ["events", "dead-letters", "--file", str(shop.file)], env=wide)
+    assert letters.exit_code == 0, letters.output
+    assert "no dead letters on nats://127.0.0.1:" in letters.output  # the embedded server
 
 
 def user_url(shop: Up) -> str:

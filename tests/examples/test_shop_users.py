@@ -9,6 +9,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -17,8 +18,9 @@ from examples.shop.users.app import MIGRATIONS, create_service
 
 from meshgate.data.migrations import upgrade
 from meshgate.errors import ConfigError
-from meshgate.service import ServiceStartupError
-from meshgate.service.testing import in_process
+from meshgate.events import migrations as event_migrations
+from meshgate.service import Service, ServiceStartupError
+from meshgate.service.testing import in_process, use_memory_bus
 from tests.data.conftest import service_url, tcp_proxy
 
 ENGINES = [
@@ -59,6 +61,19 @@ def _fresh_database(engine: str, tmp_path: Path) -> Iterator[str]:
             conn.close()
 
 
+def migrate(url: str) -> None:
+    """The service's migrations and its event tables (as ``meshgate db upgrade``)."""
+    upgrade(url, MIGRATIONS)
+    event_migrations.upgrade(url)
+
+
+def users_service(*args: Any, **options: Any) -> Service:
+    """The users service with an in-memory bus: its users.created events stay in the test."""
+    service = create_service(*args, **options)
+    use_memory_bus(service)
+    return service
+
+
 @pytest.fixture(params=ENGINES)
 def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     yield from _fresh_database(request.param, tmp_path)
@@ -66,8 +81,8 @@ def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str
 
 @pytest.fixture
 async def users(database_url: str) -> AsyncIterator[httpx.AsyncClient]:
-    upgrade(database_url, MIGRATIONS)
-    service = create_service(database_url, "memory://", cache_ttl=60)
+    migrate(database_url)
+    service = users_service(database_url, "memory://", cache_ttl=60)
     async with in_process(service) as client:
         yield client
 
@@ -97,6 +112,30 @@ async def test_crud(users: httpx.AsyncClient) -> None:
     assert (await users.get(f"/users/{ada['id']}")).status_code == 404
     assert (await users.delete(f"/users/{ada['id']}")).status_code == 404
     assert (await users.patch(f"/users/{ada['id']}", json={"name": "x"})).status_code == 404
+
+
+async def test_a_new_user_is_announced_once_through_the_outbox(database_url: str) -> None:
+    import json
+
+    from meshgate.service.testing import settle
+
+    migrate(database_url)
+    service = create_service(database_url, "memory://", cache_ttl=60)
+    bus = use_memory_bus(service)
+    async with in_process(service) as users:
+        made = await users.post("/users", json={"email": "e@example.com", "name": "Eve"})
+        assert made.status_code == 201
+        duplicate = await users.post("/users", json={"email": "E@example.com", "name": "Eve"})
+        assert duplicate.status_code == 409  # rolled back: no event either
+        await settle(service)
+    events = [json.loads(raw) for raw in bus.published("users.created")]
+    assert [(e["type"], e["subject"], e["data"]) for e in events] == [
+        (
+            "users.created",
+            str(made.json()["id"]),
+            {"id": made.json()["id"], "email": "e@example.com", "name": "Eve"},
+        )
+    ]
 
 
 async def test_validation_and_duplicates(users: httpx.AsyncClient) -> None:
@@ -173,9 +212,9 @@ async def test_pagination(users: httpx.AsyncClient) -> None:
 async def test_cache_aside_on_real_redis(tmp_path: Path) -> None:
     redis_url = service_url("redis")
     database_url = f"sqlite:///{tmp_path / 'users.db'}"
-    upgrade(database_url, MIGRATIONS)
+    migrate(database_url)
     prefix = f"test-users-{uuid.uuid4().hex[:8]}:"
-    service = create_service(database_url, redis_url, cache_ttl=30, cache_prefix=prefix)
+    service = users_service(database_url, redis_url, cache_ttl=30, cache_prefix=prefix)
     plain = redis.Redis.from_url(redis_url)
     try:
         async with in_process(service) as users:
@@ -189,7 +228,7 @@ async def test_cache_aside_on_real_redis(tmp_path: Path) -> None:
             assert 0 < ttl <= 33  # 30 s, plus jitter
             # A second instance sharing Redis sees the update at once: the write
             # dropped the one shared entry.
-            other = create_service(database_url, redis_url, cache_ttl=30, cache_prefix=prefix)
+            other = users_service(database_url, redis_url, cache_ttl=30, cache_prefix=prefix)
             async with in_process(other) as second:
                 await second.patch(f"/users/{user['id']}", json={"name": "Renamed"})
                 assert plain.get(key) is None
@@ -207,10 +246,10 @@ async def test_cache_aside_on_real_redis(tmp_path: Path) -> None:
 async def test_database_outage_is_a_503_then_recovers(tmp_path: Path) -> None:
     service_url("postgresql")
     for url in _fresh_database("postgresql", tmp_path):
-        upgrade(url, MIGRATIONS)
+        migrate(url)
         async with tcp_proxy(5432) as proxy:
             proxied = url.replace(":5432/", f":{proxy.port}/")
-            service = create_service(proxied, "memory://", cache_ttl=0.01)
+            service = users_service(proxied, "memory://", cache_ttl=0.01)
             async with in_process(service) as users:
                 made = await users.post("/users", json={"email": "o@example.com", "name": "O"})
                 assert made.status_code == 201
@@ -236,11 +275,11 @@ async def test_database_outage_is_a_503_then_recovers(tmp_path: Path) -> None:
 async def test_redis_outage_degrades_reads_and_keeps_writes(tmp_path: Path) -> None:
     service_url("redis")
     database_url = f"sqlite:///{tmp_path / 'users.db'}"
-    upgrade(database_url, MIGRATIONS)
+    migrate(database_url)
     prefix = f"test-users-{uuid.uuid4().hex[:8]}:"
     async with tcp_proxy(6379) as proxy:
         cache_url = f"redis://127.0.0.1:{proxy.port}/0"
-        service = create_service(database_url, cache_url, cache_ttl=30, cache_prefix=prefix)
+        service = users_service(database_url, cache_url, cache_ttl=30, cache_prefix=prefix)
         async with in_process(service) as users:
             user = (await users.post("/users", json={"email": "c@example.com", "name": "C"})).json()
             proxy.cut()

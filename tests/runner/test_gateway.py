@@ -113,4 +113,4 @@ def test_the_shop_gateway_is_planned(tmp_path: Path) -> None:
     assert plan.listen == "127.0.0.1:8080"
     assert plan.admin == "127.0.0.1:0"  # gateway.yaml's 9901 is replaced: no collision
     plan.write(pinned=False)
-    assert len(loads(plan.path.read_text()).routes) == 3
+    assert len(loads(plan.path.read_text()).routes) == 7

@@ -38,7 +38,14 @@ def test_the_shop_file_is_valid() -> None:
         "embedded",
         True,
     )
-    assert start_order(sf.system) == ["users", "web"]
+    assert start_order(sf.system) == [
+        "users",
+        "web",
+        "inventory",
+        "payments",
+        "orders",
+        "notifications",
+    ]
     assert sf.warnings == ()
 
 

@@ -56,7 +56,8 @@ def test_the_environment_of_an_app(runner: Runner, tmp_path: Path) -> None:
     assert env["USERS_DATABASE_URL"] == f"sqlite:///{state}/data/users.db"
     assert env["MESHGATE_DATABASE_URL"] == env["USERS_DATABASE_URL"]
     assert env["USERS_CACHE_URL"] == "redis://127.0.0.1:6379/0"
-    assert env["USERS_BROKER_URL"] == f"sqlite:///{state}/data/events.db"
+    assert env["USERS_BROKER_URL"] == f"nats://127.0.0.1:{runner.events.port}"
+    assert env["MESHGATE_EVENTS_URL"] == env["USERS_BROKER_URL"]
     assert env["HOME_OF_DATA"] == f"{state}/data"
     assert env["WHO"] == "users-2/2"
     assert env["MESHGATE_REGISTRY_URL"] == "http://127.0.0.1:9901"

@@ -1,4 +1,5 @@
-"""The users service: create, read, list, update and delete users.
+"""The users service: create, read, list, update and delete users; a new user is
+announced as ``users.created`` through the transactional outbox.
 
 Stored in SQL (``USERS_DATABASE_URL``; SQLite ``users.db`` by default), at the head
 of its migrations (``meshgate db upgrade examples.shop.users.app``, or
@@ -29,6 +30,7 @@ from examples.shop.users.models import (
     MAX_ID,
     Base,
     User,
+    UserCreated,
     UserIn,
     UserOut,
     UserPage,
@@ -76,6 +78,9 @@ def create_service(
     cache = Cache(cache_url, prefix=cache_prefix, default_ttl=cache_ttl, name="users")
     service = Service("users", version="1.0.0", database=database, cache=cache)
     app = service.app
+    # Declared here, at import: `meshgate db upgrade` then knows this service uses
+    # events, and makes its outbox table too.
+    service.events.topic("users.created")
 
     async def _load(user_id: int) -> dict[str, object]:
         async with database.session() as session:
@@ -102,6 +107,13 @@ def create_service(
                 session.add(user)
                 await session.flush()
                 out = UserOut.model_validate(user)
+                # In the same transaction: the event exists exactly when the user does.
+                await service.events.publish(
+                    session,
+                    "users.created",
+                    UserCreated(id=out.id, email=out.email, name=out.name),
+                    key=str(out.id),
+                )
         except IntegrityError:
             raise _conflict(body.email) from None
         response.headers["Location"] = f"/users/{out.id}"

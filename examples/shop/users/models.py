@@ -89,3 +89,11 @@ class UserPage(BaseModel):
 
     items: list[UserOut]
     next: int | None = Field(description="The ``after`` of the next page; null on the last.")
+
+
+class UserCreated(BaseModel):
+    """``users.created``: a user was created (published in the creating transaction)."""
+
+    id: int
+    email: str
+    name: str

@@ -184,9 +184,19 @@ def upgrade(
     try:
         target = _resolve(service, database_url, migrations)
         now = mig.upgrade(_need_url(target), _need_folder(target), to, version_table=version_table)
+        events_now = _upgrade_events(service, _need_url(target)) if to == "head" else None
     except MeshgateError as exc:
         raise _fail(exc) from None
     out.print(f"{service}: at revision {now or 'base'}", highlight=False)
+    if events_now is not None:
+        out.print(f"{service}: event tables at revision {events_now}", highlight=False)
+
+
+def _upgrade_events(service: str, url: str | Database) -> str | None:
+    """A service that uses events gets its event tables (outbox, inbox, sagas) too."""
+    from meshgate.events.service import upgrade_events_of  # noqa: PLC0415
+
+    return upgrade_events_of(service, url)
 
 
 @app.command()

@@ -54,7 +54,7 @@ EXAMPLE_PLACEHOLDERS = frozenset(
     {"state", "root", "system", "python", "gateway", "admin", "admin_token_file"}
 )
 """Placeholders in ``examples``."""
-RESERVED_NAMES = frozenset({"gateway"})
+RESERVED_NAMES = frozenset({"gateway", "nats"})
 """Instance names the runner uses for itself."""
 
 _FORMATTER = string.Formatter()
@@ -183,7 +183,10 @@ def _check_service(name: str, spec: ServiceSpec, names: Sequence[str]) -> Iterab
     where = f"services.{name}"
     if name in RESERVED_NAMES:
         yield ConfigIssue(
-            where, f"{name!r} is the runner's name for the gateway; give the service another"
+            where,
+            f"{name!r} is the runner's name for the "
+            f"{'gateway' if name == 'gateway' else 'embedded nats-server'}; give the service "
+            "another",
         )
     if spec.app is None and spec.command is None:
         yield ConfigIssue(

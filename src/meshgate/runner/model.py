@@ -24,6 +24,7 @@ from pydantic import (
 
 from meshgate.config.model import Address, Duration, Name
 from meshgate.config.secrets import mask_url
+from meshgate.runner.events import EventsSpec
 
 __all__ = [
     "EMBEDDED",
@@ -178,8 +179,10 @@ class ServiceSpec(_Model):
     """A cache URL, or ``embedded`` (``memory://``); given as ``<PREFIX>_CACHE_URL``
     and ``MESHGATE_CACHE_URL``."""
     broker: DependencyUrl = None
-    """An event broker URL, or ``embedded`` (SQLite in the state folder, one for the
-    system); given as ``<PREFIX>_BROKER_URL`` and ``MESHGATE_BROKER_URL``."""
+    """``embedded`` for the system's event bus (``events:``; by default a nats-server
+    the runner starts), or a bus URL; given as ``<PREFIX>_BROKER_URL``,
+    ``MESHGATE_BROKER_URL`` and ``MESHGATE_EVENTS_URL`` (which ``service.events``
+    reads), with ``MESHGATE_EVENTS_*`` for credentials and TLS."""
     env_prefix: str | None = None
     """``<PREFIX>`` of the dependency variables; default: the service name in capitals,
     with ``-`` and ``.`` made ``_``."""
@@ -308,6 +311,9 @@ class System(_Model):
     """Services by name."""
     env: Environment = Field(default_factory=dict)
     """Environment variables of every service's processes."""
+    events: EventsSpec = Field(default_factory=EventsSpec)
+    """The event bus of services with ``broker: embedded``: a NATS cluster (``url``,
+    ``credentials``, ``tls``) or, by default, an embedded nats-server."""
     examples: tuple[str, ...] = ()
     """Lines printed once everything is ready (commands to try), with placeholders
     such as ``{gateway}``."""

@@ -35,6 +35,7 @@ from meshgate.config.model import Config
 from meshgate.errors import ConfigError
 from meshgate.runner.control import ControlServer
 from meshgate.runner.errors import StartupError
+from meshgate.runner.events import EventsPlan
 from meshgate.runner.gateway import GatewayPlan, plan_gateway
 from meshgate.runner.instance import (
     Context,
@@ -168,6 +169,8 @@ class Runner:
         self._stop_requested: asyncio.Event | None = None
         self._scale_lock: asyncio.Lock | None = None
         self._control: ControlServer | None = None
+        self.events = EventsPlan(sf, sf.system.events)
+        """The system's event bus (and its embedded nats-server): runner/events.py."""
 
     @property
     def ctx(self) -> Context:
@@ -252,6 +255,7 @@ class Runner:
     async def _serve(self) -> int:
         assert self._stop_requested is not None  # noqa: S101
         total = 1 + sum(s.replicas for s in self.system.services.values())
+        total += 1 if self.events.embedded else 0
         self.printer.note(
             UP,
             f"{self.name}: starting {plural(total, 'process', 'processes')} from "
@@ -339,10 +343,16 @@ class Runner:
         self.ctx.admin_token = self.plan.admin_token
         gateway_ready = asyncio.Event()
         ready = {name: asyncio.Event() for name in self.order}
+        bus_ready = asyncio.Event()
 
         async def gateway() -> None:
             await self._start_gateway()
             gateway_ready.set()
+
+        async def bus() -> None:  # the embedded nats-server, when services use it
+            if self.events.embedded:
+                await self._start_events()
+            bus_ready.set()
 
         async def start(name: str) -> None:
             spec = self.system.services[name]
@@ -350,6 +360,8 @@ class Runner:
             if spec.migrate:
                 await self._migrate(name, spec)
             await gateway_ready.wait()
+            if spec.broker is not None:
+                await bus_ready.wait()
             for dep in spec.depends_on:
                 await ready[dep].wait()
             await self._start_service(name)
@@ -358,6 +370,7 @@ class Runner:
         try:
             async with asyncio.TaskGroup() as group:
                 group.create_task(gateway())
+                group.create_task(bus())
                 for name in self.order:
                     group.create_task(start(name))
         except BaseExceptionGroup as exc:
@@ -402,6 +415,15 @@ class Runner:
         except RegistryError as exc:
             return f"its registry does not work: {exc}"
         return None
+
+    async def _start_events(self) -> None:
+        instance = self.events.make_instance(self.ctx)
+        self.instances[instance.name] = instance
+        self.printer.colour(instance.name)
+        self.events.write_file()
+        instance.start()
+        self._save_state()
+        await asyncio.shield(instance.first)
 
     async def _gateway_ready(self, instance: Instance) -> None:
         plan = self.plan
@@ -546,7 +568,7 @@ class Runner:
         embedded = {
             "database": f"sqlite:///{self.state.data / service}.db",
             "cache": "memory://",
-            "broker": f"sqlite:///{self.state.data / 'events'}.db",
+            "broker": self.events.url,
         }
         for key, default in embedded.items():
             value = getattr(spec, key)
@@ -555,6 +577,10 @@ class Runner:
             url = default if value == EMBEDDED else expand(value, values)
             env[f"{prefix}_{key.upper()}_URL"] = url
             env[f"MESHGATE_{key.upper()}_URL"] = url
+        if spec.broker is not None:
+            env.update(self.events.env())
+            if spec.broker != EMBEDDED:
+                env["MESHGATE_EVENTS_URL"] = env["MESHGATE_BROKER_URL"]
         if plan is not None and plan.port:
             env["MESHGATE_REGISTRY_URL"] = plan.admin_url
             env["MESHGATE_GATEWAY_URL"] = plan.url
@@ -711,6 +737,8 @@ class Runner:
                 stopped[name].set()
 
         await asyncio.gather(*(stop(name) for name in self.system.services))
+        if self.events.instance is not None:  # after the services, which drain into it
+            await self.events.instance.stop()
         if self.gateway is not None:
             await self.gateway.stop()
         count = len(self.ctx.pgids)

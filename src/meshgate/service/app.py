@@ -63,6 +63,7 @@ from meshgate.service.telemetry import Telemetry, fastapi_options
 
 if TYPE_CHECKING:
     from meshgate.data import Cache, Database
+    from meshgate.events import Events
     from meshgate.service.client import ServiceClient
 
 __all__ = ["Check", "Service"]
@@ -253,6 +254,23 @@ class Service:
             )
             self._clients[service] = existing
         return existing
+
+    # -- events (the integration is meshgate.events.service; this is only its door)
+
+    @property
+    def events(self) -> Events:
+        """This service's events: publish through the outbox in a transaction
+        (``await service.events.publish(session, topic, payload, key=...)``), handle
+        with :meth:`on`, run sagas. Made on first use; started and stopped with the
+        service; its readiness detail is under the ``events`` check. docs/events.md."""
+        from meshgate.events.service import events_of  # noqa: PLC0415 - optional part
+
+        return events_of(self)
+
+    def on(self, topic: str, *, group: str | None = None, **options: Any) -> Any:
+        """Declare a handler of ``topic`` for consumer ``group`` (default: this
+        service's name), applied once per event: see :meth:`Events.on`."""
+        return self.events.on(topic, group=group, **options)
 
     # -- health
 

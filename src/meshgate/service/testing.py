@@ -32,6 +32,12 @@
         async with in_process(users.service) as client:
             await client.get("/users/1")
         assert spans.get_finished_spans()[-1].name == "GET /users/{user_id}"
+    async def test_order_placed_is_handled() -> None:     # events, in memory
+        bus = use_memory_bus(orders.service)
+        use_memory_bus(payments.service, bus)
+        async with in_process(orders.service) as client, in_process(payments.service):
+            await client.post("/orders", json=...)
+            await settle(orders.service, payments.service)
 """
 
 from __future__ import annotations
@@ -53,7 +59,18 @@ from meshgate.service.logs import JsonFormatter
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-__all__ = ["capture_logs", "capture_spans", "in_process", "serving", "use_endpoints"]
+    from meshgate.events._memory import MemoryBus
+
+__all__ = [
+    "MemoryBus",
+    "capture_logs",
+    "capture_spans",
+    "in_process",
+    "serving",
+    "settle",
+    "use_endpoints",
+    "use_memory_bus",
+]
 
 
 @contextlib.asynccontextmanager
@@ -144,3 +161,51 @@ def capture_spans(service: Service) -> InMemorySpanExporter:
     exporter = InMemorySpanExporter()
     service.telemetry.use_exporter(exporter)
     return exporter
+
+
+# -- events
+
+
+def __getattr__(name: str) -> Any:
+    # The memory bus needs the events package (SQLAlchemy): loaded when asked for.
+    if name == "MemoryBus":
+        from meshgate.events._memory import MemoryBus  # noqa: PLC0415
+
+        return MemoryBus
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def use_memory_bus(service: Service, bus: MemoryBus | None = None) -> MemoryBus:
+    """Give ``service``'s events an in-memory bus (before it starts): its outbox relay
+    and handlers then run inside the test. Give several services the same bus to
+    test them together."""
+    from meshgate.events._memory import MemoryBus  # noqa: PLC0415
+
+    bus = bus or MemoryBus()
+    service.events.use_bus(bus)
+    return bus
+
+
+async def settle(*services: Service, timeout: float = 5.0) -> None:
+    """Wait until every event ``services`` published is on their bus and every
+    handler acknowledged its events (with :func:`use_memory_bus`); raises
+    TimeoutError naming what is left."""
+    from meshgate.events._memory import MemoryBus  # noqa: PLC0415
+
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        left = []
+        for service in services:
+            events = service.events
+            relay = events.relay
+            if relay is not None and (await relay.measure()).pending:
+                left.append(f"{service.name}: outbox rows waiting")
+            bus = events.bus
+            if isinstance(bus, MemoryBus) and not bus.idle():
+                left.append(f"{service.name}: events not acknowledged")
+        if not left:
+            return
+        if loop.time() >= deadline:
+            raise TimeoutError(f"not settled within {timeout:g} s: {'; '.join(left)}")
+        await asyncio.sleep(0.01)
