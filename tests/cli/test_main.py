@@ -71,13 +71,13 @@ def test_check_of_a_system_file_checks_it_as_one(runner: CliRunner) -> None:
     result = runner.invoke(app, ["check", str(SHOP / "meshgate.yaml")])
     assert result.exit_code == 0, result.output
     assert result.stdout == (
-        f"{SHOP / 'meshgate.yaml'}: ok (system file: 2 services, 3 instances; gateway "
-        "configuration gateway.yaml: 3 routes)\n"
+        f"{SHOP / 'meshgate.yaml'}: ok (system file: 6 services, 7 instances; gateway "
+        "configuration gateway.yaml: 7 routes)\n"
     )
     one = runner.invoke(app, ["check", str(SHOP / "gateway.yaml")])
     assert (
         one.stdout
-        == f"{SHOP / 'gateway.yaml'}: ok (gateway configuration: 3 routes, 2 upstreams)\n"
+        == f"{SHOP / 'gateway.yaml'}: ok (gateway configuration: 7 routes, 5 upstreams)\n"
     )
 
 
