@@ -23,6 +23,7 @@ from examples.shop.users.app import MIGRATIONS, create_service
 from hypothesis import HealthCheck, given, settings
 
 from meshgate.data.migrations import upgrade
+from meshgate.events import migrations as event_migrations
 from meshgate.service.testing import serving, use_endpoints
 from tests.openapi_strategies import Call, Operation, calls, check_answer, operations
 
@@ -48,6 +49,7 @@ def shop(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Shop]:
     database = tmp_path_factory.mktemp("fuzz") / "users.db"
     url = f"sqlite:///{database}"
     upgrade(url, MIGRATIONS)
+    event_migrations.upgrade(url)  # users announces new users through its outbox
     with pytest.MonkeyPatch.context() as env:
         env.setenv("SHOP_DEMO_TOKEN_SECRET", "fuzz-demo-secret-0123456789abcdef0123")
         env.delenv("MESHGATE_REGISTRY_URL", raising=False)

@@ -309,7 +309,7 @@ async def test_a_deleted_database_is_named_then_refused_or_migrated_again(
     data = tmp_path / ".meshgate" / "data"
     data.mkdir(parents=True)
     url = f"sqlite:///{data / 'users.db'}"
-    upgrade(url, MIGRATIONS)
+    migrate(url)
     async with in_process(create_service(url, "memory://")) as users:
         made = await users.post("/users", json={"email": "a@example.com", "name": "A"})
         assert made.status_code == 201

@@ -56,6 +56,7 @@ from starlette.types import ASGIApp
 from meshgate.errors import MeshgateError
 from meshgate.service import logs, problems
 from meshgate.service.context import current_caller
+from meshgate.service.errors import ServiceStartupError
 from meshgate.service.middleware import ServiceMiddleware
 from meshgate.service.problems import ProblemError
 from meshgate.service.readiness import Check, prepare_database, run_checks
@@ -291,7 +292,29 @@ class Service:
             return
         if self.database is not None:
             await prepare_database(self.name, self.database, migrate=self.migrate)
+            if self.migrate:
+                await self._migrate_events()
         self._prepared = True
+
+    async def _migrate_events(self) -> None:
+        """With ``migrate`` on, the event tables (outbox, inbox, sagas) of a service
+        that uses events are brought to their head too, as ``meshgate db upgrade``
+        does: a service that lost its database starts again with all of them."""
+        from meshgate.events.service import attached  # noqa: PLC0415 - only if used
+
+        events = attached(self)
+        if events is None or self.database is None:
+            return
+        from meshgate.data.errors import DataError  # noqa: PLC0415
+        from meshgate.events import migrations  # noqa: PLC0415
+
+        try:
+            await asyncio.to_thread(migrations.upgrade, self.database, prefix=events.tables.prefix)
+        except DataError as exc:
+            raise ServiceStartupError(
+                f"{self.name} cannot start: migrating the event tables of database "
+                f"{self.database.name!r} failed: {exc}"
+            ) from None
 
     def _add_routes(self) -> None:
         app = self.app
