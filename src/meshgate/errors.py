@@ -13,8 +13,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from http import HTTPStatus
+from typing import Any
 
 __all__ = [
+    "PROBLEM_MEDIA_TYPE",
     "PROBLEM_TYPE",
     "ConfigError",
     "ConfigIssue",
@@ -26,6 +29,38 @@ __all__ = [
 PROBLEM_TYPE = "https://meshgate.dev/problems/"
 """The base of the ``type`` of every RFC 9457 problem the platform answers with, from
 the gateway and from services alike (``<base><code>``, documented with each code)."""
+
+
+PROBLEM_MEDIA_TYPE = "application/problem+json"
+"""The media type of an RFC 9457 problem document."""
+
+
+def problem_document(
+    status: int, code: str, detail: str, *, title: str | None = None, **extensions: Any
+) -> dict[str, Any]:
+    """An RFC 9457 problem: ``type`` is the platform's URI for ``code``, ``title`` the
+    status's reason phrase unless given, and ``code`` is repeated as the ``error``
+    extension member (as the gateway and services send it); ``extensions`` follow
+    (``instance``, ``request_id`` and any other member). Used by the control plane's
+    APIs (admin, registry, observability, sagas); services have their own richer
+    builder in :mod:`meshgate.service.problems`."""
+    if title is None:
+        try:
+            title = HTTPStatus(status).phrase
+        except ValueError:
+            title = "Error"
+    body: dict[str, Any] = {
+        "type": PROBLEM_TYPE + code,
+        "title": title,
+        "status": status,
+        "detail": detail,
+        "error": code,
+    }
+    body.update((k, v) for k, v in extensions.items() if k not in _RESERVED)
+    return body
+
+
+_RESERVED = frozenset({"type", "title", "status", "detail", "error"})
 
 
 class MeshgateError(Exception):

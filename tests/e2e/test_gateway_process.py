@@ -314,6 +314,9 @@ def test_admin_api_requires_the_token(
             res = gw.admin(method, path, token=token, headers=headers, content=body)
             assert res.status_code == 401, (method, path, token, headers, res.text)
             assert res.headers["www-authenticate"] == 'Bearer realm="meshgate-admin"'
+            assert res.headers["content-type"] == "application/problem+json"
+            assert res.json()["type"] == "https://meshgate.dev/problems/unauthorized"
+            assert res.json()["instance"] == path
             assert "Authorization: Bearer" in res.json()["detail"]
     # None of the refused requests changed anything.
     status = gw.status()
@@ -338,15 +341,19 @@ def test_admin_apply_validates_and_swaps_the_config(
     bad = gateway_config(up, API_ROUTE.replace("upstream: up", "upstream: nope"))
     res = gw.admin("POST", "/config/validate", content=bad)
     assert res.status_code == 400, res.text
+    assert res.headers["content-type"] == "application/problem+json"
     assert res.json()["ok"] is False
-    assert "routes[0].upstream" in res.json()["error"]
-    assert "no upstream named 'nope'" in res.json()["error"]
+    assert res.json()["type"] == "https://meshgate.dev/problems/invalid_config"
+    assert (res.json()["status"], res.json()["error"]) == (400, "invalid_config")
+    assert "routes[0].upstream" in res.json()["detail"]
+    assert "no upstream named 'nope'" in res.json()["detail"]
     assert any(i.startswith("routes[0].upstream (line ") for i in res.json()["issues"])
 
     res = gw.admin("POST", "/config", content=bad)
     assert res.status_code == 400, res.text
+    assert res.headers["content-type"] == "application/problem+json"
     assert res.json()["ok"] is False
-    assert "routes[0].upstream" in res.json()["error"]
+    assert "routes[0].upstream" in res.json()["detail"]
     status = gw.status()
     assert status["reloads"] == 0
     assert "routes[0].upstream" in status["last_reload_error"]
@@ -356,7 +363,7 @@ def test_admin_apply_validates_and_swaps_the_config(
     moved = gateway_config(up).replace("listen: 127.0.0.1:0", "listen: 127.0.0.1:1", 1)
     res = gw.admin("POST", "/config", content=moved)
     assert res.status_code == 400, res.text
-    assert "gateway.listen cannot change" in res.json()["error"]
+    assert "gateway.listen cannot change" in res.json()["detail"]
 
     good = gateway_config(up, API_ROUTE + V2_ROUTE)
     res = gw.admin("POST", "/config/validate", content=good)

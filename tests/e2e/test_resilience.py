@@ -618,8 +618,10 @@ def test_drain_and_enable_an_endpoint_through_the_admin_api(
         assert res.status_code == 404, (path, res.text)
         body = res.json()
         assert body["ok"] is False
-        assert what in body["error"], body
-        assert f"known endpoints: {{'up': ['{a.address}', '{b.address}']}}" in body["error"], body
+        assert res.headers["content-type"] == "application/problem+json"
+        assert (body["error"], body["status"]) == ("no_such_endpoint", 404)
+        assert what in body["detail"], body
+        assert f"known endpoints: {{'up': ['{a.address}', '{b.address}']}}" in body["detail"], body
 
 
 # ---------------------------------------------------------------------------- 5. shared

@@ -95,6 +95,13 @@ async def test_register_list_heartbeat_deregister(http: httpx.AsyncClient) -> No
     response = await http.delete("/services/users/instances/a")
     assert response.status_code == 404
     assert response.json()["error"] == "not_registered"
+    # An RFC 9457 problem, as everywhere on the platform (issue 11).
+    assert response.headers["content-type"] == "application/problem+json"
+    problem = response.json()
+    assert problem["type"] == "https://meshgate.dev/problems/not_registered"
+    assert (problem["status"], problem["title"]) == (404, "Not Found")
+    assert "is not registered" in problem["detail"]
+    assert (problem["service"], problem["id"]) == ("users", "a")
 
 
 async def test_heartbeat_of_an_unknown_instance_says_register_again(

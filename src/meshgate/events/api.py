@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 from fastapi import APIRouter, Query
 from fastapi.responses import JSONResponse
 
+from meshgate.errors import PROBLEM_MEDIA_TYPE, problem_document
 from meshgate.events.errors import EventsError, SagaNotFoundError
 from meshgate.events.sagas import STATUSES
 
@@ -29,15 +30,11 @@ PREFIX = "/meshgate/sagas"
 
 
 def _problem(status: int, title: str, detail: str) -> JSONResponse:
+    code = title.lower().replace(" ", "_")
     return JSONResponse(
-        {
-            "type": f"https://meshgate.dev/problems/{title.lower().replace(' ', '-')}",
-            "title": title,
-            "status": status,
-            "detail": detail,
-        },
+        problem_document(status, code, detail, title=title),
         status_code=status,
-        media_type="application/problem+json",
+        media_type=PROBLEM_MEDIA_TYPE,
     )
 
 

@@ -11,16 +11,20 @@ processes export to, the query API, the dashboard and Prometheus HTTP SD.
 from __future__ import annotations
 
 import hmac
+import logging
+from http import HTTPStatus
 from typing import TYPE_CHECKING, Annotated, Any, Protocol
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from meshgate.config.loader import loads
 from meshgate.config.secrets import public_dump
-from meshgate.errors import ConfigError
+from meshgate.errors import PROBLEM_MEDIA_TYPE, ConfigError, problem_document
 from meshgate.gateway.metrics import GatewayCollector
 from meshgate.gateway.tokens import AdminToken
 from meshgate.observability.auth import AdminAuth
@@ -34,7 +38,9 @@ if TYPE_CHECKING:
     from meshgate.config import Config
     from meshgate.registry.store import Registry
 
-__all__ = ["AdminBackend", "AdminToken", "create_admin_app"]
+__all__ = ["AdminBackend", "AdminToken", "create_admin_app", "install_problems"]
+
+log = logging.getLogger("meshgate.admin")
 
 
 class AdminBackend(Protocol):
@@ -106,6 +112,69 @@ def _gateway_target(supervisor: AdminBackend) -> GatewayTarget | None:
     )
 
 
+def _refused(status: int, code: str, detail: str, **members: Any) -> JSONResponse:
+    """An RFC 9457 problem of the admin API; ``ok: false`` kept for older clients."""
+    body = problem_document(status, code, detail, ok=False, **members)
+    return JSONResponse(body, status_code=status, media_type=PROBLEM_MEDIA_TYPE)
+
+
+def _outcome(result: dict[str, Any]) -> JSONResponse:
+    """A configuration change's result: as is when it applied, else a 400 problem
+    whose ``detail`` is the reason (the old configuration keeps serving)."""
+    if result.get("ok"):
+        return JSONResponse(result)
+    members = {k: v for k, v in result.items() if k not in ("ok", "error")}
+    detail = str(result.get("error") or "the configuration was not applied")
+    return _refused(400, "invalid_config", detail, **members)
+
+
+def install_problems(app: FastAPI) -> None:
+    """Answer every error of a control-plane app with an RFC 9457 problem: HTTP
+    exceptions (401 without the token, 404, 405), invalid requests (422) and
+    anything unhandled (500, its traceback logged, nothing of it in the answer)."""
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, StarletteHTTPException)  # noqa: S101 - registered for it
+        status = exc.status_code
+        if status == 404 and "route" not in request.scope:
+            detail = f"no admin endpoint {request.method} {request.url.path}"
+        else:
+            detail = exc.detail if isinstance(exc.detail, str) else HTTPStatus(status).phrase
+        code = _CODES.get(status) or HTTPStatus(status).phrase.lower().replace(" ", "_")
+        body = problem_document(status, code, detail, instance=request.url.path)
+        return JSONResponse(
+            body, status_code=status, headers=exc.headers, media_type=PROBLEM_MEDIA_TYPE
+        )
+
+    async def invalid(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, RequestValidationError)  # noqa: S101 - registered for it
+        errors = [
+            {"loc": list(e.get("loc", ())), "msg": str(e.get("msg", ""))} for e in exc.errors()
+        ]
+        detail = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in errors[:5])
+        body = problem_document(
+            422, "validation_failed", detail, instance=request.url.path, errors=errors
+        )
+        return JSONResponse(body, status_code=422, media_type=PROBLEM_MEDIA_TYPE)
+
+    async def unhandled(request: Request, exc: Exception) -> Response:
+        log.error("admin API %s %s failed", request.method, request.url.path, exc_info=exc)
+        body = problem_document(
+            500,
+            "internal_error",
+            "an unexpected error occurred in the admin API; it was logged",
+            instance=request.url.path,
+        )
+        return JSONResponse(body, status_code=500, media_type=PROBLEM_MEDIA_TYPE)
+
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(RequestValidationError, invalid)
+    app.add_exception_handler(Exception, unhandled)
+
+
+_CODES = {401: "unauthorized", 403: "forbidden", 404: "not_found", 405: "method_not_allowed"}
+
+
 def create_admin_app(
     supervisor: AdminBackend,
     token: AdminToken,
@@ -123,6 +192,7 @@ def create_admin_app(
     app = FastAPI(
         title="meshgate admin", version="1", docs_url=None, redoc_url=None, openapi_url=None
     )
+    install_problems(app)
     admin = APIRouter(dependencies=[Depends(authorized)])
 
     @admin.get("/status")
@@ -152,21 +222,16 @@ def create_admin_app(
         try:
             loads(text, "request body")
         except ConfigError as exc:
-            return JSONResponse(
-                {"ok": False, "error": str(exc), "issues": [str(i) for i in exc.issues]},
-                status_code=400,
-            )
+            return _refused(400, "invalid_config", str(exc), issues=[str(i) for i in exc.issues])
         return JSONResponse({"ok": True})
 
     @admin.post("/config")
     async def apply(text: Annotated[str, Depends(_body_text)]) -> JSONResponse:
-        result = await supervisor.apply(text)
-        return JSONResponse(result, status_code=200 if result["ok"] else 400)
+        return _outcome(await supervisor.apply(text))
 
     @admin.post("/reload")
     async def reload() -> JSONResponse:
-        result = await supervisor.reload_file()
-        return JSONResponse(result, status_code=200 if result["ok"] else 400)
+        return _outcome(await supervisor.reload_file())
 
     @admin.get("/upstreams")
     async def upstreams() -> dict[str, Any]:
@@ -180,13 +245,10 @@ def create_admin_app(
                 name: [str(e.address) for e in up.endpoints]
                 for name, up in supervisor.config.upstreams.items()
             }
-            return JSONResponse(
-                {
-                    "ok": False,
-                    "error": f"no endpoint {endpoint!r} in upstream {upstream!r}; "
-                    f"known endpoints: {known}",
-                },
-                status_code=404,
+            return _refused(
+                404,
+                "no_such_endpoint",
+                f"no endpoint {endpoint!r} in upstream {upstream!r}; known endpoints: {known}",
             )
         return JSONResponse(
             {"ok": True, "upstream": upstream, "endpoint": endpoint, "drained": drained}

@@ -27,6 +27,7 @@ from urllib.parse import parse_qs
 from fastapi import APIRouter, Request
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
 
+from meshgate.errors import PROBLEM_MEDIA_TYPE, problem_document
 from meshgate.observability.auth import SESSION_COOKIE, AdminAuth, same_origin
 
 __all__ = ["PREFIX", "DashboardPage", "create_dashboard_router"]
@@ -143,7 +144,11 @@ def create_dashboard_router(auth: AdminAuth, *, pages: Sequence[DashboardPage] =
     @router.post("/logout")
     async def logout(request: Request) -> Response:
         if not same_origin(request):
-            return JSONResponse({"detail": "log out from the dashboard's own page"}, 403)
+            return JSONResponse(
+                problem_document(403, "forbidden", "log out from the dashboard's own page"),
+                403,
+                media_type=PROBLEM_MEDIA_TYPE,
+            )
         auth.logout(request)
         response = RedirectResponse(f"{PREFIX}/login", status_code=303)
         response.delete_cookie(

@@ -1,10 +1,11 @@
 """The registry's HTTP API (``/v1/registry``), served on the gateway's admin listener.
 
 Every route depends on the ``authorize`` callable it is built with, which raises
-``HTTPException(401)`` itself. Answers are JSON; errors are
+``HTTPException(401)`` itself. Answers are JSON; errors carry
 ``{"error": "<code>", "detail": "<what is wrong and the fix>"}`` with a 4xx status,
 or 503 (``registry_unavailable``, with ``Retry-After``) when the backend cannot be
-reached. See docs/registry.md for the reference.
+reached. Errors are RFC 9457 problems (``application/problem+json``), whose
+``error`` and ``detail`` members keep the shape above. See docs/registry.md for the reference.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.routing import APIRoute
 from pydantic import ValidationError
 
+from meshgate.errors import PROBLEM_MEDIA_TYPE, problem_document
 from meshgate.registry.errors import (
     InvalidNameError,
     RegistryClosedError,
@@ -68,7 +70,12 @@ class _RefusedError(Exception):
 def _error(
     status: int, error: str, detail: str, headers: dict[str, str] | None = None, **extra: Any
 ) -> JSONResponse:
-    return JSONResponse({"error": error, "detail": detail, **extra}, status, headers=headers)
+    return JSONResponse(
+        problem_document(status, error, detail, **extra),
+        status,
+        headers=headers,
+        media_type=PROBLEM_MEDIA_TYPE,
+    )
 
 
 class _RegistryRoute(APIRoute):
