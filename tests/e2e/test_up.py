@@ -723,7 +723,8 @@ def test_a_service_that_cannot_register_never_says_registered(tmp_path: Path) ->
         "    database: embedded\n"
         "    migrate: true\n"
         "    env: {MESHGATE_REGISTRY_URL: 'http://127.0.0.1:9'}\n"
-        "    ready: {timeout: 4s}\n"
+        # Long enough for a slow machine to start it (imports, migrations) and log.
+        "    ready: {timeout: 15s}\n"
     )
     up = start_up(tmp_path)
     try:
@@ -732,10 +733,10 @@ def test_a_service_that_cannot_register_never_says_registered(tmp_path: Path) ->
         finish(up)
     text = up.text()
     assert code == 1, text
-    assert re.search(r"^users-1 +\| warning cannot register users/users-\S+ yet: ", text, re.M)
+    assert re.search(r"^users-1 +\| warning cannot register users/users-\S+ yet: ", text, re.M), text
     assert "registered as" not in text
     assert re.search(
-        r"users-1 did not become ready within 4 s .*; the last check: users at 127\.0\.0\.1:\d+ "
+        r"users-1 did not become ready within 15 s .*; the last check: users at 127\.0\.0\.1:\d+ "
         r"is not in the registry yet \(its log says why\)",
         text,
     ), text
