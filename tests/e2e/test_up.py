@@ -733,7 +733,8 @@ def test_a_service_that_cannot_register_never_says_registered(tmp_path: Path) ->
         finish(up)
     text = up.text()
     assert code == 1, text
-    assert re.search(r"^users-1 +\| warning cannot register users/users-\S+ yet: ", text, re.M), text
+    warned = r"^users-1 +\| warning cannot register users/users-\S+ yet: "
+    assert re.search(warned, text, re.M), text
     assert "registered as" not in text
     assert re.search(
         r"users-1 did not become ready within 15 s .*; the last check: users at 127\.0\.0\.1:\d+ "
