@@ -687,7 +687,7 @@ def test_a_registry_that_does_not_work_fails_up_within_the_gateway_s_timeout(
     )
     (tmp_path / "meshgate.yaml").write_text(
         f"root: {ROOT}\n"
-        "gateway: {config: gateway.yaml, ready_timeout: 3s}\n"
+        "gateway: {config: gateway.yaml, ready_timeout: 10s}\n"
         "services:\n  users: {app: examples.shop.users.app:service, database: embedded}\n"
     )
     began = time.monotonic()
@@ -706,7 +706,7 @@ def test_a_registry_that_does_not_work_fails_up_within_the_gateway_s_timeout(
     )
     assert re.search(rf"^gateway +\| not ready yet: {reason}", text, re.M), text
     assert re.search(
-        r"could not start: gateway did not become ready within 3 s \(gateway\.ready_timeout\); "
+        r"could not start: gateway did not become ready within 10 s \(gateway\.ready_timeout\); "
         rf"it is ready when .*; the last check: {reason}",
         text,
     ), text
